@@ -1,0 +1,59 @@
+# vlmrag — `make run` starts the service, `make test` passes the tests; each does its own set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help venv vllm-venv browser test test-fast lint run demo bench clean
+
+help:
+	@echo "make run        start vlmrag (settings from VLMRAG_* / .env); vLLM at VLMRAG_VLLM_URL"
+	@echo "make demo       start a tiny local vLLM (CPU, random weights) + vlmrag with tiny CLIP: no downloads"
+	@echo "make test       create venvs, install everything, run the whole suite (unit, API, e2e, browser)"
+	@echo "make test-fast  unit + API tests only (no vLLM process, no browser)"
+	@echo "make lint       ruff + mypy"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+$(VLLM_STAMP): deploy/vllm/setup_cpu_venv.sh
+	VLLM_VENV=$(VLLM_VENV) bash deploy/vllm/setup_cpu_venv.sh
+
+vllm-venv: $(VLLM_STAMP)
+
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
+	  { echo "installing Debian's chromium (browser tests)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	    || echo "could not install chromium: browser tests will be skipped"; }
+
+test: venv vllm-venv browser
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -m "not e2e and not browser" $(PYTEST_ARGS)
+
+lint: venv
+	$(PY) -m ruff check server retriever prompts tests
+	$(PY) -m mypy server retriever
+
+run: venv
+	$(VENV)/bin/vlmrag serve
+
+demo: venv vllm-venv
+	bash deploy/demo.sh
+
+bench: venv
+	@echo "see benchmarks/README.md"
+
+clean:
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

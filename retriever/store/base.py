@@ -1,0 +1,97 @@
+"""The one VectorStore interface over Qdrant Edge (embedded) and qdrant-client (server/cluster).
+
+Async so the server can await it; the Edge adapter runs its (fast, in-process) calls in a thread.
+Every adapter error is translated into the tree of ``retriever.errors`` (``StoreUnavailable`` for
+locks and unreachable servers, ``Conflict`` for an embedder mismatch, ``NotFound``...).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, StoredPoint
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    """A collection of snippets with named vectors ``image`` and ``text`` (cosine) and a payload."""
+
+    #: human-readable description, e.g. "qdrant-edge:/data/qdrant" or "qdrant:http://host:6333"
+    description: str
+
+    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
+        """Create the collection (with payload indexes) if missing; refuse a different embedder."""
+
+    async def upsert(self, points: list[PointRecord]) -> None: ...
+
+    async def search(
+        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]: ...
+
+    async def retrieve(self, ids: list[str]) -> list[StoredPoint]: ...
+
+    async def existing_ids(self, ids: list[str]) -> set[str]:
+        """Which of these ids are already stored (resume / idempotent ingestion)."""
+
+    async def delete(self, ids: list[str]) -> int: ...
+
+    async def delete_by_filter(self, filters: SearchFilters) -> int: ...
+
+    async def count(self, filters: SearchFilters | None = None) -> int: ...
+
+    async def facet_counts(self, field: str) -> dict[str, int]:
+        """Count of points per value of a keyword payload field (``kind``, ``source``)."""
+
+    async def scroll(
+        self, limit: int = 100, offset: str | None = None, filters: SearchFilters | None = None
+    ) -> tuple[list[StoredPoint], str | None]: ...
+
+    async def embedder_id(self) -> str | None:
+        """The embedder identity stored with the collection, None if the collection is new."""
+
+    async def close(self) -> None: ...
+
+
+# --- helpers shared by the adapters (not part of the protocol) ------------------------------------
+
+#: the named vectors of every collection (cosine)
+VECTOR_NAMES: tuple[str, ...] = ("image", "text")
+#: keyword payload indexes created with the collection (the filter and facet fields)
+KEYWORD_FIELDS: tuple[str, ...] = ("kind", "source", "tags", "content_hash")
+
+
+def normalize_id(point_id: str) -> str:
+    """Canonical UUID string for a point id; Qdrant accepts only UUIDs (or ints) as ids."""
+    import uuid
+
+    from retriever.errors import InvalidInput
+
+    try:
+        return str(uuid.UUID(str(point_id)))
+    except ValueError as exc:
+        raise InvalidInput(f"point id {point_id!r} is not a UUID string", param="id") from exc
+
+
+def embedder_mismatch(collection: str, stored: str, wanted: str) -> str:
+    """The one wording of the embedder-mismatch error, shared by both adapters."""
+    return (
+        f"collection {collection!r} was built with {stored}; you are opening it with {wanted}; "
+        "use another VLMRAG_COLLECTION or reindex"
+    )
+
+
+def check_vectors(points: list[PointRecord], dim: int | None) -> None:
+    """Refuse points without vectors, unknown vector names or a wrong dimension (InvalidInput)."""
+    from retriever.errors import InvalidInput
+
+    for point in points:
+        if not point.vectors:
+            raise InvalidInput(f"point {point.id} has no vector", param="vectors")
+        for name, vector in point.vectors.items():
+            if name not in VECTOR_NAMES:
+                raise InvalidInput(f"point {point.id}: unknown vector {name!r}", param="vectors")
+            if dim is not None and len(vector) != dim:
+                raise InvalidInput(
+                    f"point {point.id}: vector {name!r} has {len(vector)} dimensions, expected {dim}",
+                    param="vectors",
+                )

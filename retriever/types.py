@@ -1,0 +1,93 @@
+"""Plain data carried between retriever stages: what is ingested, what a search returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+SnippetKind = Literal["image", "text", "image_text", "page"]
+VectorName = Literal["image", "text"]
+
+
+@dataclass(slots=True)
+class SnippetPayload:
+    """What Qdrant stores beside the vectors of one snippet."""
+
+    kind: SnippetKind
+    text: str = ""
+    source: str = ""
+    tags: list[str] = field(default_factory=list)
+    content_hash: str = ""
+    image_ref: str | None = None  # blob key of the original image (thumbnail: ``thumb_ref``)
+    thumb_ref: str | None = None
+    page: int | None = None
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "text": self.text, "source": self.source, "tags": list(self.tags),
+            "content_hash": self.content_hash, "image_ref": self.image_ref, "thumb_ref": self.thumb_ref,
+            "page": self.page, "created_at": self.created_at, "extra": dict(self.extra),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SnippetPayload:
+        return cls(
+            kind=data.get("kind", "text"), text=data.get("text", "") or "", source=data.get("source", "") or "",
+            tags=list(data.get("tags") or []), content_hash=data.get("content_hash", "") or "",
+            image_ref=data.get("image_ref"), thumb_ref=data.get("thumb_ref"), page=data.get("page"),
+            created_at=data.get("created_at", "") or "", extra=dict(data.get("extra") or {}),
+        )
+
+
+@dataclass(slots=True)
+class PointRecord:
+    """One point to upsert: id, the vectors it has (``image`` and/or ``text``), payload."""
+
+    id: str
+    vectors: dict[str, list[float]]
+    payload: SnippetPayload
+
+
+@dataclass(slots=True)
+class StoredPoint:
+    """A point read back from the store (no score)."""
+
+    id: str
+    payload: SnippetPayload
+
+
+@dataclass(slots=True)
+class ScoredPoint:
+    """One hit of a single-vector search."""
+
+    id: str
+    score: float
+    payload: SnippetPayload
+
+
+@dataclass(slots=True)
+class SearchFilters:
+    """Metadata filters; every set field must match (tags: any of them)."""
+
+    source: str | None = None
+    tags: list[str] | None = None
+    kind: list[str] | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.source or self.tags or self.kind)
+
+
+@dataclass(slots=True)
+class Candidate:
+    """A fused retrieval candidate, later scored for relevancy and selected (or dropped)."""
+
+    id: str
+    payload: SnippetPayload
+    clip_score: float  # fused score used for CLIP ordering
+    vector_scores: dict[str, float] = field(default_factory=dict)  # e.g. {"text->image": 0.31}
+    rank: int = 0
+    relevancy: float | None = None
+    kept: bool = False
+    reason: str | None = None

@@ -1,0 +1,151 @@
+"""One typed Settings for vlmrag, read from ``VLMRAG_*`` environment variables and an optional ``.env``.
+
+The variable names are a contract (deploy files, docs and other tools rely on them), so fields are
+flat and grouped by prefix: ``clip_*``, ``qdrant_*``, ``vllm_*``, ``rerank_*``, ``retrieval_*``,
+``limit_*``, ``auth``/``api_keys``, ``blob_*``. Build it once (``Settings()``) and pass it down;
+``create_app(settings)`` and the CLI take it explicitly so tests inject their own.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+def _split_csv(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of vlmrag. Environment: ``VLMRAG_<FIELD NAME IN UPPER CASE>``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="VLMRAG_", env_file=".env", env_file_encoding="utf-8", extra="ignore",
+    )
+
+    # --- storage -------------------------------------------------------------------------------
+    data_dir: Path = Field(Path("./data"), description="Embedded store, blobs and run files live here.")
+    collection: str = Field("vlmrag", description="Qdrant collection name.")
+    qdrant_url: str = Field("", description="Empty: embedded Qdrant Edge under data_dir; else a server URL.")
+    qdrant_api_key: str = Field("", description="API key for a Qdrant server.")
+    qdrant_shard_number: int = Field(1, ge=1)
+    qdrant_replication_factor: int = Field(1, ge=1)
+    qdrant_write_consistency_factor: int = Field(1, ge=1)
+    qdrant_read_consistency: Literal["all", "majority", "quorum"] | int = "majority"
+    qdrant_timeout_s: float = Field(10.0, gt=0)
+    blob_backend: Literal["local", "s3"] = "local"
+    blob_s3_bucket: str = ""
+    blob_s3_prefix: str = "vlmrag/"
+    blob_s3_endpoint_url: str = ""
+
+    # --- CLIP embedder -----------------------------------------------------------------------
+    clip_model: str = Field("ViT-B-32", description="open_clip model name, or path to a model-config JSON.")
+    clip_pretrained: str = Field(
+        "laion2b_s34b_b79k",
+        description="Pretrained tag, local .safetensors/.bin file, 'local-dir:PATH', or 'none' (random).",
+    )
+    clip_device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    clip_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default.")
+    clip_batch_size: int = Field(16, ge=1)
+
+    # --- vLLM (answering model) ---------------------------------------------------------------
+    vllm_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["http://127.0.0.1:8000"],
+        description="One or several vLLM base URLs, comma-separated.",
+    )
+    vllm_model: str = Field("Qwen/Qwen2.5-VL-3B-Instruct", description="Model name served by vLLM.")
+    vllm_api_key: str = ""
+    vllm_connect_timeout_s: float = Field(3.0, gt=0)
+    vllm_read_timeout_s: float = Field(60.0, gt=0, description="Max wait between streamed chunks.")
+    vllm_deadline_s: float = Field(120.0, gt=0, description="Total budget for one model call, retries included.")
+    vllm_retry_attempts: int = Field(3, ge=1)
+    vllm_unhealthy_for_s: float = Field(10.0, ge=0, description="A failing replica is skipped this long.")
+    model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
+
+    # --- re-ranker -----------------------------------------------------------------------------
+    rerank_scorer: Literal["vlm", "clip"] = "vlm"
+    rerank_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
+    )
+    rerank_model: str = Field("", description="Relevancy model name; empty = vllm_model.")
+    rerank_concurrency: int = Field(8, ge=1)
+    rerank_timeout_s: float = Field(30.0, gt=0)
+
+    # --- retrieval & selection ----------------------------------------------------------------
+    retrieval_k: int = Field(5, ge=1, description="At most this many snippets are kept.")
+    retrieval_threshold: float = Field(0.5, ge=0, le=1, description="Minimum relevancy to keep a snippet.")
+    retrieval_margin: float | None = Field(None, ge=0, le=1, description="Keep only within margin of best.")
+    retrieval_min_k: int = Field(0, ge=0)
+    retrieval_pool: int = Field(20, ge=1, description="Candidate pool size N from CLIP search.")
+    retrieval_rrf_k: int = Field(60, ge=1)
+
+    # --- server ------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    public_url: str = Field("", description="Base URL used in image links; empty = relative links.")
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    log_level: str = "info"
+    shutdown_grace_s: float = Field(20.0, ge=0)
+
+    # --- auth & rate limits ------------------------------------------------------------------
+    auth_disabled: bool = False
+    api_keys: str = Field(
+        "",
+        description="Comma-separated 'chat|admin|chat+admin:sha256:<hex>' (hash of the key) or 'scope:<plain key>' "
+        "entries, or '@/path/to/file' with one entry per line; see server/auth.py and `vlmrag keygen`.",
+    )
+    rate_limit_rps: float = Field(10.0, gt=0, description="Per-key sustained requests/s.")
+    rate_limit_burst: int = Field(20, ge=1)
+    max_concurrent_model_calls: int = Field(16, ge=1)
+    max_queued_model_calls: int = Field(64, ge=0)
+
+    # --- input limits ------------------------------------------------------------------------
+    limit_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    limit_image_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    limit_image_pixels: int = Field(40_000_000, ge=1024, description="Decompression-bomb guard.")
+    limit_images_per_message: int = Field(4, ge=0)
+    limit_images_per_request: int = Field(8, ge=0)
+    limit_messages: int = Field(64, ge=1)
+    limit_message_chars: int = Field(20_000, ge=1)
+    limit_max_tokens: int = Field(2048, ge=1)
+    limit_k: int = Field(20, ge=1)
+    limit_pool: int = Field(100, ge=1)
+    limit_upload_files: int = Field(32, ge=1)
+    remote_images_enabled: bool = False
+    remote_image_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    remote_image_timeout_s: float = Field(5.0, gt=0)
+
+    @field_validator("vllm_url", "rerank_url", "cors_origins", "remote_image_hosts", mode="before")
+    @classmethod
+    def _csv(cls, value: object) -> object:
+        return _split_csv(value)
+
+    @field_validator("vllm_url", "rerank_url")
+    @classmethod
+    def _strip_slash(cls, value: list[str]) -> list[str]:
+        return [url.rstrip("/") for url in value]
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def embedded_store_path(self) -> Path:
+        return self.data_dir / "qdrant"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def effective_rerank_url(self) -> list[str]:
+        return self.rerank_url or self.vllm_url
+
+    @property
+    def effective_rerank_model(self) -> str:
+        return self.rerank_model or self.vllm_model

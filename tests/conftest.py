@@ -1,0 +1,7 @@
+"""Fixtures live in tests/support/fixtures_*.py, one module per area, registered here."""
+
+pytest_plugins = [
+    "tests.support.fixtures_retriever",
+    "tests.support.fixtures_vllm",
+    "tests.support.fixtures_server",
+]
