@@ -1,0 +1,277 @@
+"""CLIP embeddings via open_clip: batched, L2-normalised float32 image and text vectors.
+
+``load_embedder(model, pretrained)`` never touches the network: a pretrained tag is resolved from
+the local Hugging Face / open_clip cache and a missing one fails at once with a
+``ConfigurationError`` that says how to supply a local file (offline hosts otherwise wait ~46 s on
+DNS retries inside huggingface_hub).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from retriever.errors import ConfigurationError
+
+log = logging.getLogger(__name__)
+
+_LOCAL_DIR = "local-dir:"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# Seed for pretrained="none": every load of the same config gives the same random weights, so
+# the identity "…:none:…" names one vector space across processes (tests and demos rely on it).
+_RANDOM_INIT_SEED = 0
+_HINT = (
+    "supply local weights with VLMRAG_CLIP_PRETRAINED=/path/to/weights.safetensors "
+    "or VLMRAG_CLIP_PRETRAINED=local-dir:/path/to/folder (with open_clip_model.safetensors), "
+    "or pre-populate the Hugging Face cache on a machine with network access"
+)
+
+
+def prepare_image(image: Image.Image) -> Image.Image:
+    """Apply EXIF orientation and convert to RGB (what CLIP was trained on)."""
+    image = ImageOps.exif_transpose(image) or image
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+@dataclass(slots=True)
+class _Resolved:
+    """What open_clip is asked to build, plus the identity label of the weights."""
+
+    model_name: str  # registered name or "local-dir:PATH"
+    pretrained: str | None  # a local file path or None
+    weights_label: str
+    overrides: dict[str, Any]
+
+
+class ClipEmbedder:
+    """A loaded open_clip model with its preprocess transform and tokenizer."""
+
+    def __init__(
+        self, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
+        tokenizer: Callable[[list[str]], torch.Tensor], *, identity: str, dim: int, device: str,
+        batch_size: int = 16,
+    ) -> None:
+        # open_clip models (CLIP, CustomTextCLIP) share encode_image/encode_text; Module hides them.
+        self.model: Any = model.eval()
+        self._preprocess = preprocess
+        self._tokenizer = tokenizer
+        self.identity = identity
+        self.dim = dim
+        self.device = device
+        self.batch_size = max(1, batch_size)
+
+    def __repr__(self) -> str:
+        return f"ClipEmbedder({self.identity!r}, device={self.device!r})"
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """EXIF-orient, RGB-convert and transform one image to a CHW tensor (CPU, thread-safe)."""
+        return self._preprocess(prepare_image(image))
+
+    def embed_preprocessed(self, batch: torch.Tensor) -> np.ndarray:
+        """Encode an already preprocessed (N, C, H, W) batch; returns (N, dim) normalised float32."""
+        if batch.shape[0] == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        with torch.inference_mode():
+            features = self.model.encode_image(batch.to(self.device), normalize=True)
+        return _to_numpy(features)
+
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """Embed images in batches of ``batch_size``; returns (N, dim) normalised float32."""
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start:start + self.batch_size]
+            out.append(self.embed_preprocessed(torch.stack([self.preprocess(im) for im in chunk])))
+        return np.concatenate(out, axis=0)
+
+    def embed_texts(self, texts: list[str]) -> np.ndarray:
+        """Embed texts in batches (truncated to the model's context length); (N, dim) float32."""
+        out = [np.zeros((0, self.dim), dtype=np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            tokens = self._tokenizer(texts[start:start + self.batch_size])
+            with torch.inference_mode():
+                features = self.model.encode_text(tokens.to(self.device), normalize=True)
+            out.append(_to_numpy(features))
+        return np.concatenate(out, axis=0)
+
+
+def _to_numpy(features: torch.Tensor) -> np.ndarray:
+    # normalize=True already L2-normalises; re-normalising in float32 removes fp16/bf16 drift.
+    array = features.float().cpu().numpy()
+    norms = np.linalg.norm(array, axis=1, keepdims=True)
+    return (array / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def _sha256_prefix(path: Path, length: int = 12) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:length]
+
+
+def _register_model(model: str) -> str:
+    """Return the open_clip model name; a path to a config JSON is registered under its stem."""
+    import open_clip
+
+    if model.endswith(".json") or os.sep in model or Path(model).is_file():
+        path = Path(model).expanduser()
+        if not path.is_file():
+            raise ConfigurationError(f"CLIP model config {path} does not exist", param="clip_model")
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"CLIP model config {path} is not valid JSON: {exc}") from exc
+        if not all(key in config for key in ("embed_dim", "vision_cfg", "text_cfg")):
+            raise ConfigurationError(
+                f"CLIP model config {path} needs 'embed_dim', 'vision_cfg' and 'text_cfg' keys",
+                param="clip_model",
+            )
+        open_clip.add_model_config(path)
+        return path.stem
+    if model not in open_clip.list_models():
+        raise ConfigurationError(
+            f"unknown CLIP model {model!r}; list the names with "
+            "`python -c 'import open_clip; print(open_clip.list_models())'` "
+            "or set VLMRAG_CLIP_MODEL to a path of an open_clip model-config JSON",
+            param="clip_model",
+        )
+    return model
+
+
+def _cached_tag_file(model: str, tag: str, cfg: dict[str, Any]) -> str | None:
+    """Locate a tag's weights in the local caches without any network access."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        # open_clip's convention: "org/repo/" means the default file, "org/repo/file.bin" a named one.
+        repo_id, filename = os.path.split(hub)
+        filename = filename or HF_WEIGHTS_NAME
+        candidates = [HF_SAFE_WEIGHTS_NAME, filename] if filename == HF_WEIGHTS_NAME else [filename]
+        if filename.endswith(".bin"):
+            candidates.insert(0, filename[:-4] + ".safetensors")
+        for name in dict.fromkeys(candidates):
+            found = try_to_load_from_cache(repo_id, name)
+            if isinstance(found, str) and os.path.isfile(found):
+                return found
+    url = cfg.get("url", "")
+    if url:
+        path = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def _resolve(model: str, pretrained: str) -> _Resolved:
+    """Turn (model, pretrained) settings into local-only open_clip arguments."""
+    import open_clip
+
+    name = _register_model(model)
+    value = pretrained.strip()
+    if value.lower() in ("", "none"):
+        log.warning("CLIP model %s uses RANDOM weights (pretrained=none): for tests and demos only", name)
+        return _Resolved(name, None, "none", {"pretrained_text": False})
+    if value.startswith(_LOCAL_DIR):
+        folder = Path(value[len(_LOCAL_DIR):]).expanduser()
+        weights = next(
+            (folder / f for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+             if (folder / f).is_file()), None,
+        )
+        if weights is None:
+            raise ConfigurationError(
+                f"{value}: no open_clip_model.safetensors or open_clip_pytorch_model.bin in {folder}",
+                param="clip_pretrained",
+            )
+        label = f"{folder.name}-sha256-{_sha256_prefix(weights)}"
+        if (folder / "open_clip_config.json").is_file():
+            # The folder defines its own architecture and preprocessing; open_clip reads both.
+            return _Resolved(f"{_LOCAL_DIR}{folder}", None, label, {})
+        return _Resolved(name, str(weights), label, {})
+    path = Path(value).expanduser()
+    if path.suffix in _WEIGHT_SUFFIXES or path.exists():
+        if not path.is_file():
+            raise ConfigurationError(f"CLIP weights file {path} does not exist", param="clip_pretrained")
+        return _Resolved(name, str(path), f"{path.stem}-sha256-{_sha256_prefix(path)}", {})
+    cfg = open_clip.get_pretrained_cfg(name, value)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        raise ConfigurationError(
+            f"{value!r} is not a pretrained tag of CLIP model {name!r} (known tags: {tags or 'none'}) "
+            f"nor an existing weights file; {_HINT}",
+            param="clip_pretrained",
+        )
+    found = _cached_tag_file(name, value, cfg)
+    if found is None:
+        raise ConfigurationError(
+            f"weights for CLIP model {name!r} pretrained tag {value!r} are not in the local cache and "
+            f"this service does not download them; {_HINT}",
+            param="clip_pretrained",
+        )
+    # Loading the cached file by path skips the hub; keep the tag's preprocessing and activation.
+    overrides: dict[str, Any] = {
+        "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
+        "image_interpolation": cfg.get("interpolation"), "image_resize_mode": cfg.get("resize_mode"),
+    }
+    if cfg.get("quick_gelu"):
+        overrides["force_quick_gelu"] = True
+    return _Resolved(name, found, value, {k: v for k, v in overrides.items() if v is not None})
+
+
+def _pick_device(device: str) -> str:
+    if device in ("", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigurationError(f"CLIP device {device!r} requested but CUDA is not available",
+                                 param="clip_device")
+    return device
+
+
+def load_embedder(
+    model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16,
+) -> ClipEmbedder:
+    """Build a ClipEmbedder from settings; never downloads (see module docstring)."""
+    import open_clip
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    resolved = _resolve(model, pretrained)
+    target = _pick_device(device)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_RANDOM_INIT_SEED)
+            clip, _, preprocess = open_clip.create_model_and_transforms(
+                resolved.model_name, pretrained=resolved.pretrained, device=target, **resolved.overrides,
+            )
+        tokenizer = open_clip.get_tokenizer(resolved.model_name)
+    except ConfigurationError:
+        raise
+    except Exception as exc:  # open_clip raises RuntimeError/ValueError/KeyError for bad inputs
+        raise ConfigurationError(
+            f"could not load CLIP model {model!r} with pretrained {pretrained!r}: {exc}"
+        ) from exc
+    if resolved.model_name.startswith(_LOCAL_DIR):
+        folder = Path(resolved.model_name[len(_LOCAL_DIR):])
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        dim = int(config.get("model_cfg", config)["embed_dim"])
+        arch = folder.name
+    else:
+        dim = int(open_clip.get_model_config(resolved.model_name)["embed_dim"])
+        arch = resolved.model_name
+    identity = f"open_clip:{arch}:{resolved.weights_label}:{dim}"
+    log.info("loaded CLIP embedder %s on %s", identity, target)
+    return ClipEmbedder(clip, preprocess, tokenizer, identity=identity, dim=dim, device=target,
+                        batch_size=batch_size)
+
+
+__all__ = ["ClipEmbedder", "load_embedder", "prepare_image"]

@@ -1,0 +1,276 @@
+"""VectorStore over Qdrant Edge (``qdrant-edge-py``, the Qdrant engine in-process), pinned at 0.9.0.
+
+Layout: one Edge shard per collection at ``<path>/<collection>/``, with ``vlmrag_meta.json`` inside
+it holding the embedder identity and dimension (Edge has no collection metadata). Edge calls are
+synchronous and release the GIL, so each runs in a worker thread (``asyncio.to_thread``, ~50 µs):
+a 100k-point search takes ~10 ms, too long to block the event loop.
+
+Edge raises plain ``Exception``; ``_translate`` maps them onto ``retriever.errors``. One process
+per path: a second opener fails on the WAL lock, reported as ``StoreUnavailable`` naming the path.
+``optimize()`` (HNSW build) holds the GIL for its whole run (~90 s at 100k): CLI only, never in
+the serving path. Without it search is exact (brute force in Rust), ~10 ms at 100k x 512.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import qdrant_edge as qe
+
+from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable, VlmragError
+from retriever.store.base import (
+    KEYWORD_FIELDS,
+    VECTOR_NAMES,
+    check_vectors,
+    embedder_mismatch,
+    normalize_id,
+)
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, StoredPoint
+
+log = logging.getLogger(__name__)
+
+META_FILE = "vlmrag_meta.json"
+#: Edge has no aliases: re-indexing (retriever/reindex.py) switches the served shard by atomically
+#: replacing the symlink ``<path>/<collection>__current`` (-> ``<collection>__vN``); without it the
+#: shard is ``<path>/<collection>``.
+CURRENT_POINTER_SUFFIX = "__current"
+_SHARD_MARKER = "edge_config.json"
+_FACET_LIMIT = 100_000
+T = TypeVar("T")
+
+
+def resolve_shard_dir(path: Path, collection: str) -> Path:
+    """The shard directory served for ``collection``: the ``__current`` pointer's target if present."""
+    pointer = path / f"{collection}{CURRENT_POINTER_SUFFIX}"
+    if pointer.is_symlink():
+        return path / os.readlink(pointer)
+    return path / collection
+
+
+def _translate(exc: Exception, path: Path) -> VlmragError:
+    """Map an Edge exception (message only) to our error tree."""
+    message = str(exc)
+    if "WAL" in message and ("WouldBlock" in message or "lock" in message.lower()):
+        return StoreUnavailable(
+            f"embedded store {path} is locked: another vlmrag process holds it (only one process may "
+            f"open an embedded store; use its API, or stop it) [{message}]"
+        )
+    if "dimension error" in message or "Not existing vector name" in message or "Wrong input" in message:
+        return InvalidInput(f"store rejected the request: {message}")
+    return StoreUnavailable(f"embedded store {path} failed: {message}")
+
+
+def build_filter(filters: SearchFilters | None) -> qe.Filter | None:
+    """SearchFilters -> Edge Filter (source exact; tags and kind: any of)."""
+    if filters is None or filters.is_empty():
+        return None
+    must: list[Any] = []
+    if filters.source:
+        must.append(qe.FieldCondition("source", match=qe.MatchValue(filters.source)))
+    if filters.tags:
+        must.append(qe.FieldCondition("tags", match=qe.MatchAny(list(filters.tags))))
+    if filters.kind:
+        must.append(qe.FieldCondition("kind", match=qe.MatchAny(list(filters.kind))))
+    return qe.Filter(must=must)
+
+
+def _vector(values: Any) -> list[float]:
+    return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    # Write-then-rename so a crash never leaves a half-written meta file.
+    fd, tmp = tempfile.mkstemp(prefix=".meta-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _upsert_sync(shard: qe.EdgeShard, points: list[PointRecord]) -> None:
+    # Building qe.Point copies every float into Rust (~100 µs per 512-d point): done in the
+    # worker thread with the update, so a large batch never stalls the event loop.
+    edge_points = [
+        qe.Point(normalize_id(p.id), {name: _vector(v) for name, v in p.vectors.items()}, p.payload.to_dict())
+        for p in points
+    ]
+    shard.update(qe.UpdateOperation.upsert_points(edge_points))
+
+
+class EdgeStore:
+    """A collection stored as one Qdrant Edge shard under ``path``."""
+
+    def __init__(self, path: Path, collection: str) -> None:
+        self.path = Path(path)
+        self.collection = collection
+        self.shard_dir = resolve_shard_dir(self.path, collection)
+        self.description = f"qdrant-edge:{self.shard_dir}"
+        self._shard: qe.EdgeShard | None = None
+        self._meta: dict[str, Any] | None = None
+        self._lock = asyncio.Lock()  # serialises create/load/close, not reads
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Load the shard if it exists, so a held lock is reported at startup."""
+        if (self.shard_dir / _SHARD_MARKER).is_file():
+            async with self._lock:
+                await self._load()
+
+    async def _load(self) -> None:
+        if self._shard is None:
+            self._shard = await self._call(qe.EdgeShard.load, str(self.shard_dir))
+            self._meta = self._read_meta()
+
+    def _read_meta(self) -> dict[str, Any] | None:
+        meta_path = self.shard_dir / META_FILE
+        if not meta_path.is_file():
+            return None
+        try:
+            return json.loads(meta_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise StoreUnavailable(f"embedded store meta file {meta_path} is corrupt: {exc}") from exc
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except VlmragError:
+            raise
+        except Exception as exc:  # Edge raises bare Exception with a message
+            raise _translate(exc, self.shard_dir) from exc
+
+    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
+        """Create the shard (named cosine vectors, keyword indexes) or check its embedder."""
+        async with self._lock:
+            if self._shard is None and (self.shard_dir / _SHARD_MARKER).is_file():
+                await self._load()
+            if self._shard is None:
+                self._shard = await self._call(self._create, dim)
+                self._meta = None
+            if self._meta is None:
+                if await self.count() > 0:
+                    raise Conflict(embedder_mismatch(self.collection, "an unknown embedder", embedder_id))
+                self._meta = {"embedder_id": embedder_id, "dim": dim}
+                _write_json_atomic(self.shard_dir / META_FILE, self._meta)
+                return
+            stored = self._meta.get("embedder_id")
+            if stored != embedder_id or int(self._meta.get("dim", dim)) != dim:
+                raise Conflict(embedder_mismatch(self.collection, str(stored), embedder_id))
+
+    def _create(self, dim: int) -> qe.EdgeShard:
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        vectors = {name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name in VECTOR_NAMES}
+        shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors))
+        for field in KEYWORD_FIELDS:
+            shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
+        return shard
+
+    async def embedder_id(self) -> str | None:
+        return None if self._meta is None else self._meta.get("embedder_id")
+
+    async def close(self) -> None:
+        async with self._lock:
+            shard, self._shard = self._shard, None
+            if shard is not None:
+                await self._call(shard.close)
+
+    async def optimize(self) -> bool:
+        """Build HNSW indexes. Holds the GIL for its whole run: CLI maintenance only."""
+        return await self._call(self._require().optimize)
+
+    # --- writes --------------------------------------------------------------------------------
+    def _require(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise NotFound(f"collection {self.collection!r} does not exist in {self.path}; ingest first")
+        return self._shard
+
+    async def upsert(self, points: list[PointRecord]) -> None:
+        if not points:
+            return
+        shard = self._require()
+        check_vectors(points, self._meta.get("dim") if self._meta else None)
+        await self._call(_upsert_sync, shard, points)
+
+    async def delete(self, ids: list[str]) -> int:
+        if not ids or self._shard is None:
+            return 0
+        present = await self.existing_ids(ids)
+        if present:
+            await self._call(self._shard.update, qe.UpdateOperation.delete_points(sorted(present)))
+        return len(present)
+
+    async def delete_by_filter(self, filters: SearchFilters) -> int:
+        edge_filter = build_filter(filters)
+        if edge_filter is None:
+            raise InvalidInput("delete_by_filter needs at least one filter (source, tags or kind)")
+        if self._shard is None:
+            return 0
+        matched = await self.count(filters)
+        if matched:
+            await self._call(self._shard.update, qe.UpdateOperation.delete_points_by_filter(edge_filter))
+        return matched
+
+    # --- reads ---------------------------------------------------------------------------------
+    async def search(
+        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]:
+        if vector_name not in VECTOR_NAMES:
+            raise InvalidInput(f"unknown vector {vector_name!r}; expected one of {VECTOR_NAMES}")
+        if self._shard is None or limit <= 0:
+            return []
+        request = qe.QueryRequest(
+            limit=limit, query=qe.Query.Nearest(_vector(vector), using=vector_name),
+            filter=build_filter(filters), with_payload=True, with_vector=False,
+        )
+        hits = await self._call(self._shard.query, request)
+        return [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
+
+    async def retrieve(self, ids: list[str]) -> list[StoredPoint]:
+        if not ids or self._shard is None:
+            return []
+        wanted = [normalize_id(i) for i in ids]
+        records = await self._call(self._shard.retrieve, wanted, True, False)
+        by_id = {str(r.id): r for r in records}
+        # Keep the caller's order; missing ids are simply absent.
+        return [StoredPoint(i, SnippetPayload.from_dict(by_id[i].payload or {})) for i in wanted if i in by_id]
+
+    async def existing_ids(self, ids: list[str]) -> set[str]:
+        if not ids or self._shard is None:
+            return set()
+        wanted = [normalize_id(i) for i in ids]
+        records = await self._call(self._shard.retrieve, wanted, False, False)
+        return {str(r.id) for r in records}
+
+    async def count(self, filters: SearchFilters | None = None) -> int:
+        if self._shard is None:
+            return 0
+        return int(await self._call(self._shard.count, qe.CountRequest(exact=True, filter=build_filter(filters))))
+
+    async def facet_counts(self, field: str) -> dict[str, int]:
+        if field not in KEYWORD_FIELDS:
+            raise InvalidInput(f"facet field must be one of {KEYWORD_FIELDS}, not {field!r}")
+        if self._shard is None:
+            return {}
+        response = await self._call(self._shard.facet, qe.FacetRequest(field, limit=_FACET_LIMIT, exact=True))
+        # Empty strings (no source) are not a facet value; the scroll fallback of RemoteStore agrees.
+        return {str(hit.value): int(hit.count) for hit in response if hit.value != ""}
+
+    async def scroll(
+        self, limit: int = 100, offset: str | None = None, filters: SearchFilters | None = None
+    ) -> tuple[list[StoredPoint], str | None]:
+        if self._shard is None:
+            return [], None
+        request = qe.ScrollRequest(
+            offset=normalize_id(offset) if offset else None, limit=limit, filter=build_filter(filters),
+            with_payload=True, with_vector=False,
+        )
+        records, next_offset = await self._call(self._shard.scroll, request)
+        points = [StoredPoint(str(r.id), SnippetPayload.from_dict(r.payload or {})) for r in records]
+        return points, None if next_offset is None else str(next_offset)

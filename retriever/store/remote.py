@@ -1,0 +1,309 @@
+"""VectorStore over qdrant-client's async API: a Qdrant server/cluster, or the client's local mode.
+
+The collection has named cosine vectors ``image`` and ``text``, keyword payload indexes on
+``kind``, ``source``, ``tags``, ``content_hash``, and the embedder identity in the collection's
+``metadata`` (``{"vlmrag_embedder_id": ..., "vlmrag_dim": ...}``; Qdrant >= 1.16 stores it). A
+server that drops the metadata leaves only the vector size to check, logged as a warning.
+
+Client errors are translated: unreachable -> ``StoreUnavailable`` naming the URL, 401/403 ->
+``ConfigurationError``, 400/422 -> ``InvalidInput``, 404 -> ``NotFound``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+import httpx
+from qdrant_client import AsyncQdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from retriever.errors import (
+    ConfigurationError,
+    Conflict,
+    InvalidInput,
+    NotFound,
+    StoreUnavailable,
+    VlmragError,
+)
+from retriever.store.base import (
+    KEYWORD_FIELDS,
+    VECTOR_NAMES,
+    check_vectors,
+    embedder_mismatch,
+    normalize_id,
+)
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, StoredPoint
+
+log = logging.getLogger(__name__)
+
+META_EMBEDDER = "vlmrag_embedder_id"
+META_DIM = "vlmrag_dim"
+_FACET_LIMIT = 100_000
+_SCROLL_PAGE = 1_000
+T = TypeVar("T")
+
+
+def build_filter(filters: SearchFilters | None) -> models.Filter | None:
+    """SearchFilters -> qdrant-client Filter (source exact; tags and kind: any of)."""
+    if filters is None or filters.is_empty():
+        return None
+    must: list[Any] = []
+    if filters.source:
+        must.append(models.FieldCondition(key="source", match=models.MatchValue(value=filters.source)))
+    if filters.tags:
+        must.append(models.FieldCondition(key="tags", match=models.MatchAny(any=list(filters.tags))))
+    if filters.kind:
+        must.append(models.FieldCondition(key="kind", match=models.MatchAny(any=list(filters.kind))))
+    return models.Filter(must=must)
+
+
+def _consistency(value: str | int) -> models.ReadConsistencyType | int:
+    if isinstance(value, int) or str(value).isdigit():
+        return int(value)
+    return models.ReadConsistencyType(str(value))
+
+
+def _vector(values: Any) -> list[float]:
+    return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
+
+
+def _point_structs(points: list[PointRecord]) -> list[models.PointStruct]:
+    return [
+        models.PointStruct(
+            id=normalize_id(p.id), vector={name: _vector(v) for name, v in p.vectors.items()},
+            payload=p.payload.to_dict(),
+        )
+        for p in points
+    ]
+
+
+class RemoteStore:
+    """A collection on a Qdrant server (or in qdrant-client's local mode) via the async client."""
+
+    def __init__(
+        self, client: AsyncQdrantClient, collection: str, *, shard_number: int = 1,
+        replication_factor: int = 1, write_consistency_factor: int = 1,
+        read_consistency: str | int = "majority", url: str = "",
+    ) -> None:
+        self.client = client
+        self.collection = collection
+        self.url = url or "qdrant-client"
+        self.description = f"qdrant:{self.url}/{collection}" if url else f"qdrant-local/{collection}"
+        self._shards = shard_number
+        self._replicas = replication_factor
+        self._write_factor = write_consistency_factor
+        self._consistency = _consistency(read_consistency)
+        # Local mode ignores consistency; passing it there only produces warnings.
+        self._read_kwargs: dict[str, Any] = {"consistency": self._consistency} if url else {}
+        self._exists: bool | None = None
+        self._dim: int | None = None
+        self._embedder: str | None = None
+
+    async def _call(self, awaitable: Awaitable[T]) -> T:
+        """Await a client call, translating its errors into retriever.errors."""
+        try:
+            return await awaitable
+        except VlmragError:
+            raise
+        except UnexpectedResponse as exc:
+            detail = exc.content.decode("utf-8", "replace")[:300] if exc.content else exc.reason_phrase
+            status = exc.status_code or 0
+            if status in (401, 403):
+                raise ConfigurationError(
+                    f"Qdrant at {self.url} refused the API key (HTTP {status}); check VLMRAG_QDRANT_API_KEY"
+                ) from exc
+            if status == 404:
+                raise NotFound(f"Qdrant at {self.url}: {detail}") from exc
+            if status in (400, 422):
+                raise InvalidInput(f"Qdrant at {self.url} rejected the request: {detail}") from exc
+            raise StoreUnavailable(f"Qdrant at {self.url} failed (HTTP {status}): {detail}") from exc
+        except (ResponseHandlingException, httpx.HTTPError, ConnectionError, TimeoutError) as exc:
+            raise StoreUnavailable(f"Qdrant at {self.url} is unreachable: {exc}") from exc
+        except ValueError as exc:  # local mode: unknown collection / vector name, wrong dimension
+            if "not found" in str(exc).lower():
+                raise NotFound(f"{self.description}: {exc}") from exc
+            raise InvalidInput(f"{self.description} rejected the request: {exc}") from exc
+        except Exception as exc:  # grpc and other transport errors have no common base we can import
+            raise StoreUnavailable(f"Qdrant at {self.url} failed: {exc}") from exc
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Check the server answers and read the collection's metadata (if it exists)."""
+        await self._call(self.client.get_collections())
+        await self._refresh()
+
+    async def _refresh(self) -> None:
+        self._exists = await self._call(self.client.collection_exists(self.collection))
+        if not self._exists:
+            return
+        info = await self._call(self.client.get_collection(self.collection))
+        metadata = getattr(info.config, "metadata", None) or {}
+        self._embedder = metadata.get(META_EMBEDDER)
+        vectors = info.config.params.vectors
+        self._dim = int(metadata.get(META_DIM) or (vectors["text"].size if isinstance(vectors, dict) else 0))
+
+    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
+        """Create the collection with payload indexes, or refuse a different embedder."""
+        await self._refresh()
+        if not self._exists:
+            await self._call(self.client.create_collection(
+                self.collection,
+                vectors_config={
+                    name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES
+                },
+                shard_number=self._shards, replication_factor=self._replicas,
+                write_consistency_factor=self._write_factor,
+                metadata={META_EMBEDDER: embedder_id, META_DIM: dim},
+            ))
+            # Local mode ignores payload indexes (and warns); a server uses them for filters and facets.
+            for field in KEYWORD_FIELDS if self._read_kwargs else ():
+                await self._call(self.client.create_payload_index(
+                    self.collection, field, field_schema=models.PayloadSchemaType.KEYWORD, wait=True,
+                ))
+            await self._refresh()
+            if self._embedder is None:
+                log.warning("Qdrant at %s did not keep collection metadata (server < 1.16?): the embedder "
+                            "of %r cannot be checked, only its vector size", self.url, self.collection)
+                self._embedder = embedder_id
+            return
+        if self._embedder is None:
+            log.warning("collection %r has no vlmrag embedder metadata; checking the vector size only",
+                        self.collection)
+            if self._dim != dim:
+                raise Conflict(embedder_mismatch(self.collection, f"vectors of size {self._dim}", embedder_id))
+            return
+        if self._embedder != embedder_id or self._dim != dim:
+            raise Conflict(embedder_mismatch(self.collection, self._embedder, embedder_id))
+
+    async def embedder_id(self) -> str | None:
+        if self._exists is None:
+            await self._refresh()
+        return self._embedder
+
+    async def close(self) -> None:
+        await self._call(self.client.close())
+
+    # --- writes --------------------------------------------------------------------------------
+    async def _require(self) -> None:
+        if not self._exists:
+            await self._refresh()
+        if not self._exists:
+            raise NotFound(f"collection {self.collection!r} does not exist at {self.url}; ingest first")
+
+    async def upsert(self, points: list[PointRecord]) -> None:
+        if not points:
+            return
+        await self._require()
+        check_vectors(points, self._dim or None)
+        # pydantic validation of thousands of 512-d vectors takes a while: keep it off the loop.
+        structs = await asyncio.to_thread(_point_structs, points)
+        await self._call(self.client.upsert(self.collection, points=structs, wait=True))
+
+    async def delete(self, ids: list[str]) -> int:
+        present = await self.existing_ids(ids)
+        if present:
+            await self._call(self.client.delete(
+                self.collection, points_selector=models.PointIdsList(points=sorted(present)), wait=True,
+            ))
+        return len(present)
+
+    async def delete_by_filter(self, filters: SearchFilters) -> int:
+        query_filter = build_filter(filters)
+        if query_filter is None:
+            raise InvalidInput("delete_by_filter needs at least one filter (source, tags or kind)")
+        matched = await self.count(filters)
+        if matched:
+            await self._call(self.client.delete(
+                self.collection, points_selector=models.FilterSelector(filter=query_filter), wait=True,
+            ))
+        return matched
+
+    # --- reads ---------------------------------------------------------------------------------
+    async def _missing(self) -> bool:
+        if not self._exists:
+            await self._refresh()
+        return not self._exists
+
+    async def search(
+        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]:
+        if vector_name not in VECTOR_NAMES:
+            raise InvalidInput(f"unknown vector {vector_name!r}; expected one of {VECTOR_NAMES}")
+        if limit <= 0 or await self._missing():
+            return []
+        response = await self._call(self.client.query_points(
+            self.collection, query=_vector(vector), using=vector_name, query_filter=build_filter(filters),
+            limit=limit, with_payload=True, with_vectors=False, **self._read_kwargs,
+        ))
+        return [
+            ScoredPoint(str(p.id), float(p.score), SnippetPayload.from_dict(p.payload or {}))
+            for p in response.points
+        ]
+
+    async def retrieve(self, ids: list[str]) -> list[StoredPoint]:
+        if not ids or await self._missing():
+            return []
+        wanted = [normalize_id(i) for i in ids]
+        records = await self._call(self.client.retrieve(
+            self.collection, ids=wanted, with_payload=True, with_vectors=False, **self._read_kwargs,
+        ))
+        by_id = {str(r.id): r for r in records}
+        return [StoredPoint(i, SnippetPayload.from_dict(by_id[i].payload or {})) for i in wanted if i in by_id]
+
+    async def existing_ids(self, ids: list[str]) -> set[str]:
+        if not ids or await self._missing():
+            return set()
+        wanted = [normalize_id(i) for i in ids]
+        records = await self._call(self.client.retrieve(
+            self.collection, ids=wanted, with_payload=False, with_vectors=False, **self._read_kwargs,
+        ))
+        return {str(r.id) for r in records}
+
+    async def count(self, filters: SearchFilters | None = None) -> int:
+        if await self._missing():
+            return 0
+        result = await self._call(self.client.count(self.collection, count_filter=build_filter(filters), exact=True))
+        return int(result.count)
+
+    async def facet_counts(self, field: str) -> dict[str, int]:
+        if field not in KEYWORD_FIELDS:
+            raise InvalidInput(f"facet field must be one of {KEYWORD_FIELDS}, not {field!r}")
+        if await self._missing():
+            return {}
+        try:
+            response = await self._call(self.client.facet(
+                self.collection, key=field, limit=_FACET_LIMIT, exact=True, **self._read_kwargs,
+            ))
+        except (NotFound, InvalidInput):
+            # Servers before 1.12 have no facet endpoint: count by scrolling instead.
+            return await self._facet_by_scroll(field)
+        return {str(hit.value): int(hit.count) for hit in response.hits if hit.value != ""}
+
+    async def _facet_by_scroll(self, field: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        offset: str | None = None
+        while True:
+            page, offset = await self.scroll(limit=_SCROLL_PAGE, offset=offset)
+            for point in page:
+                value = getattr(point.payload, field)
+                for item in value if isinstance(value, list) else [value]:
+                    if item not in (None, ""):
+                        counts[str(item)] = counts.get(str(item), 0) + 1
+            if offset is None:
+                return counts
+
+    async def scroll(
+        self, limit: int = 100, offset: str | None = None, filters: SearchFilters | None = None
+    ) -> tuple[list[StoredPoint], str | None]:
+        if await self._missing():
+            return [], None
+        records, next_offset = await self._call(self.client.scroll(
+            self.collection, scroll_filter=build_filter(filters), limit=limit,
+            offset=normalize_id(offset) if offset else None, with_payload=True, with_vectors=False,
+            **self._read_kwargs,
+        ))
+        points = [StoredPoint(str(r.id), SnippetPayload.from_dict(r.payload or {})) for r in records]
+        return points, None if next_offset is None else str(next_offset)

@@ -1,0 +1,275 @@
+"""One VectorStore suite run against both adapters (Qdrant Edge and qdrant-client local mode)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from retriever.store import open_store
+from retriever.store.base import VectorStore
+from retriever.types import PointRecord, SearchFilters, SnippetPayload
+from tests.support.fixtures_retriever import STORE_KINDS, TEST_COLLECTION
+from tests.support.tiny_clip import TINY_CLIP_DIM
+
+DIM = TINY_CLIP_DIM
+SOURCES = ("manual.pdf", "photos/", "notes.md")
+KINDS = ("image", "text", "image_text")
+
+
+def pid(n: int) -> str:
+    return str(uuid.UUID(int=n + 1))
+
+
+def make_points(count: int, seed: int = 0) -> tuple[list[PointRecord], dict[str, dict[str, np.ndarray]]]:
+    """Points with random unit vectors; kind decides which vectors a point carries."""
+    rng = np.random.default_rng(seed)
+    points, vectors = [], {}
+    for n in range(count):
+        kind = KINDS[n % 3]
+        names = {"image": ["image"], "text": ["text"], "image_text": ["image", "text"]}[kind]
+        vecs = {}
+        for name in names:
+            v = rng.normal(size=DIM).astype(np.float32)
+            vecs[name] = v / np.linalg.norm(v)
+        payload = SnippetPayload(
+            kind=kind, text=f"snippet {n}", source=SOURCES[n % len(SOURCES)], tags=[f"t{n % 4}", "all"],
+            content_hash=f"h{n}", image_ref=f"blob{n}" if "image" in names else None, page=n,
+            created_at="2024-01-01T00:00:00Z", extra={"n": n},
+        )
+        points.append(PointRecord(pid(n), {k: v.tolist() for k, v in vecs.items()}, payload))
+        vectors[pid(n)] = vecs
+    return points, vectors
+
+
+def brute_force(vectors, name: str, query: np.ndarray, keep=lambda _id: True) -> list[tuple[str, float]]:
+    scored = [(i, float(v[name] @ query)) for i, v in vectors.items() if name in v and keep(i)]
+    return sorted(scored, key=lambda item: -item[1])
+
+
+async def test_search_matches_brute_force_and_skips_points_without_the_vector(store: VectorStore) -> None:
+    points, vectors = make_points(30)
+    await store.upsert(points)
+    rng = np.random.default_rng(5)
+    for name in ("image", "text"):
+        query = rng.normal(size=DIM).astype(np.float32)
+        query /= np.linalg.norm(query)
+        hits = await store.search(name, query.tolist(), 5)
+        expected = brute_force(vectors, name, query)[:5]
+        assert [h.id for h in hits] == [i for i, _ in expected]
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-4)
+        # Only points carrying this vector can be found through it.
+        everything = await store.search(name, query.tolist(), 100)
+        assert {h.id for h in everything} == {i for i, v in vectors.items() if name in v}
+
+
+async def test_exact_vector_is_its_own_top_hit(store: VectorStore) -> None:
+    points, _ = make_points(12)
+    await store.upsert(points)
+    for point in points:
+        for name, vec in point.vectors.items():
+            top = (await store.search(name, vec, 1))[0]
+            assert top.id == point.id and top.score == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("filters", "keep"),
+    [
+        (SearchFilters(source="notes.md"), lambda n: n % 3 == 2),
+        (SearchFilters(tags=["t1"]), lambda n: n % 4 == 1),
+        (SearchFilters(tags=["t1", "t2"]), lambda n: n % 4 in (1, 2)),
+        (SearchFilters(kind=["image_text"]), lambda n: n % 3 == 2),
+        (SearchFilters(kind=["image", "image_text"], tags=["t0"]), lambda n: n % 3 != 1 and n % 4 == 0),
+    ],
+)
+async def test_filters_on_search_count_and_scroll(store: VectorStore, filters, keep) -> None:
+    points, vectors = make_points(36)
+    await store.upsert(points)
+    wanted = {pid(n) for n in range(36) if keep(n)}
+    query = np.asarray(points[2].vectors["image"], dtype=np.float32)
+    hits = await store.search("image", query.tolist(), 100, filters)
+    assert [h.id for h in hits] == [i for i, _ in brute_force(vectors, "image", query, lambda i: i in wanted)]
+    assert await store.count(filters) == len(wanted)
+    page, _ = await store.scroll(limit=100, filters=filters)
+    assert {p.id for p in page} == wanted
+
+
+async def test_retrieve_round_trips_payload_and_keeps_order(store: VectorStore) -> None:
+    points, _ = make_points(6)
+    await store.upsert(points)
+    missing = pid(999)
+    got = await store.retrieve([pid(4), missing, pid(1)])
+    assert [p.id for p in got] == [pid(4), pid(1)]
+    assert got[0].payload == points[4].payload
+    assert got[1].payload == points[1].payload
+    assert await store.existing_ids([pid(0), missing, pid(5)]) == {pid(0), pid(5)}
+    assert await store.retrieve([]) == [] and await store.existing_ids([]) == set()
+
+
+async def test_upsert_is_idempotent_and_updates_payload(store: VectorStore) -> None:
+    points, _ = make_points(5)
+    await store.upsert(points)
+    await store.upsert(points)
+    assert await store.count() == 5
+    points[0].payload.text = "changed"
+    await store.upsert([points[0]])
+    assert (await store.retrieve([pid(0)]))[0].payload.text == "changed"
+    assert await store.count() == 5
+
+
+async def test_delete_and_delete_by_filter(store: VectorStore) -> None:
+    points, _ = make_points(12)
+    await store.upsert(points)
+    assert await store.delete([pid(0), pid(1), pid(999)]) == 2
+    assert await store.count() == 10
+    assert await store.delete_by_filter(SearchFilters(source="photos/")) == 3  # n = 4, 7, 10
+    assert await store.count() == 7
+    assert await store.count(SearchFilters(source="photos/")) == 0
+    assert await store.delete_by_filter(SearchFilters(source="photos/")) == 0
+    with pytest.raises(InvalidInput):
+        await store.delete_by_filter(SearchFilters())
+
+
+async def test_facet_counts(store: VectorStore) -> None:
+    points, _ = make_points(10)
+    await store.upsert(points)
+    assert await store.facet_counts("kind") == {"image": 4, "text": 3, "image_text": 3}
+    assert await store.facet_counts("source") == {"manual.pdf": 4, "photos/": 3, "notes.md": 3}
+    assert await store.facet_counts("tags") == {"all": 10, "t0": 3, "t1": 3, "t2": 2, "t3": 2}
+    with pytest.raises(InvalidInput):
+        await store.facet_counts("text")
+
+
+async def test_scroll_pages_cover_everything_once(store: VectorStore) -> None:
+    points, _ = make_points(23)
+    await store.upsert(points)
+    seen: list[str] = []
+    offset = None
+    for _ in range(10):
+        page, offset = await store.scroll(limit=5, offset=offset)
+        assert len(page) <= 5
+        seen.extend(p.id for p in page)
+        if offset is None:
+            break
+    assert sorted(seen) == sorted(p.id for p in points) and len(seen) == 23
+
+
+async def test_bad_input_is_invalid_input(store: VectorStore) -> None:
+    points, _ = make_points(1)
+    with pytest.raises(InvalidInput, match="UUID"):
+        await store.upsert([PointRecord("not-a-uuid", points[0].vectors, points[0].payload)])
+    with pytest.raises(InvalidInput, match="dimensions"):
+        await store.upsert([PointRecord(pid(1), {"text": [0.1] * (DIM + 1)}, points[0].payload)])
+    with pytest.raises(InvalidInput, match="no vector"):
+        await store.upsert([PointRecord(pid(1), {}, points[0].payload)])
+    with pytest.raises(InvalidInput):
+        await store.search("audio", [0.1] * DIM, 3)
+    assert await store.count() == 0
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_reopen_keeps_points_and_embedder(kind: str, make_store, embedder, tmp_path: Path) -> None:
+    folder = tmp_path / "persist"
+    store = await make_store(kind, path=folder)
+    points, _ = make_points(9)
+    await store.upsert(points)
+    await store.close()
+    again = await make_store(kind, path=folder, ensure=False)
+    assert await again.embedder_id() == embedder.identity
+    assert await again.count() == 9
+    assert (await again.search("image", points[0].vectors["image"], 1))[0].id == pid(0)
+    await again.ensure_collection(embedder.dim, embedder.identity)  # same embedder: fine
+    await again.close()
+    other = await make_store(kind, path=folder, ensure=False)
+    with pytest.raises(Conflict) as caught:
+        await other.ensure_collection(embedder.dim, "open_clip:ViT-B-32:laion2b_s34b_b79k:512")
+    message = str(caught.value)
+    assert embedder.identity in message and "ViT-B-32" in message and TEST_COLLECTION in message
+    with pytest.raises(Conflict):
+        await other.ensure_collection(embedder.dim + 1, embedder.identity)
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_missing_collection_reads_empty_and_refuses_writes(kind: str, make_store) -> None:
+    store = await make_store(kind, ensure=False)
+    assert await store.embedder_id() is None
+    assert await store.count() == 0 and await store.facet_counts("kind") == {}
+    assert await store.search("text", [0.1] * DIM, 5) == [] and await store.scroll() == ([], None)
+    points, _ = make_points(1)
+    with pytest.raises(NotFound, match=TEST_COLLECTION):
+        await store.upsert(points)
+
+
+async def test_adapters_agree_on_the_same_calls(make_store) -> None:
+    """Congruence: the same writes and queries give the same ids in the same order on both."""
+    stores = {kind: await make_store(kind) for kind in STORE_KINDS}
+    points, _ = make_points(60, seed=3)
+    for store in stores.values():
+        await store.upsert(points[:40])
+        await store.upsert(points[30:])  # overlapping batch: upsert semantics
+        await store.delete([pid(7), pid(8)])
+        await store.delete_by_filter(SearchFilters(tags=["t3"], kind=["text"]))
+    rng = np.random.default_rng(11)
+    queries = [rng.normal(size=DIM) for _ in range(6)]
+    filter_sets = [None, SearchFilters(source="manual.pdf"), SearchFilters(tags=["t0", "t2"]),
+                   SearchFilters(kind=["image_text"], source="notes.md")]
+
+    async def observe(store: VectorStore) -> list:
+        seen: list = [await store.count(), await store.facet_counts("kind"), await store.facet_counts("tags")]
+        for query in queries:
+            for filters in filter_sets:
+                for name in ("image", "text"):
+                    hits = await store.search(name, (query / np.linalg.norm(query)).tolist(), 10, filters)
+                    seen.append([(h.id, round(h.score, 4)) for h in hits])
+        page, offset = await store.scroll(limit=7, filters=SearchFilters(tags=["all"]))
+        seen.append(([p.id for p in page], offset))
+        seen.append([p.payload.to_dict() for p in await store.retrieve([pid(n) for n in range(0, 60, 9)])])
+        return seen
+
+    edge, local = [await observe(store) for store in stores.values()]
+    assert edge == local
+
+
+def test_edge_path_locked_by_another_process(tmp_path: Path, embedder) -> None:
+    """A second process opening the same embedded store gets StoreUnavailable naming the path."""
+    holder = textwrap.dedent(f"""
+        import asyncio, sys, time
+        from pathlib import Path
+        from retriever.store import open_store
+        async def main():
+            store = await open_store(qdrant_url="", api_key="", path=Path({str(tmp_path)!r}), collection="c")
+            await store.ensure_collection({embedder.dim}, {embedder.identity!r})
+            print("READY", flush=True)
+            sys.stdin.read()  # hold the lock until the test closes our stdin
+            await store.close()
+        asyncio.run(main())
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "READY"
+        import asyncio
+
+        with pytest.raises(StoreUnavailable) as caught:
+            asyncio.run(open_store(qdrant_url="", api_key="", path=tmp_path, collection="c"))
+        assert str(tmp_path / "c") in str(caught.value)
+        assert "another vlmrag process" in str(caught.value)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+
+
+async def test_unreachable_server_is_store_unavailable_naming_the_url(tmp_path: Path) -> None:
+    url = "http://127.0.0.1:9"  # discard port: nothing listens
+    with pytest.raises(StoreUnavailable, match="127.0.0.1:9"):
+        await open_store(qdrant_url=url, api_key="", path=tmp_path, collection="c", timeout_s=3)
