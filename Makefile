@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 VLLM_VENV := .venv-vllm
-VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
+VLLM_STAMP := $(VLLM_VENV)/.vlmrag-vllm-stamp
 PYTEST_ARGS ?=
 
 .PHONY: help venv vllm-venv browser test test-fast lint run demo bench clean

@@ -1,0 +1,1 @@
+"""Evaluation of retrieval + re-ranking + selection (``vlmrag eval``): metrics, COCO harness, reports."""
