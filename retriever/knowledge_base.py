@@ -1,0 +1,172 @@
+"""The knowledge base facade: one object over embedder, store, blobs, retriever and ingestion.
+
+The server (``app.state``) and the CLI hold one ``KnowledgeBase`` built by
+``server/wiring.py::build_knowledge_base``. Deleting removes the point first and then its blobs,
+unless another point still references them (the same image under another source or caption).
+That reference check scrolls the collection (O(points)); deletions are rare maintenance calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from PIL import Image
+
+from retriever.blobs import BlobStore
+from retriever.embedder import ClipEmbedder
+from retriever.errors import ConfigurationError, InvalidInput, NotFound
+from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
+from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
+from retriever.ingest.readers import IngestItem
+from retriever.search import RetrievalResult, Retriever
+from retriever.store.base import VectorStore, normalize_id
+from retriever.types import SearchFilters, StoredPoint
+
+log = logging.getLogger(__name__)
+
+_SCROLL_PAGE = 1000
+_MEDIA_BY_SUFFIX = {suffix: MEDIA_TYPES[fmt] for fmt, suffix in SUFFIXES.items()} | {".jpeg": "image/jpeg"}
+
+
+class KnowledgeBase:
+    """Search, read, add and delete multimodal snippets."""
+
+    def __init__(
+        self, embedder: ClipEmbedder | None, store: VectorStore, blobs: BlobStore, *,
+        retriever: Retriever | None = None, pipeline: IngestPipeline | None = None, collection: str = "",
+    ) -> None:
+        # embedder=None: a read/delete-only knowledge base (stats, get, delete) that skips loading
+        # the CLIP model; search and ingestion then raise ConfigurationError.
+        self.embedder = embedder
+        self.store = store
+        self.blobs = blobs
+        self._retriever = retriever or (Retriever(embedder, store) if embedder else None)
+        self._pipeline = pipeline or (IngestPipeline(embedder, store, blobs) if embedder else None)
+        self.collection = collection
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            raise ConfigurationError("this knowledge base was opened without a CLIP model (read/delete only)")
+        return self._retriever
+
+    @property
+    def pipeline(self) -> IngestPipeline:
+        if self._pipeline is None:
+            raise ConfigurationError("this knowledge base was opened without a CLIP model (read/delete only)")
+        return self._pipeline
+
+    # --- read --------------------------------------------------------------------------------------
+    async def search(
+        self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20,
+        filters: SearchFilters | None = None,
+    ) -> RetrievalResult:
+        """CLIP retrieval (both vectors, RRF-fused); see ``retriever.search.Retriever``."""
+        return await self.retriever.search(text, images, pool, filters)
+
+    async def get(self, point_id: str) -> StoredPoint:
+        """One snippet by id; ``NotFound`` if absent (or not even a valid id)."""
+        try:
+            canonical = normalize_id(point_id)
+        except InvalidInput as exc:
+            raise NotFound(f"no snippet {point_id!r}") from exc
+        found = await self.store.retrieve([canonical])
+        if not found:
+            raise NotFound(f"no snippet {point_id!r}")
+        return found[0]
+
+    async def image_bytes(self, point_id: str, thumbnail: bool = False) -> tuple[bytes, str]:
+        """(bytes, media type) of a snippet's original image or its JPEG thumbnail."""
+        point = await self.get(point_id)
+        ref = point.payload.thumb_ref if thumbnail else point.payload.image_ref
+        if not ref:
+            raise NotFound(f"snippet {point_id} has no image")
+        data = await asyncio.to_thread(self.blobs.get, ref)
+        if thumbnail:
+            return data, THUMBNAIL_MEDIA_TYPE
+        info = point.payload.extra.get("image") or {}
+        media_type = info.get("media_type") if isinstance(info, dict) else None
+        suffix = "." + ref.rsplit(".", 1)[-1] if "." in ref else ""
+        return data, media_type or _MEDIA_BY_SUFFIX.get(suffix, "application/octet-stream")
+
+    async def stats(self) -> dict[str, Any]:
+        """Snippet count, counts by kind and by source, embedder identity, store and blob backends."""
+        count, by_kind, by_source = await asyncio.gather(
+            self.store.count(), self.store.facet_counts("kind"), self.store.facet_counts("source"),
+        )
+        # Edge's facet index can keep a value with count 0 after its points are deleted: drop those.
+        return {
+            "count": count,
+            "by_kind": {k: v for k, v in sorted(by_kind.items()) if v > 0},
+            "by_source": {k: v for k, v in sorted(by_source.items(), key=lambda kv: (-kv[1], kv[0])) if v > 0},
+            "embedder": await self.store.embedder_id() or (self.embedder.identity if self.embedder else None),
+            "store": self.store.description,
+            "collection": self.collection,
+            "blobs": getattr(self.blobs, "description", type(self.blobs).__name__),
+        }
+
+    # --- write -------------------------------------------------------------------------------------
+    async def add_snippet(
+        self, image_bytes: bytes | None, text: str | None, source: str = "", tags: Iterable[str] = (),
+        filename: str | None = None, *, page: int | None = None, extra: dict[str, Any] | None = None,
+    ) -> tuple[str, bool]:
+        """Add one snippet (image, text or both); returns (id, created). Raises on bad input."""
+        return await self.pipeline.add_snippet(image_bytes, text, source, tags, filename, page=page, extra=extra)
+
+    async def ingest(
+        self, items: Iterable[IngestItem], tags: Iterable[str] = (), progress: ProgressFn | None = None,
+        total: int | None = None,
+    ) -> IngestReport:
+        """Batch ingestion; bad items are reported in the result (see ``IngestPipeline.run``)."""
+        return await self.pipeline.run(items, tags=tags, progress=progress, total=total)
+
+    async def delete(self, point_id: str) -> None:
+        """Delete one snippet, then its blobs if nothing else references them; ``NotFound`` if absent."""
+        point = await self.get(point_id)
+        await self.store.delete([point.id])
+        await self._collect_blobs([point])
+
+    async def delete_by_source(self, source: str) -> int:
+        """Delete every snippet whose ``source`` equals ``source``; returns how many."""
+        if not source:
+            raise InvalidInput("source must not be empty", param="source")
+        filters = SearchFilters(source=source)
+        doomed: list[StoredPoint] = []
+        offset: str | None = None
+        while True:
+            page, offset = await self.store.scroll(_SCROLL_PAGE, offset, filters)
+            doomed.extend(page)
+            if offset is None or not page:
+                break
+        if not doomed:
+            return 0
+        # By id, not by filter: exactly the points whose blobs we are about to collect.
+        deleted = await self.store.delete([p.id for p in doomed])
+        await self._collect_blobs(doomed)
+        return deleted
+
+    async def _collect_blobs(self, deleted: list[StoredPoint]) -> None:
+        """Remove the blobs of deleted points that no remaining point references."""
+        candidates = {ref for p in deleted for ref in (p.payload.image_ref, p.payload.thumb_ref) if ref}
+        if not candidates:
+            return
+        still_used: set[str] = set()
+        offset: str | None = None
+        while True:
+            page, offset = await self.store.scroll(_SCROLL_PAGE, offset)
+            for point in page:
+                still_used.update(r for r in (point.payload.image_ref, point.payload.thumb_ref) if r)
+            if offset is None or not page or candidates <= still_used:
+                break
+        for ref in sorted(candidates - still_used):
+            try:
+                await asyncio.to_thread(self.blobs.delete, ref)
+            except (OSError, InvalidInput) as exc:  # an orphan blob is harmless; log and go on
+                log.warning("could not delete blob %s: %s", ref, exc)
+
+    async def close(self) -> None:
+        """Close the store (the embedder and blob store hold no connections)."""
+        await self.store.close()

@@ -1,0 +1,99 @@
+"""Build the knowledge base and its parts from the one ``Settings``; the server lifespan and the CLI call it.
+
+Order matters: the store is opened first (cheap, and a locked embedded store fails at once, before
+a model is loaded for nothing), then the CLIP model is loaded, then the collection is checked
+against the embedder identity (``Conflict`` on a mismatch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from retriever.blobs import BlobStore, LocalBlobStore
+from retriever.embedder import ClipEmbedder, load_embedder
+from retriever.errors import ConfigurationError
+from retriever.ingest.pipeline import IngestPipeline
+from retriever.knowledge_base import KnowledgeBase
+from retriever.search import Retriever
+from retriever.store import open_store
+from retriever.store.base import VectorStore
+from server.settings import Settings
+
+
+def build_blob_store(settings: Settings) -> BlobStore:
+    """The configured blob backend: ``local`` (under ``data_dir/blobs``); ``s3`` is added here later."""
+    if settings.blob_backend == "local":
+        return LocalBlobStore(settings.blob_dir)
+    if settings.blob_backend == "s3":
+        from retriever.blobs_s3 import S3BlobStore  # boto3 is imported only when S3 is configured
+
+        return S3BlobStore(settings.blob_s3_bucket, settings.blob_s3_prefix,
+                           endpoint_url=settings.blob_s3_endpoint_url or None)
+    raise ConfigurationError(
+        f"blob backend {settings.blob_backend!r} is not available in this build; set VLMRAG_BLOB_BACKEND=local",
+        param="blob_backend",
+    )
+
+
+def build_embedder(settings: Settings) -> ClipEmbedder:
+    """Load the CLIP model named by the ``clip_*`` settings (blocking; seconds)."""
+    return load_embedder(
+        settings.clip_model, settings.clip_pretrained, settings.clip_device, settings.clip_threads,
+        settings.clip_batch_size,
+    )
+
+
+async def open_configured_store(settings: Settings) -> VectorStore:
+    """Open the embedded Edge store under ``data_dir`` or the Qdrant server at ``qdrant_url``."""
+    return await open_store(
+        qdrant_url=settings.qdrant_url, api_key=settings.qdrant_api_key,
+        path=Path(settings.embedded_store_path), collection=settings.collection,
+        shard_number=settings.qdrant_shard_number, replication_factor=settings.qdrant_replication_factor,
+        write_consistency_factor=settings.qdrant_write_consistency_factor,
+        read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
+    )
+
+
+def build_pipeline(
+    settings: Settings, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore,
+    batch_size: int | None = None,
+) -> IngestPipeline:
+    """The ingestion pipeline with the settings' batch size and image limits."""
+    return IngestPipeline(
+        embedder, store, blobs, batch_size=batch_size or settings.clip_batch_size,
+        max_image_bytes=settings.limit_image_bytes, max_image_pixels=settings.limit_image_pixels,
+    )
+
+
+async def build_knowledge_base(
+    settings: Settings, *, embedder: ClipEmbedder | None = None, batch_size: int | None = None,
+    load_model: bool = True,
+) -> KnowledgeBase:
+    """Store, embedder (unless given), blobs, retriever and pipeline, ready to use; close() it after.
+
+    ``load_model=False`` opens a read/delete-only knowledge base (stats, get, delete, image bytes)
+    without loading CLIP and without creating the collection.
+    """
+    store = await open_configured_store(settings)
+    if not load_model and embedder is None:
+        try:
+            blobs = build_blob_store(settings)
+        except BaseException:
+            await store.close()
+            raise
+        return KnowledgeBase(None, store, blobs, collection=settings.collection)
+    try:
+        if embedder is None:
+            embedder = await asyncio.to_thread(build_embedder, settings)
+        await store.ensure_collection(embedder.dim, embedder.identity)
+        blobs = build_blob_store(settings)
+    except BaseException:
+        await store.close()
+        raise
+    return KnowledgeBase(
+        embedder, store, blobs,
+        retriever=Retriever(embedder, store, rrf_k=settings.retrieval_rrf_k),
+        pipeline=build_pipeline(settings, embedder, store, blobs, batch_size),
+        collection=settings.collection,
+    )

@@ -1,0 +1,174 @@
+"""``vlmrag ingest / search / stats / delete`` through ``server.cli.main`` (in-process, real stores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from server.cli import main
+from tests.support.bad_images import OK, write_bad_images
+from tests.test_ingest import save_images
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_clip_config: Path, tmp_path: Path) -> Path:
+    """VLMRAG_* for the tiny CLIP and a fresh data dir; returns the data dir."""
+    data_dir = tmp_path / "data"
+    for key in [k for k in os.environ if k.startswith("VLMRAG_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
+    monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("VLMRAG_CLIP_DEVICE", "cpu")
+    monkeypatch.setenv("VLMRAG_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)  # no stray .env is read
+    return data_dir
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
+    capsys.readouterr()
+    code = main(list(argv))
+    out = capsys.readouterr().out
+    return code, json.loads(out) if out.strip() else {}
+
+
+def test_ingest_search_stats_delete(cli_env: Path, sample_images, tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "kb"
+    paths = save_images(folder, sample_images[:4])
+    paths[0].with_suffix(".txt").write_text("a wiring diagram of the pump")
+    (folder / "notes.md").write_text("# Safety\nWear gloves.\n")
+
+    code = main(["ingest", str(folder), "--tag", "demo"])
+    out = capsys.readouterr().out
+    assert code == 0 and "ingested 5, already present 0, failed 0" in out
+
+    code, report = run_json(capsys, "ingest", str(folder), "--json")
+    assert code == 0
+    assert {"seen", "ingested", "skipped_existing", "failed", "failures", "timings", "via"} <= report.keys()
+    assert (report["ingested"], report["skipped_existing"], report["via"]) == (0, 5, "local")
+
+    code, stats = run_json(capsys, "stats", "--json")
+    assert code == 0
+    assert set(stats) == {"count", "by_kind", "by_source", "embedder", "store", "collection", "blobs"}
+    assert stats["count"] == 5 and stats["by_kind"] == {"image": 3, "image_text": 1, "text": 1}
+    assert stats["by_source"]["kb/notes.md"] == 1 and stats["embedder"].startswith("open_clip:")
+
+    code, found = run_json(capsys, "search", "a wiring diagram of the pump", "--json", "--limit", "3")
+    assert code == 0 and set(found) == {"query", "results", "timings_ms"}
+    assert len(found["results"]) == 3
+    hit = next(r for r in found["results"] if r["source"] == "kb/img0.png")
+    assert set(hit) == {"rank", "id", "score", "kind", "source", "text", "tags", "image_ref", "thumb_ref",
+                        "page", "vector_scores"}
+    assert hit["tags"] == ["demo"] and hit["vector_scores"]["text->text"] == pytest.approx(1.0, abs=1e-4)
+
+    code, found = run_json(capsys, "search", "--image", str(paths[2]), "--kind", "image", "--json")
+    assert found["results"][0]["source"] == "kb/img2.png"
+    assert found["query"]["filters"]["kind"] == ["image"]
+
+    code, found = run_json(capsys, "search", "gloves", "--source", "kb/notes.md", "--json")
+    assert [r["source"] for r in found["results"]] == ["kb/notes.md"]
+
+    code, deleted = run_json(capsys, "delete", "--source", "kb/notes.md", "--json")
+    assert (code, deleted) == (0, {"deleted": 1})
+    code, deleted = run_json(capsys, "delete", "--id", hit["id"], "--json")
+    assert (code, deleted) == (0, {"deleted": 1})
+    assert main(["delete", "--id", hit["id"]]) == 1  # gone: NotFound
+    code, stats = run_json(capsys, "stats", "--json")
+    assert stats["count"] == 3
+
+
+def test_plain_output(cli_env: Path, sample_images, tmp_path: Path, capsys) -> None:
+    save_images(tmp_path / "p", sample_images[:2])
+    assert main(["ingest", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    assert main(["search", "anything", "--limit", "1"]) == 0
+    assert " 1. " in capsys.readouterr().out
+    assert main(["stats"]) == 0
+    assert "snippets:   2" in capsys.readouterr().out
+
+
+def test_exit_codes(cli_env: Path, sample_images, tmp_path: Path, capsys) -> None:
+    corpus = write_bad_images(tmp_path / "bad")
+    only_bad = [str(path) for path, status in corpus.values() if status != OK]
+    code = main(["ingest", *only_bad, str(tmp_path / "missing.png")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "bomb_20000x20000.png: image has too many pixels" in err
+    assert "missing.png: no such file or directory" in err
+
+    good = save_images(tmp_path / "good", sample_images[:1])
+    assert main(["ingest", str(good[0]), *only_bad[:2]]) == 0  # something landed: success
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["ingest", str(empty)]) == 0
+    assert "nothing to ingest" in capsys.readouterr().err
+
+    assert main(["search"]) == 2  # no query: InvalidInput
+    assert main(["search", "x", "--image", str(tmp_path / "bad" / "truncated.png")]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ingest_goes_through_the_running_service(cli_env: Path, sample_images, tmp_path: Path, capsys) -> None:
+    """`vlmrag serve` holds the embedded store: ingest finds it via server.json and uses its API."""
+    import uvicorn
+
+    from server.app import create_app
+    from server.settings import Settings
+
+    folder = tmp_path / "via-api"
+    paths = save_images(folder, sample_images[:3])
+    paths[0].with_suffix(".txt").write_text("caption through the API")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+
+    settings = Settings(auth_disabled=True)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        # Without server.json the CLI explains what to do instead of dying on the lock.
+        assert main(["ingest", str(folder)]) == 1
+        assert "--server http://HOST:PORT" in capsys.readouterr().err
+
+        cli_env.joinpath("server.json").write_text(json.dumps({"url": f"http://127.0.0.1:{port}",
+                                                               "pid": os.getpid()}))
+        code, report = run_json(capsys, "ingest", str(folder), "--tag", "api", "--json")
+        assert code == 0
+        assert (report["ingested"], report["failed"], report["via"]) == (3, 1, f"http://127.0.0.1:{port}")
+        assert report["failures"][0]["status"] == 422
+        code, report = run_json(capsys, "ingest", str(folder), "--json", "--server", f"http://127.0.0.1:{port}")
+        assert (report["ingested"], report["skipped_existing"]) == (0, 3)
+    finally:
+        server.should_exit = True
+        thread.join(30)
+    code, stats = run_json(capsys, "stats", "--json")  # the lock is free again
+    assert stats["count"] == 3 and stats["by_kind"] == {"image": 2, "image_text": 1}
+    code, found = run_json(capsys, "search", "caption through the API", "--tag", "api", "--json")
+    assert len(found["results"]) == 3 and all(r["tags"] == ["api"] for r in found["results"])
+
+
+def test_stale_server_file_is_ignored(cli_env: Path, tmp_path: Path) -> None:
+    from server.commands.ingest import find_running_server
+
+    cli_env.mkdir(parents=True, exist_ok=True)
+    (cli_env / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:1/", "pid": 2**22 + 12345}))
+    assert find_running_server(cli_env) is None
+    (cli_env / "server.json").write_text(json.dumps({"url": "http://127.0.0.1:1/", "pid": os.getpid()}))
+    assert find_running_server(cli_env) == "http://127.0.0.1:1"
+    (cli_env / "server.json").write_text("{not json")
+    assert find_running_server(cli_env) is None
