@@ -9,7 +9,8 @@ were bad (then 1); an empty input is 0 with a warning.
 
 The embedded store belongs to one process. When ``vlmrag serve`` holds it, this command ingests
 through the running service's ``POST /v1/snippets`` instead (found from ``DATA_DIR/server.json``,
-or given with ``--server URL``), sending ``Authorization: Bearer $VLMRAG_API_KEY`` when that is set.
+or given with ``--server URL``), sending ``Authorization: Bearer $VLMRAG_API_KEY`` when that is set,
+and each item's ``extra`` metadata (COCO captions, sidecar keys) as the JSON form field ``extra``.
 
 ``--json`` prints one object: ``{"seen", "ingested", "skipped_existing", "failed", "failures":
 [{"source", "key", "reason", "status"}], "timings": {stage: seconds}, "first_batch_s", "total",
@@ -199,6 +200,10 @@ async def _post_item(
                             "tags": sorted(set(item.tags) | set(tags))}
     if item.page is not None:
         data["page"] = str(item.page)
+    if item.extra:
+        # COCO captions, sidecar/JSONL metadata: one JSON object form field (a server that does not
+        # know the field ignores it, as FastAPI does with undeclared form fields).
+        data["extra"] = json.dumps(item.extra, ensure_ascii=False, default=str)
     files = None
     if item.has_image:
         try:

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one app, on its own ``CollectorRegistry`` (tests build many apps per process).
+
+Stage latency (embed, search, rerank, generate, …), request latency by route template, tokens by
+kind, errors by type. ``GET /metrics`` renders ``Metrics.render()``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+
+# Stage and request latencies span ~1 ms (search) to minutes (long generations).
+_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    """The app's collectors; methods take milliseconds/seconds as the callers measure them."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        self.stage_seconds = Histogram(
+            "vlmrag_stage_seconds", "Latency of one pipeline stage.", ["stage"],
+            registry=self.registry, buckets=_BUCKETS,
+        )
+        self.request_seconds = Histogram(
+            "vlmrag_request_seconds", "HTTP request latency by route (to the last byte).",
+            ["method", "route", "status"], registry=self.registry, buckets=_BUCKETS,
+        )
+        self.tokens = Counter(
+            "vlmrag_tokens", "Tokens used by the answering model.", ["kind"], registry=self.registry,
+        )
+        self.errors = Counter(
+            "vlmrag_errors", "Errors answered, by OpenAI error type.", ["type", "status"], registry=self.registry,
+        )
+        self.degraded = Counter(
+            "vlmrag_degraded", "Requests answered with a degraded stage.", ["stage"], registry=self.registry,
+        )
+
+    def observe_timings(self, timings_ms: dict[str, float]) -> None:
+        """Record every stage of a timings dict (milliseconds; ``total`` is skipped)."""
+        for stage, ms in timings_ms.items():
+            if stage != "total":
+                self.stage_seconds.labels(stage).observe(ms / 1000.0)
+
+    def observe_usage(self, usage: dict[str, int] | None) -> None:
+        if usage:
+            self.tokens.labels("prompt").inc(usage.get("prompt_tokens", 0) or 0)
+            self.tokens.labels("completion").inc(usage.get("completion_tokens", 0) or 0)
+
+    def observe_error(self, type_: str, status: int) -> None:
+        self.errors.labels(type_, str(status)).inc()
+
+    def observe_degraded(self, stages: list[str]) -> None:
+        for stage in stages:
+            self.degraded.labels(stage).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

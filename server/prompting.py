@@ -1,0 +1,141 @@
+"""Prompt templates from the ``prompts`` package (one cached loader) and the answer messages built from them.
+
+``system.jinja`` is the system prompt; ``answer.jinja`` renders the context block placed before the
+user's latest question: kept snippets numbered ``[1]..[n]``, their text delimited as untrusted data,
+their images attached as ``image_url`` parts at the place the template marks with ``image(n)``.
+Other modules (the re-ranker) load their own templates through :func:`render_template`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import jinja2
+
+# A marker no snippet text can contain (the `untrusted` filter strips NUL): where an image goes.
+_IMAGE_MARK = "\x00IMAGE:{}\x00"
+_IMAGE_MARK_RE = re.compile("\x00IMAGE:(\\d+)\x00")
+# Text that could close or open our delimiters if left as is.
+_DELIMITER_RE = re.compile(r"<(?=\s*/?\s*(?:snippet|context)\b)", re.IGNORECASE)
+_OPERATOR_ROLES = ("system", "developer")
+
+
+def _untrusted(text: Any) -> str:
+    """Neutralise retrieved text: no NUL (image markers), no tag that opens/closes our delimiters."""
+    return _DELIMITER_RE.sub("&lt;", str(text).replace("\x00", ""))
+
+
+def _untrusted_attr(text: Any) -> str:
+    return " ".join(_untrusted(text).replace('"', "'").split())
+
+
+@functools.cache
+def load_templates() -> jinja2.Environment:
+    """The one Jinja environment over the ``prompts`` package directory (cached per process)."""
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(resources.files("prompts"))),
+        autoescape=False,  # plain-text prompts; untrusted text goes through `untrusted` instead
+        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+    )
+    env.filters["untrusted"] = _untrusted
+    env.filters["untrusted_attr"] = _untrusted_attr
+    env.globals["image"] = _IMAGE_MARK.format
+    return env
+
+
+def render_template(name: str, **context: Any) -> str:
+    """Render ``prompts/<name>`` with ``context``."""
+    return load_templates().get_template(name).render(**context)
+
+
+@dataclass(slots=True)
+class PromptSnippet:
+    """One kept snippet as the answer prompt shows it."""
+
+    index: int
+    kind: str
+    text: str = ""
+    source: str = ""
+    page: int | None = None
+    image_url: str | None = None  # a data: URL, attached as an image part
+
+    @property
+    def has_image(self) -> bool:
+        return self.image_url is not None
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return ""
+
+
+def _parts_of(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, list):
+        return [dict(p) for p in content]
+    return [{"type": "text", "text": content or ""}]
+
+
+class PromptBuilder:
+    """Builds the messages sent to the answering model from the caller's and the kept snippets."""
+
+    def __init__(self, *, max_snippet_chars: int = 4000) -> None:
+        self.max_snippet_chars = max_snippet_chars
+
+    def system_prompt(self, operator_instructions: str = "") -> str:
+        """Our system prompt, with the caller's own system messages appended as lower-ranked rules."""
+        return render_template("system.jinja", operator_instructions=operator_instructions.strip())
+
+    def context_parts(self, snippets: list[PromptSnippet]) -> list[dict[str, Any]]:
+        """The rendered context block as content parts: text, with each snippet image in its place."""
+        shown = [self._clip(s) for s in snippets]
+        rendered = render_template("answer.jinja", snippets=shown)
+        images = {s.index: s.image_url for s in shown}
+        parts: list[dict[str, Any]] = []
+        pos = 0
+        for match in _IMAGE_MARK_RE.finditer(rendered):
+            parts.append({"type": "text", "text": rendered[pos:match.start()]})
+            parts.append({"type": "image_url", "image_url": {"url": images[int(match.group(1))]}})
+            pos = match.end()
+        parts.append({"type": "text", "text": rendered[pos:]})
+        return _merge_text([p for p in parts if p["type"] != "text" or p["text"]])
+
+    def build_messages(
+        self, messages: list[dict[str, Any]], snippets: list[PromptSnippet]
+    ) -> list[dict[str, Any]]:
+        """System prompt, the conversation, and the context block put before the latest user turn.
+
+        Args:
+            messages: the caller's messages as OpenAI dicts (content: a string or parts).
+            snippets: the kept snippets, numbered as they will be cited.
+        """
+        operator = "\n\n".join(_text_of(m.get("content")) for m in messages if m.get("role") in _OPERATOR_ROLES)
+        turns = [dict(m) for m in messages if m.get("role") not in _OPERATOR_ROLES]
+        last_user = max((i for i, m in enumerate(turns) if m.get("role") == "user"), default=None)
+        if last_user is not None:
+            question = _parts_of(turns[last_user].get("content"))
+            turns[last_user] = {"role": "user", "content": _merge_text(self.context_parts(snippets) + question)}
+        return [{"role": "system", "content": self.system_prompt(operator)}, *turns]
+
+    def _clip(self, snippet: PromptSnippet) -> PromptSnippet:
+        if len(snippet.text) <= self.max_snippet_chars:
+            return snippet
+        text = snippet.text[: self.max_snippet_chars].rstrip() + " …"
+        return PromptSnippet(snippet.index, snippet.kind, text, snippet.source, snippet.page, snippet.image_url)
+
+
+def _merge_text(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Join adjacent text parts (fewer, cleaner parts; the model sees the same text)."""
+    merged: list[dict[str, Any]] = []
+    for part in parts:
+        if part.get("type") == "text" and merged and merged[-1].get("type") == "text":
+            merged[-1] = {"type": "text", "text": merged[-1]["text"] + part["text"]}
+        else:
+            merged.append(part)
+    return merged

@@ -1,0 +1,56 @@
+"""GET /healthz (process up), GET /readyz (store open and vLLM answering), GET /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from server.deps import MetricsDep, StateDep
+from server.errors import error_body
+
+router = APIRouter(tags=["health"])
+_PROBE_TIMEOUT_S = 2.0
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+async def _store_check(kb: Any) -> str:
+    try:
+        await asyncio.wait_for(kb.store.count(), _PROBE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not ready", reported by name
+        return f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"[:300]
+    return "ok"
+
+
+async def _model_check(client: Any) -> dict[str, str]:
+    probe = getattr(client, "probe", None)
+    if probe is None:  # an injected backend without probing: trust it
+        return {"injected": "ok"}
+    return await probe(_PROBE_TIMEOUT_S)
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    """200 when the store answers and at least one vLLM replica serves the model; else 503."""
+    store, model = await asyncio.gather(_store_check(state.knowledge_base), _model_check(state.generator))
+    checks: dict[str, Any] = {"store": store, "vllm": model}
+    if state.rerank_backend is not state.generator:
+        checks["rerank_vllm"] = await _model_check(state.rerank_backend)  # informational: re-rank degrades
+    ready = store == "ok" and any(v == "ok" for v in model.values())
+    if ready:
+        return JSONResponse({"status": "ok", "checks": checks})
+    failing = "the store" if store != "ok" else "the model server"
+    body = {"status": "unavailable", "checks": checks,
+            **error_body(f"not ready: {failing} is unavailable", "service_unavailable", code="not_ready")}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", response_class=PlainTextResponse)  # documents the text/plain exposition format
+async def metrics(metrics: MetricsDep) -> Response:
+    return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,90 @@
+"""Snippets through the API: add (multipart), list, read, image/thumbnail, delete; and KB stats."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse, Response
+
+from retriever.errors import InvalidInput
+from retriever.types import SearchFilters
+from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList
+from server.auth import AdminAuth, ChatAuth
+from server.deps import KnowledgeBaseDep, SettingsDep
+from server.limits import check_text_chars
+from server.services.links import snippet_info
+
+router = APIRouter(tags=["snippets"])
+# Blobs are content-addressed: the bytes behind a snippet's image never change.
+_IMAGE_CACHE = "private, max-age=86400"
+
+
+@router.post("/v1/snippets", response_model=SnippetCreated, status_code=201, dependencies=[AdminAuth],
+             responses={200: {"model": SnippetCreated, "description": "Identical snippet already stored."}})
+async def add_snippet(
+    kb: KnowledgeBaseDep, settings: SettingsDep,
+    image: Annotated[UploadFile | None, File(description="The snippet's image.")] = None,
+    text: Annotated[str | None, Form(description="Text or caption.")] = None,
+    source: Annotated[str, Form(max_length=1024)] = "",
+    tags: Annotated[list[str] | None, Form()] = None,
+) -> Any:
+    """Embed and store one snippet (image, text or both) through the ingestion pipeline."""
+    check_text_chars(settings, text, "text")
+    data = await image.read() if image is not None else None
+    if data is not None and not data:
+        raise InvalidInput("the uploaded image is empty", param="image", code="empty_image")
+    filename = image.filename if image is not None else None
+    snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename)
+    point = await kb.get(snippet_id)
+    body = SnippetCreated(id=snippet_id, created=created,
+                          snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url)))
+    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+
+
+@router.get("/v1/snippets", response_model=SnippetList, dependencies=[ChatAuth])
+async def list_snippets(
+    kb: KnowledgeBaseDep, settings: SettingsDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[str | None, Query(max_length=100, description="next_offset of the previous page")] = None,
+    source: Annotated[str | None, Query(max_length=1024)] = None,
+) -> SnippetList:
+    """A page of snippets (for the KB page); follow ``next_offset`` for the next one."""
+    filters = SearchFilters(source=source) if source else None
+    points, next_offset = await kb.store.scroll(limit, offset or None, filters)
+    return SnippetList(
+        items=[SnippetInfo(**snippet_info(p.id, p.payload, settings.public_url)) for p in points],
+        next_offset=next_offset,
+    )
+
+
+@router.get("/v1/snippets/{snippet_id}", response_model=SnippetInfo, dependencies=[ChatAuth])
+async def get_snippet(snippet_id: str, kb: KnowledgeBaseDep, settings: SettingsDep) -> SnippetInfo:
+    point = await kb.get(snippet_id)
+    return SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url))
+
+
+@router.get("/v1/snippets/{snippet_id}/image", dependencies=[ChatAuth],
+            responses={200: {"content": {"image/*": {}}}})
+async def get_snippet_image(snippet_id: str, kb: KnowledgeBaseDep) -> Response:
+    data, media_type = await kb.image_bytes(snippet_id)
+    return Response(data, media_type=media_type, headers={"Cache-Control": _IMAGE_CACHE})
+
+
+@router.get("/v1/snippets/{snippet_id}/thumbnail", dependencies=[ChatAuth],
+            responses={200: {"content": {"image/jpeg": {}}}})
+async def get_snippet_thumbnail(snippet_id: str, kb: KnowledgeBaseDep) -> Response:
+    data, media_type = await kb.image_bytes(snippet_id, thumbnail=True)
+    return Response(data, media_type=media_type, headers={"Cache-Control": _IMAGE_CACHE})
+
+
+@router.delete("/v1/snippets/{snippet_id}", response_model=DeleteResponse, dependencies=[AdminAuth])
+async def delete_snippet(snippet_id: str, kb: KnowledgeBaseDep) -> DeleteResponse:
+    await kb.delete(snippet_id)
+    return DeleteResponse(id=snippet_id, deleted=True)
+
+
+@router.get("/v1/stats", dependencies=[AdminAuth])
+async def stats(kb: KnowledgeBaseDep) -> dict[str, Any]:
+    """Counts by kind and source, embedder identity, store and blob backends."""
+    return await kb.stats()

@@ -1,0 +1,46 @@
+"""Public links and views of stored snippets (image URLs, source items) shared by the services."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from retriever.types import Candidate, SnippetPayload
+
+
+def snippet_links(snippet_id: str, payload: SnippetPayload, base_url: str = "") -> tuple[str | None, str | None]:
+    """(image URL, thumbnail URL) served by this API, or (None, None) for a text-only snippet."""
+    if not payload.image_ref:
+        return None, None
+    root = f"{base_url.rstrip('/')}/v1/snippets/{quote(snippet_id, safe='')}"
+    return f"{root}/image", (f"{root}/thumbnail" if payload.thumb_ref else f"{root}/image")
+
+
+def excerpt(text: str, limit: int = 500) -> str:
+    """At most ``limit`` characters of ``text`` (whole words, an ellipsis when cut)."""
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    return text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def source_item(candidate: Candidate, index: int | None, base_url: str = "") -> dict[str, Any]:
+    """A ``server.api_models.SourceItem`` as a dict; ``index`` is the ``[n]`` of a kept snippet."""
+    p = candidate.payload
+    image_url, thumbnail_url = snippet_links(candidate.id, p, base_url)
+    return {
+        "id": candidate.id, "index": index, "kind": p.kind, "text": excerpt(p.text), "source": p.source,
+        "page": p.page, "image_url": image_url, "thumbnail_url": thumbnail_url,
+        "clip_score": candidate.clip_score, "relevancy": candidate.relevancy, "kept": candidate.kept,
+        "reason": candidate.reason,
+    }
+
+
+def snippet_info(snippet_id: str, payload: SnippetPayload, base_url: str = "") -> dict[str, Any]:
+    """A ``server.api_models.SnippetInfo`` as a dict."""
+    image_url, thumbnail_url = snippet_links(snippet_id, payload, base_url)
+    return {
+        "id": snippet_id, "kind": payload.kind, "text": payload.text, "source": payload.source,
+        "tags": list(payload.tags), "page": payload.page, "created_at": payload.created_at,
+        "image_url": image_url, "thumbnail_url": thumbnail_url,
+    }
