@@ -168,14 +168,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # CMYK, YCbCr, P, L, 1, LAB...
 
 
-def make_thumbnail(image: Image.Image, size: int = 256, quality: int = 85) -> bytes:
-    """A JPEG whose longer side is at most ``size`` px (``THUMBNAIL_MEDIA_TYPE``)."""
+def make_thumbnail(image: Image.Image, size: int = 256, quality: int = 85, *, comment: str = "") -> bytes:
+    """A JPEG whose longer side is at most ``size`` px (``THUMBNAIL_MEDIA_TYPE``), tagged with ``comment``."""
     thumb = image.copy()
     thumb.thumbnail((size, size), Image.Resampling.BICUBIC)
     if thumb.mode != "RGB":
         thumb = _to_rgb(thumb)
     out = io.BytesIO()
-    thumb.save(out, format="JPEG", quality=quality, optimize=False)
+    # The ingest pipeline passes the original's content hash: two originals that decode to the same
+    # pixels (a re-saved PNG) then still get distinct thumbnail blobs, so a thumbnail is referenced
+    # only by points of one content_hash and deletion can check references with one indexed count.
+    extra = {"comment": comment.encode("utf-8")} if comment else {}
+    thumb.save(out, format="JPEG", quality=quality, optimize=False, **extra)
     return out.getvalue()
 
 

@@ -3,7 +3,7 @@
 The server (``app.state``) and the CLI hold one ``KnowledgeBase`` built by
 ``server/wiring.py::build_knowledge_base``. Deleting removes the point first and then its blobs,
 unless another point still references them (the same image under another source or caption).
-That reference check scrolls the collection (O(points)); deletions are rare maintenance calls.
+That reference check is one indexed ``count`` per distinct ``content_hash`` of the deleted points.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from retriever.types import SearchFilters, StoredPoint
 log = logging.getLogger(__name__)
 
 _SCROLL_PAGE = 1000
+_COUNT_CONCURRENCY = 32  # reference counts in flight while collecting the blobs of a bulk delete
 _MEDIA_BY_SUFFIX = {suffix: MEDIA_TYPES[fmt] for fmt, suffix in SUFFIXES.items()} | {".jpeg": "image/jpeg"}
 
 
@@ -97,11 +98,10 @@ class KnowledgeBase:
         count, by_kind, by_source = await asyncio.gather(
             self.store.count(), self.store.facet_counts("kind"), self.store.facet_counts("source"),
         )
-        # Edge's facet index can keep a value with count 0 after its points are deleted: drop those.
         return {
             "count": count,
-            "by_kind": {k: v for k, v in sorted(by_kind.items()) if v > 0},
-            "by_source": {k: v for k, v in sorted(by_source.items(), key=lambda kv: (-kv[1], kv[0])) if v > 0},
+            "by_kind": dict(sorted(by_kind.items())),
+            "by_source": dict(sorted(by_source.items(), key=lambda kv: (-kv[1], kv[0]))),
             "embedder": await self.store.embedder_id() or (self.embedder.identity if self.embedder else None),
             "store": self.store.description,
             "collection": self.collection,
@@ -150,18 +150,23 @@ class KnowledgeBase:
 
     async def _collect_blobs(self, deleted: list[StoredPoint]) -> None:
         """Remove the blobs of deleted points that no remaining point references."""
-        candidates = {ref for p in deleted for ref in (p.payload.image_ref, p.payload.thumb_ref) if ref}
-        if not candidates:
-            return
-        still_used: set[str] = set()
-        offset: str | None = None
-        while True:
-            page, offset = await self.store.scroll(_SCROLL_PAGE, offset)
-            for point in page:
-                still_used.update(r for r in (point.payload.image_ref, point.payload.thumb_ref) if r)
-            if offset is None or not page or candidates <= still_used:
-                break
-        for ref in sorted(candidates - still_used):
+        # A point's blobs are keyed by its image bytes (the original) and tagged with its content
+        # hash (the thumbnail), so only points of the same content_hash can share them: one indexed
+        # count per hash answers "still used?" without scanning the collection.
+        refs_by_hash: dict[str, set[str]] = {}
+        for point in deleted:
+            refs = {r for r in (point.payload.image_ref, point.payload.thumb_ref) if r}
+            if refs and point.payload.content_hash:
+                refs_by_hash.setdefault(point.payload.content_hash, set()).update(refs)
+            elif refs:  # no hash to check references by: keep the blobs (an orphan is harmless)
+                log.warning("snippet %s has blobs but no content_hash; keeping %s", point.id, sorted(refs))
+        hashes = sorted(refs_by_hash)
+        doomed: set[str] = set()
+        for start in range(0, len(hashes), _COUNT_CONCURRENCY):
+            chunk = hashes[start:start + _COUNT_CONCURRENCY]
+            counts = await asyncio.gather(*(self.store.count(SearchFilters(content_hash=h)) for h in chunk))
+            doomed.update(ref for h, n in zip(chunk, counts, strict=True) if n == 0 for ref in refs_by_hash[h])
+        for ref in sorted(doomed):
             try:
                 await asyncio.to_thread(self.blobs.delete, ref)
             except (OSError, InvalidInput) as exc:  # an orphan blob is harmless; log and go on

@@ -74,9 +74,10 @@ class SearchFilters:
     source: str | None = None
     tags: list[str] | None = None
     kind: list[str] | None = None
+    content_hash: str | None = None  # exact; e.g. "does another snippet still use this blob?"
 
     def is_empty(self) -> bool:
-        return not (self.source or self.tags or self.kind)
+        return not (self.source or self.tags or self.kind or self.content_hash)
 
 
 @dataclass(slots=True)

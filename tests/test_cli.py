@@ -172,3 +172,44 @@ def test_stale_server_file_is_ignored(cli_env: Path, tmp_path: Path) -> None:
     assert find_running_server(cli_env) == "http://127.0.0.1:1"
     (cli_env / "server.json").write_text("{not json")
     assert find_running_server(cli_env) is None
+
+
+async def test_remote_ingest_sends_extra_metadata_as_a_json_form_field(
+    cli_env: Path, sample_images, tmp_path: Path
+) -> None:
+    """Sidecar metadata survives the trip through ``POST /v1/snippets`` (parsed by a real multipart parser)."""
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from retriever.ingest.pipeline import IngestReport
+    from retriever.ingest.readers import IngestItem, read_paths
+    from server.commands.ingest import _post_item
+    from server.settings import Settings
+
+    folder = tmp_path / "meta"
+    paths = save_images(folder, sample_images[:1])
+    paths[0].with_suffix(".json").write_text(json.dumps({"caption": "a pump", "captions": ["a pump", "éclair"],
+                                                         "coco_image_id": 7}))
+    (folder / "plain.txt").write_text("no metadata here")
+    received: list[dict[str, object]] = []
+
+    async def snippets(request: Request) -> JSONResponse:
+        form = await request.form()
+        received.append({key: form.getlist(key) for key in form})
+        return JSONResponse({"id": f"id-{len(received)}", "created": True}, status_code=201)
+
+    app = Starlette(routes=[Route("/v1/snippets", snippets, methods=["POST"])])
+    report = IngestReport(total=3)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kb") as client:
+        for item in [*read_paths([str(folder)]), IngestItem(source="api", key="bare", text="bare")]:
+            await _post_item(client, item, ["run"], Settings(auth_disabled=True), report)
+    assert report.ingested == 3 and report.failed == 0
+    by_text = {str(form["text"][0]): form for form in received}
+    with_meta = by_text["a pump"]
+    assert json.loads(str(with_meta["extra"][0])) == {"captions": ["a pump", "éclair"], "coco_image_id": 7}
+    assert with_meta["tags"] == ["run"] and "image" in with_meta
+    assert json.loads(str(by_text["no metadata here"]["extra"][0])) == {"passage": 0}  # the text reader's
+    assert "extra" not in by_text["bare"]  # no empty field for an item without metadata

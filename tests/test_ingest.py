@@ -312,6 +312,37 @@ async def test_add_snippet_and_delete(kb: KnowledgeBase, sample_images, tmp_path
         await kb.delete("not-a-uuid")
 
 
+async def test_delete_checks_blob_references_by_content_hash_not_by_scanning(
+    kb: KnowledgeBase, sample_images, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pixel-identical originals with different bytes keep distinct thumbnails; delete never scrolls."""
+    import io
+
+    def png(image: Image.Image, **options: object) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format="PNG", **options)
+        return out.getvalue()
+
+    plain, recompressed = png(sample_images[0], compress_level=1), png(sample_images[0], compress_level=9)
+    assert plain != recompressed  # same pixels, different bytes: different content_hash
+    a_id, _ = await kb.add_snippet(plain, "a", source="s1")
+    a_again_id, _ = await kb.add_snippet(plain, "a, captioned again", source="s2")
+    b_id, _ = await kb.add_snippet(recompressed, "b", source="s3")
+    a, b = await kb.get(a_id), await kb.get(b_id)
+    assert a.payload.content_hash != b.payload.content_hash and a.payload.thumb_ref != b.payload.thumb_ref
+
+    async def no_scroll(*args: object, **kwargs: object) -> None:
+        raise AssertionError("delete must not scan the collection")
+
+    monkeypatch.setattr(kb.store, "scroll", no_scroll)
+    await kb.delete(a_id)
+    assert kb.blobs.exists(a.payload.image_ref) and kb.blobs.exists(a.payload.thumb_ref)  # s2 uses them
+    await kb.delete(a_again_id)
+    assert not kb.blobs.exists(a.payload.image_ref) and not kb.blobs.exists(a.payload.thumb_ref)
+    assert kb.blobs.exists(b.payload.image_ref) and kb.blobs.exists(b.payload.thumb_ref)
+    assert (await kb.image_bytes(b_id, thumbnail=True))[0] == kb.blobs.get(b.payload.thumb_ref)
+
+
 # --- kill -9 mid-run, re-run: exact count, no duplicate, no point without its image -----------------
 
 

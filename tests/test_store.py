@@ -87,6 +87,10 @@ async def test_exact_vector_is_its_own_top_hit(store: VectorStore) -> None:
         (SearchFilters(tags=["t1", "t2"]), lambda n: n % 4 in (1, 2)),
         (SearchFilters(kind=["image_text"]), lambda n: n % 3 == 2),
         (SearchFilters(kind=["image", "image_text"], tags=["t0"]), lambda n: n % 3 != 1 and n % 4 == 0),
+        (SearchFilters(content_hash="h7"), lambda n: n == 7),
+        (SearchFilters(content_hash="h8", source="notes.md"), lambda n: n == 8),
+        (SearchFilters(content_hash="h9", source="notes.md"), lambda n: False),  # h9 is in "manual.pdf"
+        (SearchFilters(content_hash="h"), lambda n: False),  # exact match, not a prefix
     ],
 )
 async def test_filters_on_search_count_and_scroll(store: VectorStore, filters, keep) -> None:
@@ -145,6 +149,16 @@ async def test_facet_counts(store: VectorStore) -> None:
     assert await store.facet_counts("tags") == {"all": 10, "t0": 3, "t1": 3, "t2": 2, "t3": 2}
     with pytest.raises(InvalidInput):
         await store.facet_counts("text")
+
+
+async def test_facet_counts_drop_values_whose_points_are_all_deleted(store: VectorStore) -> None:
+    points, _ = make_points(10)
+    await store.upsert(points)
+    assert await store.delete_by_filter(SearchFilters(source="photos/")) == 3  # n = 1, 4, 7
+    assert await store.delete([pid(n) for n in range(10) if n % 3 == 1 or n == 2]) == 1  # kind "text" gone
+    assert await store.facet_counts("source") == {"manual.pdf": 4, "notes.md": 2}
+    assert await store.facet_counts("kind") == {"image": 4, "image_text": 2}
+    assert await store.facet_counts("content_hash") == {f"h{n}": 1 for n in (0, 3, 5, 6, 8, 9)}
 
 
 async def test_scroll_pages_cover_everything_once(store: VectorStore) -> None:

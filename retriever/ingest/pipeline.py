@@ -162,7 +162,9 @@ class IngestPipeline:
         prepared.image_info = {"format": decoded.format, "media_type": decoded.media_type,
                                "width": decoded.width, "height": decoded.height,
                                "bytes": len(prepared.image_bytes)}
-        prepared.thumbnail = make_thumbnail(decoded.image, self.thumbnail_size)
+        # Tagged with the content hash: thumbnails of distinct originals never share a blob.
+        prepared.thumbnail = make_thumbnail(decoded.image, self.thumbnail_size,
+                                            comment=prepared.content_hash)
         prepared.tensor = self.embedder.preprocess(decoded.image)
         return prepared
 

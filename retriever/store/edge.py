@@ -68,7 +68,7 @@ def _translate(exc: Exception, path: Path) -> VlmragError:
 
 
 def build_filter(filters: SearchFilters | None) -> qe.Filter | None:
-    """SearchFilters -> Edge Filter (source exact; tags and kind: any of)."""
+    """SearchFilters -> Edge Filter (source and content_hash exact; tags and kind: any of)."""
     if filters is None or filters.is_empty():
         return None
     must: list[Any] = []
@@ -78,6 +78,8 @@ def build_filter(filters: SearchFilters | None) -> qe.Filter | None:
         must.append(qe.FieldCondition("tags", match=qe.MatchAny(list(filters.tags))))
     if filters.kind:
         must.append(qe.FieldCondition("kind", match=qe.MatchAny(list(filters.kind))))
+    if filters.content_hash:
+        must.append(qe.FieldCondition("content_hash", match=qe.MatchValue(filters.content_hash)))
     return qe.Filter(must=must)
 
 
@@ -96,8 +98,11 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
 
 
 def _upsert_sync(shard: qe.EdgeShard, points: list[PointRecord]) -> None:
-    # Building qe.Point copies every float into Rust (~100 µs per 512-d point): done in the
-    # worker thread with the update, so a large batch never stalls the event loop.
+    # Building qe.Point converts the payload and vectors into Rust under the GIL: done in the worker
+    # thread with the update, so a large batch never stalls the event loop. The payload dominates
+    # (~4 µs per string value, ~65 µs for an ingested snippet), not the floats (~10 µs per 512-d
+    # list); 0.9.0 has no numpy, bytes or batch path (bytes are read as a list of ints!), see
+    # benchmarks/bench_upsert.py.
     edge_points = [
         qe.Point(normalize_id(p.id), {name: _vector(v) for name, v in p.vectors.items()}, p.payload.to_dict())
         for p in points
@@ -209,7 +214,7 @@ class EdgeStore:
     async def delete_by_filter(self, filters: SearchFilters) -> int:
         edge_filter = build_filter(filters)
         if edge_filter is None:
-            raise InvalidInput("delete_by_filter needs at least one filter (source, tags or kind)")
+            raise InvalidInput("delete_by_filter needs at least one filter (source, tags, kind or content_hash)")
         if self._shard is None:
             return 0
         matched = await self.count(filters)
@@ -260,7 +265,8 @@ class EdgeStore:
             return {}
         response = await self._call(self._shard.facet, qe.FacetRequest(field, limit=_FACET_LIMIT, exact=True))
         # Empty strings (no source) are not a facet value; the scroll fallback of RemoteStore agrees.
-        return {str(hit.value): int(hit.count) for hit in response if hit.value != ""}
+        # Edge's facet index keeps a value with count 0 after its last point is deleted: drop it.
+        return {str(hit.value): int(hit.count) for hit in response if hit.value != "" and hit.count > 0}
 
     async def scroll(
         self, limit: int = 100, offset: str | None = None, filters: SearchFilters | None = None

@@ -47,7 +47,7 @@ T = TypeVar("T")
 
 
 def build_filter(filters: SearchFilters | None) -> models.Filter | None:
-    """SearchFilters -> qdrant-client Filter (source exact; tags and kind: any of)."""
+    """SearchFilters -> qdrant-client Filter (source and content_hash exact; tags and kind: any of)."""
     if filters is None or filters.is_empty():
         return None
     must: list[Any] = []
@@ -57,6 +57,8 @@ def build_filter(filters: SearchFilters | None) -> models.Filter | None:
         must.append(models.FieldCondition(key="tags", match=models.MatchAny(any=list(filters.tags))))
     if filters.kind:
         must.append(models.FieldCondition(key="kind", match=models.MatchAny(any=list(filters.kind))))
+    if filters.content_hash:
+        must.append(models.FieldCondition(key="content_hash", match=models.MatchValue(value=filters.content_hash)))
     return models.Filter(must=must)
 
 
@@ -213,7 +215,7 @@ class RemoteStore:
     async def delete_by_filter(self, filters: SearchFilters) -> int:
         query_filter = build_filter(filters)
         if query_filter is None:
-            raise InvalidInput("delete_by_filter needs at least one filter (source, tags or kind)")
+            raise InvalidInput("delete_by_filter needs at least one filter (source, tags, kind or content_hash)")
         matched = await self.count(filters)
         if matched:
             await self._call(self.client.delete(
@@ -280,7 +282,8 @@ class RemoteStore:
         except (NotFound, InvalidInput):
             # Servers before 1.12 have no facet endpoint: count by scrolling instead.
             return await self._facet_by_scroll(field)
-        return {str(hit.value): int(hit.count) for hit in response.hits if hit.value != ""}
+        # A value whose points were all deleted is not a facet value (Edge reports such with count 0).
+        return {str(hit.value): int(hit.count) for hit in response.hits if hit.value != "" and hit.count > 0}
 
     async def _facet_by_scroll(self, field: str) -> dict[str, int]:
         counts: dict[str, int] = {}

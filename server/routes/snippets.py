@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
+from pydantic import Json
 
 from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
@@ -28,6 +29,10 @@ async def add_snippet(
     text: Annotated[str | None, Form(description="Text or caption.")] = None,
     source: Annotated[str, Form(max_length=1024)] = "",
     tags: Annotated[list[str] | None, Form()] = None,
+    page: Annotated[int | None, Form(ge=0, description="Page number (PDF pages).")] = None,
+    extra: Annotated[
+        Json[dict[str, Any]] | None, Form(max_length=65536, description="JSON object kept in the payload.")
+    ] = None,
 ) -> Any:
     """Embed and store one snippet (image, text or both) through the ingestion pipeline."""
     check_text_chars(settings, text, "text")
@@ -35,7 +40,7 @@ async def add_snippet(
     if data is not None and not data:
         raise InvalidInput("the uploaded image is empty", param="image", code="empty_image")
     filename = image.filename if image is not None else None
-    snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename)
+    snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename, page=page, extra=extra)
     point = await kb.get(snippet_id)
     body = SnippetCreated(id=snippet_id, created=created,
                           snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url)))
