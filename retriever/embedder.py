@@ -1,9 +1,10 @@
 """CLIP embeddings via open_clip: batched, L2-normalised float32 image and text vectors.
 
-``load_embedder(model, pretrained)`` never touches the network: a pretrained tag is resolved from
-the local Hugging Face / open_clip cache and a missing one fails at once with a
-``ConfigurationError`` that says how to supply a local file (offline hosts otherwise wait ~46 s on
-DNS retries inside huggingface_hub).
+``load_embedder(model, pretrained)`` resolves a pretrained tag from the local Hugging Face /
+open_clip cache first. A tag that is not cached is downloaded only when the hub answers a quick
+probe (bounded to a few seconds, DNS included) and ``HF_HUB_OFFLINE`` is not set; otherwise it
+fails at once with a ``ConfigurationError`` that names the model and tag and says how to supply a
+local file (offline hosts would otherwise wait ~46 s on DNS retries inside huggingface_hub).
 """
 
 from __future__ import annotations
@@ -173,6 +174,50 @@ def _cached_tag_file(model: str, tag: str, cfg: dict[str, Any]) -> str | None:
     return None
 
 
+def _hub_reachable(timeout_s: float = 3.0) -> str | None:
+    """None when the hub answers within ``timeout_s`` (DNS included), else why not."""
+    import concurrent.futures
+
+    import httpx
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    # getaddrinfo cannot be cancelled, so the probe runs in a daemon-ish pool we do not wait for.
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(httpx.head, endpoint, timeout=timeout_s, follow_redirects=True)
+    pool.shutdown(wait=False)
+    try:
+        future.result(timeout=timeout_s + 0.5)
+    except concurrent.futures.TimeoutError:
+        return f"{endpoint} did not answer within {timeout_s:.0f} s"
+    except (httpx.HTTPError, OSError) as exc:  # any transport error means: no hub from here
+        return f"{endpoint} is unreachable ({type(exc).__name__})"
+    return None
+
+
+def _download_tag_file(model: str, tag: str, cfg: dict[str, Any]) -> str:
+    """Download a tag's weights through open_clip when the hub is reachable; else fail fast."""
+    from open_clip.pretrained import download_pretrained
+
+    why_not = _hub_reachable()
+    if why_not is None:
+        log.info("downloading CLIP weights for %s / %s (first use)", model, tag)
+        try:
+            target = download_pretrained(cfg)
+        except (OSError, RuntimeError, ValueError) as exc:  # hub errors are OSError subclasses
+            why_not = f"download failed: {exc}"
+        else:
+            if target and os.path.isfile(target):
+                return str(target)
+            why_not = "download returned no file"
+    raise ConfigurationError(
+        f"weights for CLIP model {model!r} pretrained tag {tag!r} are not in the local cache and "
+        f"cannot be downloaded ({why_not}); {_HINT}",
+        param="clip_pretrained",
+    )
+
+
 def _resolve(model: str, pretrained: str) -> _Resolved:
     """Turn (model, pretrained) settings into local-only open_clip arguments."""
     import open_clip
@@ -211,13 +256,7 @@ def _resolve(model: str, pretrained: str) -> _Resolved:
             f"nor an existing weights file; {_HINT}",
             param="clip_pretrained",
         )
-    found = _cached_tag_file(name, value, cfg)
-    if found is None:
-        raise ConfigurationError(
-            f"weights for CLIP model {name!r} pretrained tag {value!r} are not in the local cache and "
-            f"this service does not download them; {_HINT}",
-            param="clip_pretrained",
-        )
+    found = _cached_tag_file(name, value, cfg) or _download_tag_file(name, value, cfg)
     # Loading the cached file by path skips the hub; keep the tag's preprocessing and activation.
     overrides: dict[str, Any] = {
         "image_mean": cfg.get("mean"), "image_std": cfg.get("std"),
@@ -240,7 +279,7 @@ def _pick_device(device: str) -> str:
 def load_embedder(
     model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16,
 ) -> ClipEmbedder:
-    """Build a ClipEmbedder from settings; never downloads (see module docstring)."""
+    """Build a ClipEmbedder from settings; downloads a missing tag only if the hub answers fast."""
     import open_clip
 
     if threads > 0:
@@ -274,4 +313,13 @@ def load_embedder(
                         batch_size=batch_size)
 
 
-__all__ = ["ClipEmbedder", "load_embedder", "prepare_image"]
+def check_embedder_available(model: str, pretrained: str, device: str = "auto") -> None:
+    """Fail fast with ConfigurationError when the model config, weights or device are not available.
+
+    Resolves exactly as ``load_embedder`` does but builds no model (a startup preflight).
+    """
+    _resolve(model, pretrained)
+    _pick_device(device)
+
+
+__all__ = ["ClipEmbedder", "check_embedder_available", "load_embedder", "prepare_image"]

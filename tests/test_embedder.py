@@ -160,3 +160,44 @@ def test_threads_setting_applies(tiny_clip_config: Path) -> None:
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_uncached_tag_is_downloaded_when_the_hub_answers(monkeypatch, tmp_path: Path) -> None:
+    import open_clip.pretrained
+
+    from retriever import embedder as embedder_module
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    downloaded = tmp_path / "open_clip_model.safetensors"
+    downloaded.write_bytes(b"weights")
+    asked: list[dict] = []
+    monkeypatch.setattr(embedder_module, "_hub_reachable", lambda timeout_s=3.0: None)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained",
+                        lambda cfg, **_: asked.append(cfg) or str(downloaded))
+    resolved = embedder_module._resolve("ViT-B-32", "laion2b_s34b_b79k")
+    assert resolved.pretrained == str(downloaded)
+    assert resolved.weights_label == "laion2b_s34b_b79k"
+    assert asked and "laion2B" in asked[0].get("hf_hub", "")
+
+
+def test_failed_download_and_offline_flag_are_configuration_errors(monkeypatch, tmp_path: Path) -> None:
+    import open_clip.pretrained
+
+    from retriever import embedder as embedder_module
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(embedder_module, "_hub_reachable", lambda timeout_s=3.0: None)
+
+    def broken(cfg, **_):
+        raise OSError("connection reset")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", broken)
+    with pytest.raises(ConfigurationError, match="download failed: connection reset"):
+        embedder_module._resolve("ViT-B-32", "laion2b_s34b_b79k")
+    monkeypatch.undo()
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ConfigurationError, match="HF_HUB_OFFLINE is set"):
+        load_embedder("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
+    assert time.perf_counter() - started < 2
