@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from retriever.errors import VlmragError
 from retriever.rerank import RerankService
 from server.auth import check_auth_config
 from server.errors import error_responses, install_error_handlers
@@ -73,6 +74,27 @@ def _http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     timeout = httpx.Timeout(settings.vllm_read_timeout_s, connect=settings.vllm_connect_timeout_s)
     # trust_env off: a proxy from the environment must not sit between us and vLLM.
     return httpx.AsyncClient(transport=transport, limits=limits, timeout=timeout, trust_env=False)
+
+
+def one_line_startup_errors(
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]],
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Wrap a lifespan: a VlmragError at startup is logged in one line, kept on ``app.state.startup_error``."""
+
+    @asynccontextmanager
+    async def wrapped(app: FastAPI) -> AsyncIterator[None]:
+        started = False
+        try:
+            async with lifespan(app):
+                started = True
+                yield
+        except VlmragError as exc:
+            if not started:  # `vlmrag serve` drops the traceback uvicorn would log after this line
+                app.state.startup_error = exc
+                log.error("startup failed: %s", exc.message)
+            raise
+
+    return wrapped
 
 
 def create_app(
@@ -137,7 +159,7 @@ def create_app(
             yield
 
     app = FastAPI(
-        title="vlmrag", version="0.1.0", lifespan=lifespan,
+        title="vlmrag", version="0.1.0", lifespan=one_line_startup_errors(lifespan),
         description="Retrieval-augmented vision-language chat with an OpenAI-compatible API.",
         responses=error_responses(),
     )

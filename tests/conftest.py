@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.support.fixtures_retriever",
     "tests.support.fixtures_vllm",
     "tests.support.fixtures_server",
+    "tests.support.fixtures_browser",
 ]
