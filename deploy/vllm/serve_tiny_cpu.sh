@@ -38,6 +38,6 @@ echo "[serve_tiny_cpu] serving '$NAME' on http://$HOST:$PORT/v1 (OpenAI API)"
 exec "$PY" -m vllm.entrypoints.openai.api_server \
   --model "$MODEL_DIR" --served-model-name "$NAME" \
   --host "$HOST" --port "$PORT" \
-  --load-format dummy --dtype float32 --max-model-len 1024 --enforce-eager \
+  --load-format dummy --dtype float32 --max-model-len 4096 --enforce-eager \
   --max-num-seqs 4 --limit-mm-per-prompt '{"image": 4}' --seed 0 \
   ${VLLM_EXTRA_ARGS:-}

@@ -36,7 +36,7 @@ DEFAULT_VENV_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"
 DEFAULT_ARGS: tuple[str, ...] = (
     "--load-format", "dummy",
     "--dtype", "float32",
-    "--max-model-len", "1024",
+    "--max-model-len", "4096",
     "--enforce-eager",
     "--max-num-seqs", "4",
     "--limit-mm-per-prompt", '{"image": 4}',
