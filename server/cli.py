@@ -13,6 +13,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from retriever.errors import InvalidInput, VlmragError
 from server.settings import Settings
 
@@ -47,6 +49,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """``VLMRAG_PORT: Input should be a valid integer; ...`` (messages only: values may be secrets)."""
+    problems = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        problems.append(f"VLMRAG_{field.upper()}: {error['msg']}" if field else str(error["msg"]))
+    return "; ".join(problems)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -61,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     try:
         settings = Settings(**overrides)
+    except ValidationError as exc:  # a bad VLMRAG_* value: one line naming the variables, no trace
+        print(f"error: invalid settings: {settings_problems(exc)}", file=sys.stderr)
+        return 2
+    try:
         return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

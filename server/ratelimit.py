@@ -184,7 +184,7 @@ class ModelCallGate:
         self._avg_call_s = 0.8 * self._avg_call_s + 0.2 * max(held_s, 0.0)
         self._sem.release()
 
-    async def __aenter__(self) -> GateSlot:  # noqa: PYI034 - entering the gate yields a slot, not the gate
+    async def __aenter__(self) -> GateSlot:
         slot = await self.acquire()
         self._held.append(slot)
         return slot
