@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv vllm-venv browser test test-fast lint run demo bench clean
 
 help:
-	@echo "make run        start vlmrag (settings from VLMRAG_* / .env); vLLM at VLMRAG_VLLM_URL"
+	@echo "make run        start vlmrag (settings from VLMRAG_* / .env; first run creates an admin key in .env)"
 	@echo "make demo       start a tiny local vLLM (CPU, random weights) + vlmrag with tiny CLIP: no downloads"
 	@echo "make test       create venvs, install everything, run the whole suite (unit, API, e2e, browser)"
 	@echo "make test-fast  unit + API tests only (no vLLM process, no browser)"
@@ -47,7 +47,7 @@ lint: venv
 	$(PY) -m mypy server retriever
 
 run: venv
-	$(VENV)/bin/vlmrag serve
+	VLMRAG=$(VENV)/bin/vlmrag bash deploy/run.sh
 
 demo: venv vllm-venv
 	bash deploy/demo.sh

@@ -192,8 +192,8 @@ def parse_data_url(url: str, *, max_bytes: int | None = None) -> tuple[str, byte
     if not url.lower().startswith("data:"):
         scheme = url.split(":", 1)[0].lower() if ":" in url else ""
         if scheme in ("http", "https"):
-            raise InvalidInput("remote image URLs are disabled; send the image inline as a data URL",
-                               param="image_url")
+            raise InvalidInput("remote image URLs are disabled (the server's VLMRAG_REMOTE_IMAGES_ENABLED); "
+                               "send the image inline as a data URL", param="image_url", code="remote_image_refused")
         raise InvalidInput("image_url must be a data:image/...;base64,... URL", param="image_url")
     match = _DATA_URL.match(url)
     if not match:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Scorer = Literal["vlm", "clip", "none"]
 
@@ -69,13 +69,29 @@ class SearchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     text: str | None = None
-    image: str | None = Field(None, description="A data: URL (remote URLs are refused).")
+    image: str | None = Field(
+        None, description="A data: URL; an http(s) URL is fetched by the server only when it runs with "
+        "VLMRAG_REMOTE_IMAGES_ENABLED=true (and the host is allowed), else refused with code remote_image_refused.",
+    )
     k: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0, le=1)
     margin: float | None = Field(None, ge=0, le=1)
+    min_k: int | None = Field(None, ge=0, description="Keep at least this many (capped at k) when any pass.")
     pool: int | None = Field(None, ge=1)
-    reranker: Scorer | None = None
+    reranker: Scorer | None = Field(None, description="The relevancy scorer; `scorer` is accepted as well.")
+    scorer: Scorer | None = Field(None, description="Same as `reranker` (the name chat and ask use).")
     filters: RetrievalFilters | None = None
+
+    @model_validator(mode="after")
+    def _one_scorer(self) -> SearchRequest:
+        if self.scorer is not None and self.reranker is not None and self.scorer != self.reranker:
+            raise ValueError("`scorer` and `reranker` name the same option; give one of them")
+        return self
+
+    @property
+    def effective_scorer(self) -> Scorer | None:
+        """``scorer`` or its older name ``reranker``."""
+        return self.scorer or self.reranker
 
 
 class SearchCandidate(BaseModel):

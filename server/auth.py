@@ -249,22 +249,34 @@ def authenticate(request: Request, scope: str) -> Principal:
     return principal
 
 
-def require_scope(scope: str):
-    """A FastAPI dependency: authenticate the caller for ``scope``, then apply the per-key rate limit."""
+def require_scope(scope: str, bucket: str = "default"):
+    """A FastAPI dependency: authenticate the caller for ``scope``, then charge its rate-limit ``bucket``.
+
+    ``bucket`` is ``"default"`` (``rate_limit_*``) or ``"media"`` (``rate_limit_media_*``, for cheap
+    image reads). A failed authentication (401) is charged to the client address instead and
+    becomes 429 once that address has failed too often (``rate_limit_auth_failures_*``).
+    """
+    # Imported here: ratelimit depends on nothing in auth, but keeping the edge one-way is clearer.
+    from server.ratelimit import BUCKETS, enforce_auth_failure_limit, enforce_rate_limit
+
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
+    if bucket not in BUCKETS:
+        raise ValueError(f"unknown rate-limit bucket {bucket!r} (known: {', '.join(BUCKETS)})")
 
     async def dependency(request: Request) -> Principal:
-        principal = authenticate(request, scope)
-        # Imported here: ratelimit depends on nothing in auth, but keeping the edge one-way is clearer.
-        from server.ratelimit import enforce_rate_limit
-
-        enforce_rate_limit(request, principal.key_id)
+        try:
+            principal = authenticate(request, scope)
+        except Unauthorized:
+            enforce_auth_failure_limit(request, client_address(request))  # 429 once over the budget
+            raise
+        enforce_rate_limit(request, principal.key_id, bucket)
         return principal
 
-    dependency.__name__ = f"require_{scope}_scope"
+    dependency.__name__ = f"require_{scope}_scope" + ("" if bucket == "default" else f"_{bucket}")
     return dependency
 
 
 ChatAuth = Depends(require_scope("chat"))
 AdminAuth = Depends(require_scope("admin"))
+ChatMediaAuth = Depends(require_scope("chat", bucket="media"))  # snippet image/thumbnail GETs

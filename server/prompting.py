@@ -62,6 +62,7 @@ class PromptSnippet:
     source: str = ""
     page: int | None = None
     image_url: str | None = None  # a data: URL, attached as an image part
+    image_omitted: bool = False  # it has an image, left out to stay within the per-prompt image limit
 
     @property
     def has_image(self) -> bool:
@@ -127,7 +128,8 @@ class PromptBuilder:
         if len(snippet.text) <= self.max_snippet_chars:
             return snippet
         text = snippet.text[: self.max_snippet_chars].rstrip() + " …"
-        return PromptSnippet(snippet.index, snippet.kind, text, snippet.source, snippet.page, snippet.image_url)
+        return PromptSnippet(snippet.index, snippet.kind, text, snippet.source, snippet.page, snippet.image_url,
+                             snippet.image_omitted)
 
 
 def _merge_text(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -5,8 +5,16 @@
   raises ``RateLimited`` (429) whose ``retry_after`` is the time until the next token. Routes get it
   through ``server.auth.require_scope`` (``ChatAuth``/``AdminAuth``), which calls
   ``enforce_rate_limit`` after authenticating.
+* Buckets (``BUCKETS``): ``"default"`` for the API, ``"media"`` (``rate_limit_media_*``, much larger)
+  for snippet image/thumbnail GETs, which are cheap blob reads a page fetches by the dozen. Each
+  bucket is its own limiter, so images never drain the API's tokens or the other way round.
+* ``enforce_auth_failure_limit`` — failed authentications (401) are charged to the client IP
+  (``rate_limit_auth_failures_*``); once that bucket is empty further failures get 429 instead of
+  401. Successful requests are never charged, so a shared (NAT) address with one bad client still
+  works for everyone holding a valid key.
 * ``ModelCallGate`` — at most ``settings.max_concurrent_model_calls`` answering-model calls run at
-  once and at most ``settings.max_queued_model_calls`` wait (each at most ``max_wait_s``); beyond
+  once and at most ``settings.max_queued_model_calls`` wait (each at most ``settings.max_queue_wait_s``,
+  never past ``vllm_deadline_s``); beyond
   that ``Overloaded`` (503 + Retry-After) is raised at once, so overload shows up as fast refusals
   instead of ever-growing latency. Use ``async with gate:`` around a non-streamed call, or
   ``slot = await gate.acquire()`` *before* a streamed response starts and ``slot.release()`` when the
@@ -29,7 +37,9 @@ from retriever.errors import Overloaded, RateLimited
 from server.settings import Settings
 
 Clock = Callable[[], float]
-_LIMITER_ATTR = "rate_limiter"
+_LIMITERS_ATTR = "rate_limiters"  # app.state attribute: bucket name -> RateLimiter
+BUCKETS = ("default", "media")
+AUTH_FAILURES = "auth_failures"  # the per-IP bucket of failed authentications
 
 
 class RateLimiter:
@@ -46,8 +56,19 @@ class RateLimiter:
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, clock: Clock = time.monotonic) -> RateLimiter:
-        return cls(settings.rate_limit_rps, settings.rate_limit_burst, clock=clock)
+    def from_settings(
+        cls, settings: Settings, *, bucket: str = "default", clock: Clock = time.monotonic,
+    ) -> RateLimiter:
+        """The limiter of ``bucket`` ("default", "media" or "auth_failures") as configured in settings."""
+        if bucket == "default":
+            rate, burst = settings.rate_limit_rps, settings.rate_limit_burst
+        elif bucket == "media":
+            rate, burst = settings.rate_limit_media_rps, settings.rate_limit_media_burst
+        elif bucket == AUTH_FAILURES:
+            rate, burst = settings.rate_limit_auth_failures_per_min / 60.0, settings.rate_limit_auth_failures_burst
+        else:
+            raise ValueError(f"unknown rate-limit bucket {bucket!r} (known: {', '.join(BUCKETS)}, {AUTH_FAILURES})")
+        return cls(rate, burst, clock=clock)
 
     def _tokens(self, key: str, now: float) -> float:
         tokens, last = self._buckets.get(key, (self.burst, now))
@@ -74,7 +95,7 @@ class RateLimiter:
             raise RateLimited(
                 f"rate limit exceeded: {self.rate:g} requests/s (burst {int(self.burst)}); "
                 f"retry in {wait:.1f}s",
-                retry_after=float(max(1, math.ceil(wait))),
+                retry_after=_whole_seconds(wait),
             )
 
     def _prune(self, now: float) -> None:
@@ -94,14 +115,39 @@ class RateLimiter:
         return len(self._buckets)
 
 
-def enforce_rate_limit(request: Request, key: str) -> None:
-    """Charge one request to ``key`` on the app's limiter (built lazily from settings if absent)."""
+def _whole_seconds(wait: float) -> float:
+    """Retry-After in whole seconds, at least 1 (HTTP sends an integer)."""
+    return float(max(1, math.ceil(wait)))
+
+
+def app_limiter(request: Request, bucket: str) -> RateLimiter:
+    """The app's limiter for ``bucket``, built from settings on first use and kept on ``app.state``."""
     state: Any = request.app.state
-    limiter = getattr(state, _LIMITER_ATTR, None)
+    limiters: dict[str, RateLimiter] | None = getattr(state, _LIMITERS_ATTR, None)
+    if limiters is None:
+        limiters = {}
+        setattr(state, _LIMITERS_ATTR, limiters)
+    limiter = limiters.get(bucket)
     if limiter is None:
-        limiter = RateLimiter.from_settings(state.settings)
-        setattr(state, _LIMITER_ATTR, limiter)
-    limiter.check(key)
+        limiter = limiters[bucket] = RateLimiter.from_settings(state.settings, bucket=bucket)
+    return limiter
+
+
+def enforce_rate_limit(request: Request, key: str, bucket: str = "default") -> None:
+    """Charge one request to ``key`` in ``bucket``; raises RateLimited (429) when it is empty."""
+    app_limiter(request, bucket).check(key)
+
+
+def enforce_auth_failure_limit(request: Request, address: str) -> None:
+    """Charge one failed authentication to ``address``; raises RateLimited (429) once over the budget."""
+    limiter = app_limiter(request, AUTH_FAILURES)
+    wait = limiter.try_acquire(address)
+    if wait > 0:
+        raise RateLimited(
+            f"too many failed authentication attempts from this address (at most {int(limiter.burst)}, "
+            f"then {limiter.rate * 60:g} per minute); retry in {wait:.1f}s with a valid API key",
+            retry_after=_whole_seconds(wait), code="too_many_auth_failures",
+        )
 
 
 class GateSlot:
@@ -145,9 +191,10 @@ class ModelCallGate:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ModelCallGate:
+        # A slot won after the call's whole deadline is useless; waiting long is worse than a fast 503.
         return cls(
             settings.max_concurrent_model_calls, settings.max_queued_model_calls,
-            max_wait_s=settings.vllm_deadline_s,
+            max_wait_s=min(settings.max_queue_wait_s, settings.vllm_deadline_s),
         )
 
     def retry_after(self) -> float:

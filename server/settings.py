@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     vllm_deadline_s: float = Field(120.0, gt=0, description="Total budget for one model call, retries included.")
     vllm_retry_attempts: int = Field(3, ge=1)
     vllm_unhealthy_for_s: float = Field(10.0, ge=0, description="A failing replica is skipped this long.")
+    vllm_max_images_per_prompt: int = Field(
+        6, ge=0, description="Images one model prompt may carry (the caller's plus the snippets'); keep it at "
+        "vLLM's --limit-mm-per-prompt image count. Snippet images over it go as captions only.",
+    )
     model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
 
     # --- re-ranker -----------------------------------------------------------------------------
@@ -104,8 +108,22 @@ class Settings(BaseSettings):
     )
     rate_limit_rps: float = Field(10.0, gt=0, description="Per-key sustained requests/s.")
     rate_limit_burst: int = Field(20, ge=1)
+    rate_limit_media_rps: float = Field(
+        100.0, gt=0, description="Per-key requests/s for snippet image/thumbnail GETs: cheap content-addressed "
+        "blob reads (a KB page shows 24 thumbnails at once), so they have their own bucket, not rate_limit_*'s.",
+    )
+    rate_limit_media_burst: int = Field(200, ge=1)
+    rate_limit_auth_failures_per_min: float = Field(
+        10.0, gt=0, description="Failed authentications (401) per minute per client IP; beyond the burst they "
+        "get 429. Requests with a valid key are never charged to it.",
+    )
+    rate_limit_auth_failures_burst: int = Field(10, ge=1)
     max_concurrent_model_calls: int = Field(16, ge=1)
     max_queued_model_calls: int = Field(64, ge=0)
+    max_queue_wait_s: float = Field(
+        10.0, gt=0, description="Longest a queued model call waits for a slot before 503 + Retry-After "
+        "(capped at vllm_deadline_s).",
+    )
 
     # --- input limits ------------------------------------------------------------------------
     limit_body_bytes: int = Field(25 * 1024 * 1024, ge=1024)

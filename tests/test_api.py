@@ -344,3 +344,86 @@ async def test_routes_require_their_scope(make_client) -> None:
         admin = {"Authorization": "Bearer admin-key-0123456789abcdef"}
         assert (await c.get("/v1/stats", headers=admin)).status_code == 200
         assert (await c.get("/healthz")).status_code == 200
+
+
+# --- images per model prompt (VLMRAG_VLLM_MAX_IMAGES_PER_PROMPT; 4 in the test settings) -----------
+def image_count(body: dict[str, Any]) -> int:
+    return sum(1 for m in body["messages"] if isinstance(m["content"], list)
+               for p in m["content"] if p["type"] == "image_url")
+
+
+async def test_caller_images_over_the_prompt_cap_are_refused(client, ids, fake_vllm, make_client) -> None:
+    history = [user("these?", *[data_url(PNG)] * 3), {"role": "assistant", "content": "stripes"},
+               user("and these?", *[data_url(PNG)] * 2)]  # 5 in all: within the per-request limit of 8
+    err = assert_error(await client.post("/v1/chat/completions", json={"messages": history}), 400, param="messages")
+    assert err["code"] == "too_many_images" and "VLMRAG_VLLM_MAX_IMAGES_PER_PROMPT" in err["message"]
+    async with make_client(vllm_max_images_per_prompt=1) as c:
+        r = await c.post("/v1/ask", data={"question": "q"},
+                         files=[("image", ("a.png", PNG, "image/png")), ("image", ("b.png", PNG, "image/png"))])
+        assert assert_error(r, 400, param="image")["code"] == "too_many_images"
+    assert fake_vllm.chat_bodies == []  # refused before retrieval, re-ranking or the model
+
+
+async def test_snippet_images_fill_the_cap_in_rank_order_then_go_as_captions(client, ids, fake_vllm) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [user("which pattern?", data_url(PNG), data_url(PNG))],
+        "retrieval": {"k": 4, "filters": {"kind": ["image_text"]}}})
+    assert r.status_code == 200, r.text
+    kept = [s for s in r.json()["sources"] if s["kept"]]
+    assert len(kept) == 4 and all(s["image_url"] for s in kept)
+    parts = final_user_parts(fake_vllm.answer_bodies[-1])
+    assert image_count(fake_vllm.answer_bodies[-1]) == 4  # 2 snippet images + the caller's 2
+    text = "".join(p.get("text", "") for p in parts)
+    for n in (1, 2):
+        assert f"[{n}] image:" in text and f"[{n}] image: not attached" not in text
+    for n, source in ((3, kept[2]), (4, kept[3])):  # past the cap: caption only, with a note
+        assert f"[{n}] image: not attached" in text and f"[{n}] caption: {source['text']}" in text
+    assert [p["image_url"]["url"] for p in parts if p["type"] == "image_url"][2:] == [data_url(PNG)] * 2
+
+
+async def test_rerank_requests_stay_within_the_prompt_cap(client, ids, fake_vllm) -> None:
+    r = await client.post("/v1/chat/completions", json={
+        "messages": [user("which pattern?", *[data_url(PNG)] * 4)],
+        "retrieval": {"scorer": "vlm", "k": 2, "pool": 2, "filters": {"kind": ["image_text"]}}})
+    assert r.status_code == 200, r.text
+    assert r.json()["degraded"] == []
+    rerank = [b for b in fake_vllm.chat_bodies if b.get("logprobs")]
+    assert len(rerank) == 2 and all(image_count(b) == 4 for b in rerank)  # 3 query images + the candidate's
+    answer = fake_vllm.answer_bodies[-1]
+    assert image_count(answer) == 4  # the caller's four: no room for snippet images
+    assert "[1] image: not attached" in "".join(p.get("text", "") for p in final_user_parts(answer))
+
+
+async def test_remote_image_refused_has_a_code_and_fetched_ones_reach_the_model_inline(
+    client, ids, fake_vllm, make_client, monkeypatch
+) -> None:
+    url = "https://images.example.com/cat.png"
+    err = assert_error(await client.post("/v1/search", json={"image": url}), 400, param="image")
+    assert err["code"] == "remote_image_refused" and "VLMRAG_REMOTE_IMAGES_ENABLED" in err["message"]
+
+    async def fetched(u: str, settings: Any, remote: Any) -> bytes:  # the fetcher is tested on its own
+        return PNG if u == url else b""
+
+    monkeypatch.setattr("server.services.chat.image_bytes_from_url", fetched)
+    async with make_client(remote_images_enabled=True, remote_image_hosts=["images.example.com"]) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [user("what is this?", url)]})
+        assert r.status_code == 200, r.text
+    urls = [p["image_url"]["url"] for p in final_user_parts(fake_vllm.answer_bodies[-1]) if p["type"] == "image_url"]
+    assert urls[-1] == data_url(PNG) and url not in json.dumps(fake_vllm.answer_bodies[-1])
+
+
+async def test_search_accepts_scorer_alias_and_min_k_on_search_and_ask(client, ids) -> None:
+    r = await client.post("/v1/search", json={"text": "checkerboard", "scorer": "none", "k": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["scorer"] == "none"
+    r = await client.post("/v1/search", json={"text": "checkerboard", "scorer": "clip", "reranker": "clip"})
+    assert r.status_code == 200 and r.json()["scorer"] == "clip"
+    assert_error(await client.post("/v1/search", json={"text": "x", "scorer": "vlm", "reranker": "clip"}), 400)
+
+    # nothing passes threshold 1.0; min_k keeps the best one anyway
+    r = await client.post("/v1/search", json={"text": "zebra", "threshold": 1.0, "min_k": 1, "k": 2, "pool": 4})
+    kept = [c for c in r.json()["candidates"] if c["kept"]]
+    assert len(kept) == 1 and kept[0]["reason"] == "min_k"
+    r = await client.post("/v1/ask", data={"question": "zebra", "threshold": "1.0", "min_k": "1", "k": "2"})
+    assert r.status_code == 200, r.text
+    assert [s["reason"] for s in r.json()["sources"] if s["kept"]] == ["min_k"]

@@ -208,7 +208,9 @@ def auth_app(settings: Settings, knowledge_base: object, fake_vllm: object) -> F
     from server.app import create_app
 
     keys = f"chat:sha256:{hash_key(CHAT_KEY)},admin:sha256:{hash_key(ADMIN_KEY)}"
-    changed = settings.model_copy(update={"auth_disabled": False, "api_keys": keys, "rate_limit_burst": 1000})
+    # 16 failed authentications from one address below: not an auth-failure rate-limit test.
+    changed = settings.model_copy(update={"auth_disabled": False, "api_keys": keys, "rate_limit_burst": 1000,
+                                          "rate_limit_auth_failures_burst": 1000})
     return create_app(changed, knowledge_base=knowledge_base, vllm_transport=_httpx.MockTransport(fake_vllm))
 
 
@@ -240,3 +242,37 @@ async def test_real_app_refuses_to_start_without_keys(settings: Settings, knowle
     with pytest.raises(ConfigurationError, match="VLMRAG_API_KEYS"):
         async with running_client(app):
             pass
+
+
+# --- failed authentication is rate limited per client address -----------------------------------
+
+async def _get_from(app: FastAPI, address: str, path: str, headers: dict[str, str]) -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(address, 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get(path, headers=headers)
+
+
+async def test_failed_auth_is_rate_limited_per_address_and_successes_are_not() -> None:
+    # 1 failure/minute refills, 3 saved: the 4th failure within the minute is refused with 429.
+    app = _mini_app(_settings(rate_limit_auth_failures_per_min=1.0, rate_limit_auth_failures_burst=3))
+    wrong = {"Authorization": "Bearer wrong-key-0123456789"}
+    statuses = [(await _get_from(app, "10.0.0.1", "/chat", wrong)).status_code for _ in range(3)]
+    assert statuses == [401, 401, 401]
+    refused = await _get_from(app, "10.0.0.1", "/chat", wrong)
+    assert refused.status_code == 429, refused.text
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    error = refused.json()["error"]
+    assert error["type"] == "rate_limit_error" and "failed authentication" in error["message"]
+    assert (await _get_from(app, "10.0.0.1", "/admin", {})).status_code == 429  # a missing key is a failure too
+    # the right key from the same address still works, and is charged only to its own bucket
+    ok = [(await _get_from(app, "10.0.0.1", "/chat", {"X-API-Key": CHAT_KEY})).status_code for _ in range(5)]
+    assert ok == [200] * 5
+    # 403 is an authenticated caller, not a failed authentication
+    assert (await _get_from(app, "10.0.0.1", "/admin", {"X-API-Key": CHAT_KEY})).status_code == 403
+    # another address has its own failure budget
+    assert (await _get_from(app, "10.0.0.2", "/chat", wrong)).status_code == 401
+
+
+def test_auth_failure_limit_defaults() -> None:
+    settings = _settings()
+    assert (settings.rate_limit_auth_failures_per_min, settings.rate_limit_auth_failures_burst) == (10.0, 10)

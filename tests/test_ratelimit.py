@@ -186,3 +186,48 @@ async def test_real_app_chat_goes_through_the_gate(settings, knowledge_base, fak
         assert refused.json()["error"]["code"] == "overloaded" and int(refused.headers["Retry-After"]) >= 1
     assert ok.status_code == 200 and gate.active == 0
     assert len(fake_vllm.answer_bodies) == 1  # refused calls never reached the model
+
+
+async def test_image_and_thumbnail_gets_have_their_own_larger_bucket(make_client, knowledge_base) -> None:
+    """The KB page's grid of 24 thumbnails fits the media bucket and leaves the API bucket untouched."""
+    from tests.support.fixtures_server import ingest_samples
+
+    snippet_id = (await ingest_samples(knowledge_base))[0]  # an image snippet
+    async with make_client(rate_limit_rps=0.2, rate_limit_burst=2,
+                           rate_limit_media_rps=0.2, rate_limit_media_burst=26) as client:
+        media = [(await client.get(f"/v1/snippets/{snippet_id}/thumbnail")).status_code for _ in range(24)]
+        media += [(await client.get(f"/v1/snippets/{snippet_id}/image")).status_code for _ in range(2)]
+        media_refused = await client.get(f"/v1/snippets/{snippet_id}/thumbnail")
+        api = [(await client.get("/v1/models")).status_code for _ in range(3)]
+    assert media == [200] * 26
+    assert media_refused.status_code == 429 and int(media_refused.headers["Retry-After"]) >= 1
+    assert api == [200, 200, 429]  # the 26 image reads cost the API bucket nothing
+
+
+def test_media_bucket_defaults_and_unknown_bucket() -> None:
+    from server.auth import require_scope
+
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert (settings.rate_limit_media_rps, settings.rate_limit_media_burst) == (100.0, 200)
+    assert settings.rate_limit_media_burst > settings.rate_limit_burst
+    with pytest.raises(ValueError, match="bucket"):
+        require_scope("chat", bucket="thumbnails")
+
+
+async def test_gate_from_settings_bounds_the_queue_wait_by_max_queue_wait_s() -> None:
+    """A queued call waits max_queue_wait_s for a slot, not the whole vllm_deadline_s."""
+    settings = Settings(_env_file=None, max_queue_wait_s=0.1, vllm_deadline_s=30.0,  # type: ignore[call-arg]
+                        max_concurrent_model_calls=1, max_queued_model_calls=4)
+    gate = ModelCallGate.from_settings(settings)
+    slot = await gate.acquire()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(Overloaded) as info:
+        async with asyncio.timeout(5):  # before the setting existed this waited the 30 s deadline
+            await gate.acquire()
+    waited = loop.time() - started
+    assert 0.08 <= waited < 2, waited
+    assert info.value.status_code == 503 and info.value.retry_after is not None and info.value.retry_after >= 1
+    assert "0.1s" in info.value.message and (gate.waiting, gate.refused) == (0, 1)
+    slot.release()
+    assert Settings(_env_file=None).max_queue_wait_s == 10.0  # type: ignore[call-arg]

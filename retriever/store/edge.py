@@ -14,6 +14,7 @@ the serving path. Without it search is exact (brute force in Rust), ~10 ms at 10
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import json
 import logging
 import os
@@ -52,6 +53,30 @@ def resolve_shard_dir(path: Path, collection: str) -> Path:
     if pointer.is_symlink():
         return path / os.readlink(pointer)
     return path / collection
+
+
+def check_not_locked(path: Path, collection: str) -> None:
+    """Raise StoreUnavailable when another process holds the embedded store; opens nothing (a preflight).
+
+    Edge 0.9.0 holds an exclusive ``flock`` on the shard's ``wal`` directory while open: probing it
+    non-blocking and releasing at once costs microseconds, where loading the shard costs seconds.
+    """
+    shard_dir = resolve_shard_dir(Path(path), collection)
+    try:
+        fd = os.open(shard_dir / "wal", os.O_RDONLY)
+    except OSError:
+        return  # no shard yet: nothing to hold; anything odd is reported when the store opens
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StoreUnavailable(
+            f"embedded store {shard_dir} is locked: another vlmrag process holds it (only one process may "
+            "open an embedded store; use its API, or stop it)"
+        ) from None
+    except OSError:
+        return  # flock unsupported here: the open itself still reports a held lock
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
 
 
 def _translate(exc: Exception, path: Path) -> VlmragError:

@@ -3,6 +3,11 @@
 While it serves, ``DATA_DIR/server.json`` holds ``{"url", "pid"}``: other commands (``vlmrag ingest``)
 find the running server there and go through its API when the embedded store is locked by it. The
 file is written once the socket listens and removed on shutdown.
+
+Before uvicorn starts, ``preflight`` checks what would otherwise fail the app's startup (no API
+keys, CLIP weights missing, the embedded store held by another process): each failure is a
+``VlmragError`` that ``server/cli.py`` prints as one line. A startup failure that still happens in
+the lifespan is logged there as one line; the traceback uvicorn would print is suppressed.
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.config import STARTUP_FAILURE
 
+from retriever.errors import InvalidInput, StoreUnavailable, VlmragError
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,6 +88,55 @@ class AnnouncingServer(uvicorn.Server):
             pass
 
 
+def preflight(settings: Settings) -> None:
+    """Raise the VlmragError the app's startup would hit: auth config, store lock, CLIP weights."""
+    from server.auth import check_auth_config  # fastapi: imported late like create_app
+
+    check_auth_config(settings)
+    if not settings.qdrant_url:
+        from retriever.store.edge import check_not_locked
+
+        try:
+            check_not_locked(settings.embedded_store_path, settings.collection)
+        except StoreUnavailable as exc:
+            running = read_run_file(settings)
+            if running is None:
+                raise
+            raise StoreUnavailable(f"{exc.message}; vlmrag already serves this data dir at {running['url']}") from None
+    from retriever.embedder import check_embedder_available  # torch: only once the cheap checks passed
+
+    check_embedder_available(settings.clip_model, settings.clip_pretrained, settings.clip_device)
+
+
+def startup_error(app: Any) -> VlmragError | None:
+    """The VlmragError that failed the app's lifespan (already logged as one line), if any."""
+    error = getattr(getattr(app, "state", None), "startup_error", None)
+    return error if isinstance(error, VlmragError) else None
+
+
+class BriefStartupFailure:
+    """ASGI wrapper: a startup failure the lifespan logged as one line is not repeated as a traceback.
+
+    Starlette reports a failed lifespan to uvicorn with the formatted traceback as the message,
+    which uvicorn logs (~60 lines); the message is dropped when it is one of our errors.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def brief_send(message: Message) -> None:
+            if message["type"] == "lifespan.startup.failed" and startup_error(self.app) is not None:
+                message = {"type": message["type"], "message": ""}
+            await send(message)
+
+        await self.app(scope, receive, brief_send)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="Run the HTTP API (OpenAI-compatible chat, search, snippets).")
     parser.add_argument("--host", help="Bind address (default: VLMRAG_HOST or 127.0.0.1).")
@@ -94,15 +151,21 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     settings = settings.model_copy(update=updates)
+    preflight(settings)
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings), host=settings.host, port=settings.port, lifespan="on",
+        BriefStartupFailure(app), host=settings.host, port=settings.port, lifespan="on",
         log_level=settings.log_level.lower(), timeout_graceful_shutdown=int(settings.shutdown_grace_s),
         proxy_headers=False,
     )
     server = AnnouncingServer(config, run_file_path(settings))
     try:
         server.run()
+    except SystemExit as exc:
+        # uvicorn exits 3 when startup failed (lifespan, bind) after logging why in a line: map it like cli.py
+        if exc.code != STARTUP_FAILURE:
+            raise
+        return 2 if isinstance(startup_error(app), InvalidInput) else 1
     finally:
         server.remove_run_file()
-    # uvicorn leaves started False when the lifespan failed (e.g. the store is locked)
     return 0 if server.started else 1

@@ -24,6 +24,7 @@ async def ask(
     k: Annotated[int | None, Form(ge=1)] = None,
     threshold: Annotated[float | None, Form(ge=0, le=1)] = None,
     margin: Annotated[float | None, Form(ge=0, le=1)] = None,
+    min_k: Annotated[int | None, Form(ge=0)] = None,
     pool: Annotated[int | None, Form(ge=1)] = None,
     scorer: Annotated[Scorer | None, Form()] = None,
     source: Annotated[str | None, Form(max_length=1024)] = None,
@@ -37,7 +38,8 @@ async def ask(
     check_upload_count(settings, len(files), param="image")
     uploads = [(await f.read(), f.filename) for f in files]
     filters = RetrievalFilters(source=source, tags=tags) if (source or tags) else None
-    options = RetrievalOptions(k=k, threshold=threshold, margin=margin, pool=pool, scorer=scorer, filters=filters)
+    options = RetrievalOptions(k=k, threshold=threshold, margin=margin, min_k=min_k, pool=pool, scorer=scorer,
+                               filters=filters)
     prepared = await service.prepare_ask(question, uploads, options, max_tokens=max_tokens,
                                          temperature=temperature)
     if stream:

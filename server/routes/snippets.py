@@ -11,7 +11,7 @@ from pydantic import Json
 from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
 from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList
-from server.auth import AdminAuth, ChatAuth
+from server.auth import AdminAuth, ChatAuth, ChatMediaAuth
 from server.deps import KnowledgeBaseDep, SettingsDep
 from server.limits import check_text_chars
 from server.services.links import snippet_info
@@ -69,14 +69,14 @@ async def get_snippet(snippet_id: str, kb: KnowledgeBaseDep, settings: SettingsD
     return SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url))
 
 
-@router.get("/v1/snippets/{snippet_id}/image", dependencies=[ChatAuth],
+@router.get("/v1/snippets/{snippet_id}/image", dependencies=[ChatMediaAuth],
             responses={200: {"content": {"image/*": {}}}})
 async def get_snippet_image(snippet_id: str, kb: KnowledgeBaseDep) -> Response:
     data, media_type = await kb.image_bytes(snippet_id)
     return Response(data, media_type=media_type, headers={"Cache-Control": _IMAGE_CACHE})
 
 
-@router.get("/v1/snippets/{snippet_id}/thumbnail", dependencies=[ChatAuth],
+@router.get("/v1/snippets/{snippet_id}/thumbnail", dependencies=[ChatMediaAuth],
             responses={200: {"content": {"image/jpeg": {}}}})
 async def get_snippet_thumbnail(snippet_id: str, kb: KnowledgeBaseDep) -> Response:
     data, media_type = await kb.image_bytes(snippet_id, thumbnail=True)

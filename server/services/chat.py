@@ -4,6 +4,11 @@ build the prompt → call the answering model, non-streamed or streamed.
 Everything that can fail runs in ``prepare_*`` and ``open_stream`` *before* a response starts; the
 relay after that only turns upstream chunks into ours. The model-call points are
 ``complete`` and ``open_stream``: the concurrency gate wraps exactly those.
+
+One prompt carries at most ``vllm_max_images_per_prompt`` images (vLLM refuses more): the caller's
+images first (more than that is a 400), then kept snippets' images in rank order; a snippet past the
+limit goes as text with a note that its image was left out. Each relevancy request of the re-ranker
+carries the query images plus one candidate's, so it gets at most the limit minus one query images.
 """
 
 from __future__ import annotations
@@ -164,6 +169,17 @@ class ChatService:
             raise
         return QueryImage(decoded, data, _data_url(data, decoded.media_type))
 
+    def check_prompt_images(self, count: int, param: str) -> None:
+        """The caller's images alone must fit in one model prompt (400 naming the setting if not)."""
+        cap = self.settings.vllm_max_images_per_prompt
+        if count > cap:
+            raise InvalidInput(
+                f"{param} carries {count} images, but one model request may carry at most {cap} "
+                "(VLMRAG_VLLM_MAX_IMAGES_PER_PROMPT, the model server's --limit-mm-per-prompt); "
+                "send fewer images",
+                param=param, code="too_many_images",
+            )
+
     # ------------------------------------------------------------------ retrieval
     async def retrieve(self, text: str, images: list[QueryImage], plan: RetrievalPlan) -> Retrieval:
         """CLIP search for a pool, then relevancy scoring and adaptive selection."""
@@ -174,8 +190,10 @@ class ChatService:
                                param="messages", code="empty_query")
         found = await self.kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
+        # A relevancy request carries the query images plus one candidate image: keep it within the cap.
+        rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
         outcome = await self.reranker.rerank(
-            text, [q.data for q in images], found.candidates,
+            text, rerank_images, found.candidates,
             RerankOptions(k=plan.k, threshold=plan.threshold, margin=plan.margin, min_k=plan.min_k,
                           scorer=plan.scorer),
         )
@@ -183,13 +201,18 @@ class ChatService:
         timings.setdefault("rerank", 0.0)
         return Retrieval(list(outcome.kept), list(outcome.dropped), outcome.scorer, list(outcome.degraded), timings)
 
-    async def _prompt_snippets(self, kept: list[Candidate]) -> list[PromptSnippet]:
-        images = await asyncio.gather(*(self.snippet_image(c) for c in kept))
+    async def _prompt_snippets(self, kept: list[Candidate], image_budget: int) -> list[PromptSnippet]:
+        """Kept snippets numbered for citing; images attached in rank order while ``image_budget`` lasts."""
+        attached = [c for c in kept if c.payload.image_ref][: max(0, image_budget)]
+        images = await asyncio.gather(*(self.snippet_image(c) for c in attached))
+        loaded = dict(zip((c.id for c in attached), images))
         snippets = []
-        for n, (cand, data) in enumerate(zip(kept, images), start=1):
+        for n, cand in enumerate(kept, start=1):
             p = cand.payload
+            data = loaded.get(cand.id)
             url = _data_url(data, MEDIA_TYPES.get(sniff_format(data) or "", "image/png")) if data else None
-            snippets.append(PromptSnippet(n, p.kind, p.text, p.source, p.page, url))
+            omitted = bool(p.image_ref) and cand.id not in loaded
+            snippets.append(PromptSnippet(n, p.kind, p.text, p.source, p.page, url, image_omitted=omitted))
         return snippets
 
     # ------------------------------------------------------------------ preparing a chat
@@ -204,6 +227,9 @@ class ChatService:
         if last_user is None:
             raise InvalidInput("messages must contain at least one user message", param="messages")
 
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        self.check_prompt_images(_image_count(messages), "messages")
+
         t = time.perf_counter()
         query_images: list[QueryImage] = []
         for i, message in enumerate(request.messages):
@@ -211,11 +237,12 @@ class ChatService:
                 for j, part in enumerate(message.content):
                     if part.type == "image_url":
                         image = await self.load_image_url(part.image_url.url, f"messages[{i}].content[{j}].image_url")
+                        # the model gets the validated inline copy, never a remote URL to fetch itself
+                        messages[i]["content"][j]["image_url"]["url"] = image.data_url
                         if i == last_user:
                             query_images.append(image)
         decode_ms = _ms(t)
 
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
         query_text = _text(messages[last_user].get("content"))
         retrieval = await self.retrieve(query_text, query_images, plan)
         body = await self._body(messages, retrieval, plan.enabled, request, max_tokens)
@@ -231,6 +258,7 @@ class ChatService:
         s = self.settings
         check_text_chars(s, question, "question")
         check_image_count(s, len(images), per_message=True, param="image")
+        self.check_prompt_images(len(images), "image")
         plan = self.plan(options, param_prefix="")
         t = time.perf_counter()
         decoded = [self.decode_upload(data, name, "image") for data, name in images]
@@ -258,7 +286,8 @@ class ChatService:
     ) -> dict[str, Any]:
         t = time.perf_counter()
         if enabled:
-            final = self.prompts.build_messages(messages, await self._prompt_snippets(retrieval.kept))
+            budget = self.settings.vllm_max_images_per_prompt - _image_count(messages)
+            final = self.prompts.build_messages(messages, await self._prompt_snippets(retrieval.kept, budget))
         else:  # plain proxy: the caller's conversation as is
             final = messages
         retrieval.timings["prompt"] = _ms(t)
@@ -363,7 +392,8 @@ class ChatService:
         started = time.perf_counter()
         check_text_chars(self.settings, request.text, "text")
         plan = self.plan(RetrievalOptions(k=request.k, threshold=request.threshold, margin=request.margin,
-                                          pool=request.pool, scorer=request.reranker, filters=request.filters),
+                                          min_k=request.min_k, pool=request.pool, scorer=request.effective_scorer,
+                                          filters=request.filters),
                          param_prefix="")
         t = time.perf_counter()
         images = [await self.load_image_url(request.image, "image")] if request.image else []
@@ -414,6 +444,12 @@ def _filters(filters: RetrievalFilters | None) -> SearchFilters | None:
 
 def _data_url(data: bytes, media_type: str) -> str:
     return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _image_count(messages: list[dict[str, Any]]) -> int:
+    """Image parts in the caller's messages (every one of them goes to the model)."""
+    return sum(1 for m in messages if isinstance(m.get("content"), list)
+               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
 
 
 def _text(content: Any) -> str:

@@ -45,6 +45,9 @@ def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settin
         "auth_disabled": True, "vllm_url": [FAKE_VLLM_URL], "vllm_model": "tiny-vlm", "rerank_scorer": "clip",
         "vllm_retry_attempts": 2, "vllm_deadline_s": 10.0, "vllm_unhealthy_for_s": 0.5, "retrieval_k": 3,
         "retrieval_pool": 8, "retrieval_threshold": 0.0,
+        "vllm_max_images_per_prompt": 4,  # the tiny vLLM runs with --limit-mm-per-prompt {"image": 4}
+        # Tests make many quick requests; the ones that test rate limiting set their own values.
+        "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
     }
     values.update(overrides)
     return Settings(_env_file=None, **values)  # type: ignore[call-arg]
