@@ -18,34 +18,48 @@ from pydantic import ValidationError
 from retriever.errors import InvalidInput, VlmragError
 from server.settings import Settings
 
-# Order is the order shown in --help.
-COMMAND_MODULES = (
-    "server.commands.serve",
-    "server.commands.ingest",
-    "server.commands.search",
-    "server.commands.stats",
-    "server.commands.delete",
-    "server.commands.eval",
-    "server.commands.reindex",
-    "server.commands.keygen",
-)
+# name -> (module, one-line help). Order is the order shown in --help. Only the module of the
+# command being run is imported: most of them pull in torch and qdrant-client (seconds), which
+# `vlmrag --help` or `vlmrag keygen` should not pay for.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.commands.serve", "Run the HTTP API (OpenAI-compatible chat, search, snippets)."),
+    "ingest": ("server.commands.ingest", "Add images, text, JSONL, COCO captions or PDFs to the knowledge base."),
+    "search": ("server.commands.search", "CLIP search of the knowledge base (text and/or image)."),
+    "stats": ("server.commands.stats", "Knowledge-base statistics."),
+    "delete": ("server.commands.delete", "Delete snippets by source or id."),
+    "eval": ("server.commands.eval", "Evaluate CLIP vs re-ranked adaptive selection on a COCO-captions set."),
+    "reindex": ("server.commands.reindex", "Re-embed the knowledge base with a new CLIP model, no downtime."),
+    "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
+}
+COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand named in ``argv`` (skipping global options), or None."""
+    skip_next = False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+        elif arg == "--data-dir":
+            skip_next = True
+        elif not arg.startswith("-"):
+            return arg if arg in COMMANDS else None
+    return None
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI parser; with ``command`` only that command's module is imported (others get stubs)."""
     parser = argparse.ArgumentParser(
         prog="vlmrag", description="Multimodal RAG: CLIP retrieval over Qdrant, VLM re-ranking, answers via vLLM."
     )
     parser.add_argument("--data-dir", help="Overrides VLMRAG_DATA_DIR.")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # a command not built yet must not break the others
-            if exc.name != name:
-                raise
-            continue
-        module.register(subparsers)
+    for name, (module_name, summary) in COMMANDS.items():
+        if command is None or name == command:
+            importlib.import_module(module_name).register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
@@ -59,8 +73,9 @@ def settings_problems(exc: ValidationError) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(chosen_command(arguments) or "")
+    args = parser.parse_args(arguments)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

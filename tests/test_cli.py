@@ -213,3 +213,29 @@ async def test_remote_ingest_sends_extra_metadata_as_a_json_form_field(
     assert with_meta["tags"] == ["run"] and "image" in with_meta
     assert json.loads(str(by_text["no metadata here"]["extra"][0])) == {"passage": 0}  # the text reader's
     assert "extra" not in by_text["bare"]  # no empty field for an item without metadata
+
+
+def test_every_command_registers_and_help_lists_them() -> None:
+    from server.cli import COMMANDS, build_parser
+
+    parser = build_parser()  # imports every command module for real
+    for name in COMMANDS:
+        assert parser.parse_args([name, *_minimal_args(name)]).command == name
+
+
+def _minimal_args(name: str) -> list[str]:
+    return {"ingest": ["x"], "delete": ["--source", "s"], "eval": ["--coco", "a.json", "--out", "o"],
+            "reindex": ["--drop-old"]}.get(name, [])
+
+
+def test_light_commands_do_not_import_torch() -> None:
+    """`vlmrag --help` and `vlmrag keygen` import only their own module, not torch/qdrant-client."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from server.cli import main; rc = main(['keygen', '--quiet']); "
+            "heavy = sorted(m for m in ('torch', 'open_clip', 'qdrant_client') if m in sys.modules); "
+            "print(rc, heavy)")
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "0 []"
