@@ -52,8 +52,12 @@ run: venv
 demo: venv vllm-venv
 	bash deploy/demo.sh
 
-bench: venv
-	@echo "see benchmarks/README.md"
+bench: venv vllm-venv
+	# quick versions; full options and measured numbers: benchmarks/README.md
+	$(PY) benchmarks/bench_search.py --sizes 1000,10000 --queries 100
+	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_service.py --requests 20
+	$(PY) benchmarks/bench_rerank.py --rounds 2
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache
