@@ -22,6 +22,9 @@ from tests.support.tiny_clip import TINY_CLIP_DIM
 DIM = TINY_CLIP_DIM
 SOURCES = ("manual.pdf", "photos/", "notes.md")
 KINDS = ("image", "text", "image_text")
+#: Edge stores vectors as float16 (retriever.store.edge.VECTOR_DATATYPE): rounding stored and query
+#: unit vectors (relative error <= 2**-11 each) moves a cosine score by at most ~1e-3.
+SCORE_ATOL = 1e-3
 
 
 def pid(n: int) -> str:
@@ -64,7 +67,7 @@ async def test_search_matches_brute_force_and_skips_points_without_the_vector(st
         hits = await store.search(name, query.tolist(), 5)
         expected = brute_force(vectors, name, query)[:5]
         assert [h.id for h in hits] == [i for i, _ in expected]
-        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=1e-4)
+        np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], atol=SCORE_ATOL)
         # Only points carrying this vector can be found through it.
         everything = await store.search(name, query.tolist(), 100)
         assert {h.id for h in everything} == {i for i, v in vectors.items() if name in v}
@@ -76,7 +79,7 @@ async def test_exact_vector_is_its_own_top_hit(store: VectorStore) -> None:
     for point in points:
         for name, vec in point.vectors.items():
             top = (await store.search(name, vec, 1))[0]
-            assert top.id == point.id and top.score == pytest.approx(1.0, abs=1e-4)
+            assert top.id == point.id and top.score == pytest.approx(1.0, abs=SCORE_ATOL)
 
 
 @pytest.mark.parametrize(
@@ -235,20 +238,24 @@ async def test_adapters_agree_on_the_same_calls(make_store) -> None:
     filter_sets = [None, SearchFilters(source="manual.pdf"), SearchFilters(tags=["t0", "t2"]),
                    SearchFilters(kind=["image_text"], source="notes.md")]
 
-    async def observe(store: VectorStore) -> list:
+    async def observe(store: VectorStore) -> tuple[list, list]:
         seen: list = [await store.count(), await store.facet_counts("kind"), await store.facet_counts("tags")]
+        scores: list = []
         for query in queries:
             for filters in filter_sets:
                 for name in ("image", "text"):
                     hits = await store.search(name, (query / np.linalg.norm(query)).tolist(), 10, filters)
-                    seen.append([(h.id, round(h.score, 4)) for h in hits])
+                    seen.append([h.id for h in hits])
+                    scores.append([h.score for h in hits])
         page, offset = await store.scroll(limit=7, filters=SearchFilters(tags=["all"]))
         seen.append(([p.id for p in page], offset))
         seen.append([p.payload.to_dict() for p in await store.retrieve([pid(n) for n in range(0, 60, 9)])])
-        return seen
+        return seen, scores
 
-    edge, local = [await observe(store) for store in stores.values()]
+    (edge, edge_scores), (local, local_scores) = [await observe(store) for store in stores.values()]
     assert edge == local
+    for got, want in zip(edge_scores, local_scores, strict=True):
+        np.testing.assert_allclose(got, want, atol=SCORE_ATOL)
 
 
 def test_edge_path_locked_by_another_process(tmp_path: Path, embedder) -> None:
@@ -281,6 +288,60 @@ def test_edge_path_locked_by_another_process(tmp_path: Path, embedder) -> None:
         proc.stdin.close()
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def test_edge_recovers_points_from_the_wal_after_a_hard_kill(tmp_path: Path, embedder) -> None:
+    """Points upserted by a process killed without close() are all back on re-open (WAL replay)."""
+    writer = textwrap.dedent(f"""
+        import asyncio, os
+        from pathlib import Path
+        from tests.test_store import make_points
+        from retriever.store import open_store
+        async def main():
+            store = await open_store(qdrant_url="", api_key="", path=Path({str(tmp_path)!r}), collection="c")
+            await store.ensure_collection({embedder.dim}, {embedder.identity!r})
+            await store.upsert(make_points(25)[0])
+            os._exit(0)  # no close(), no flush: only the WAL has the points
+        asyncio.run(main())
+    """)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run([sys.executable, "-c", writer], env=env, check=True, timeout=60)
+    import asyncio
+
+    async def reopen() -> None:
+        store = await open_store(qdrant_url="", api_key="", path=tmp_path, collection="c")
+        try:
+            assert await store.count() == 25
+            points, _ = make_points(25)
+            top = (await store.search("image", points[3].vectors["image"], 1))[0]
+            assert top.id == pid(3) and top.score == pytest.approx(1.0, abs=SCORE_ATOL)
+        finally:
+            await store.close()
+
+    asyncio.run(reopen())
+
+
+async def test_edge_opens_a_float32_shard_made_before_float16_storage(tmp_path: Path, embedder) -> None:
+    """A shard created with float32 vectors keeps them: it loads, searches exactly and takes writes."""
+    import qdrant_edge as qe
+
+    from retriever.store.edge import EdgeStore
+
+    old = EdgeStore(tmp_path, "legacy")
+    vectors = {name: qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine) for name in ("image", "text")}
+    qe.EdgeShard.create(str(tmp_path / "legacy"), qe.EdgeConfig(vectors=vectors)).close()
+    await old.ensure_collection(embedder.dim, embedder.identity)
+    points, _ = make_points(6)
+    await old.upsert(points)
+    await old.close()
+    store = EdgeStore(tmp_path, "legacy")
+    await store.open()
+    try:
+        assert await store.count() == 6
+        top = (await store.search("image", points[0].vectors["image"], 1))[0]
+        assert top.id == pid(0) and top.score == pytest.approx(1.0, abs=1e-5)  # float32: exact
+    finally:
+        await store.close()
 
 
 async def test_unreachable_server_is_store_unavailable_naming_the_url(tmp_path: Path) -> None:

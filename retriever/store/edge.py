@@ -2,13 +2,20 @@
 
 Layout: one Edge shard per collection at ``<path>/<collection>/``, with ``vlmrag_meta.json`` inside
 it holding the embedder identity and dimension (Edge has no collection metadata). Edge calls are
-synchronous and release the GIL, so each runs in a worker thread (``asyncio.to_thread``, ~50 µs):
-a 100k-point search takes ~10 ms, too long to block the event loop.
+synchronous; most run in a worker thread (``asyncio.to_thread``) so Python-side work such as
+building points for an upsert interleaves with the event loop. ``query`` does not: 0.9.0 holds the
+GIL for the whole search (~10 ms at 100k x 512; a thread ticking every 0.5 ms stalls that long, and
+two threads querying together take as long as one after the other), so a worker thread cannot free
+the loop and only added ~0.5 ms: ``search`` calls it inline.
 
 Edge raises plain ``Exception``; ``_translate`` maps them onto ``retriever.errors``. One process
 per path: a second opener fails on the WAL lock, reported as ``StoreUnavailable`` naming the path.
 ``optimize()`` (HNSW build) holds the GIL for its whole run (~90 s at 100k): CLI only, never in
-the serving path. Without it search is exact (brute force in Rust), ~10 ms at 100k x 512.
+the serving path. Without it every point sits in the shard's one appendable segment, scanned by
+one thread: search is exact brute force, bound by memory bandwidth. Vectors are therefore stored
+as float16 (half the bytes: ~10 ms instead of ~15 ms at 100k x 512, half the RAM; scores within
+~5e-5 of float32 at 512-d (at most ~1e-3), top-20 overlap with float32 99.9 %, see
+benchmarks/bench_search.py).
 """
 
 from __future__ import annotations
@@ -44,6 +51,10 @@ META_FILE = "vlmrag_meta.json"
 CURRENT_POINTER_SUFFIX = "__current"
 _SHARD_MARKER = "edge_config.json"
 _FACET_LIMIT = 100_000
+#: Storage type of new shards' vectors. The exact scan is memory-bound, so float16 makes it ~1.5x
+#: faster; CLIP cosine scores need no more than its ~3 significant digits. Only creation reads
+#: it: a shard keeps the datatype it was created with (float32 shards still load and work).
+VECTOR_DATATYPE = qe.VectorStorageDatatype.Float16
 T = TypeVar("T")
 
 
@@ -176,6 +187,13 @@ class EdgeStore:
         except Exception as exc:  # Edge raises bare Exception with a message
             raise _translate(exc, self.shard_dir) from exc
 
+    def _call_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run an Edge call that holds the GIL throughout on the caller's thread (see module doc)."""
+        try:
+            return fn(*args)
+        except Exception as exc:  # Edge raises bare Exception with a message
+            raise _translate(exc, self.shard_dir) from exc
+
     async def ensure_collection(self, dim: int, embedder_id: str) -> None:
         """Create the shard (named cosine vectors, keyword indexes) or check its embedder."""
         async with self._lock:
@@ -196,7 +214,10 @@ class EdgeStore:
 
     def _create(self, dim: int) -> qe.EdgeShard:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
-        vectors = {name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine) for name in VECTOR_NAMES}
+        vectors = {
+            name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=VECTOR_DATATYPE)
+            for name in VECTOR_NAMES
+        }
         shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors))
         for field in KEYWORD_FIELDS:
             shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
@@ -259,7 +280,7 @@ class EdgeStore:
             limit=limit, query=qe.Query.Nearest(_vector(vector), using=vector_name),
             filter=build_filter(filters), with_payload=True, with_vector=False,
         )
-        hits = await self._call(self._shard.query, request)
+        hits = self._call_inline(self._shard.query, request)
         return [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
 
     async def retrieve(self, ids: list[str]) -> list[StoredPoint]:
