@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     vllm_max_images_per_prompt: int = Field(
         6, ge=0, description="Images one model prompt may carry (the caller's plus the snippets'); keep it at "
         "vLLM's --limit-mm-per-prompt image count. Snippet images over it go as captions only.",
+    )
+    vllm_extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="JSON object merged into every answering request to vLLM, under the caller's own fields: "
+        'vLLM sampling extensions such as {"top_k": 20, "repetition_penalty": 1.05, "min_tokens": 1}.',
     )
     model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
 

@@ -121,6 +121,16 @@ async def test_retrieval_options_k_filters_and_disabled(client, ids, fake_vllm) 
     assert fake_vllm.answer_bodies[-1]["messages"] == [{"role": "user", "content": "just chat"}]
 
 
+async def test_operator_extra_body_reaches_vllm_under_the_callers_fields(ids, fake_vllm, make_client) -> None:
+    extra = {"top_k": 20, "repetition_penalty": 1.05, "temperature": 0.9}
+    async with make_client(vllm_extra_body=extra) as c:
+        r = await c.post("/v1/chat/completions", json={"messages": [user("bike warranty")], "temperature": 0.1})
+    assert r.status_code == 200
+    sent = fake_vllm.answer_bodies[-1]
+    assert sent["top_k"] == 20 and sent["repetition_penalty"] == 1.05
+    assert sent["temperature"] == 0.1  # the caller's own field wins over the operator default
+
+
 async def test_nothing_kept_says_no_relevant_context(client, ids, fake_vllm) -> None:
     r = await client.post("/v1/chat/completions", json={
         "messages": [user("anything")], "retrieval": {"threshold": 1.0}})

@@ -291,7 +291,8 @@ class ChatService:
         else:  # plain proxy: the caller's conversation as is
             final = messages
         retrieval.timings["prompt"] = _ms(t)
-        body: dict[str, Any] = {"messages": final}
+        # operator defaults first (vLLM sampling extensions); the caller's own fields win below
+        body: dict[str, Any] = {**self.settings.vllm_extra_body, "messages": final}
         for name in _SAMPLING_FIELDS:
             value = getattr(request, name)
             if value is not None:

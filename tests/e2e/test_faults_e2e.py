@@ -37,6 +37,9 @@ def _fault_settings(data_dir: Path, clip_config: Path, vllm_url: str, **kw: Any)
         "vllm_url": [vllm_url], "vllm_model": "tiny-vlm", "vllm_deadline_s": DEADLINE_S,
         "vllm_read_timeout_s": 2.0, "vllm_connect_timeout_s": 1.0, "vllm_retry_attempts": 3,
         "vllm_unhealthy_for_s": 0.5, "rate_limit_burst": 100_000, "shutdown_grace_s": 10.0,
+        # random weights sample an end-of-turn token every ~250 tokens: a stream that must still be
+        # running when vLLM is killed asks vLLM (through the operator defaults) to ignore it
+        "vllm_extra_body": {"ignore_eos": True},
     }
     values.update(kw)
     return make_settings(data_dir, clip_config, **values)
