@@ -34,7 +34,8 @@ _RANDOM_INIT_SEED = 0
 _HINT = (
     "supply local weights with VLMRAG_CLIP_PRETRAINED=/path/to/weights.safetensors "
     "or VLMRAG_CLIP_PRETRAINED=local-dir:/path/to/folder (with open_clip_model.safetensors), "
-    "or pre-populate the Hugging Face cache on a machine with network access"
+    "or pre-populate the Hugging Face cache on a machine with network access "
+    "(to try vlmrag offline with tiny random-weight models: make demo)"
 )
 
 
