@@ -114,20 +114,11 @@ def main() -> int:
                                  args.top_logprobs))
     import tempfile
 
-    from tests.support.tiny_vlm import build_tiny_vlm
-    from tests.support.vllm_server import VLLMServer
+    from tests.support.vllm_server import VLLMServer, build_tiny_vlm_dir
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "tiny-vlm"
-        try:
-            build_tiny_vlm(model_dir)
-        except RuntimeError:  # the app venv lacks `tokenizers`: build it with the vLLM venv
-            import subprocess
-
-            from tests.support.vllm_server import DEFAULT_VENV_PYTHON
-
-            subprocess.run([str(DEFAULT_VENV_PYTHON), "tests/support/tiny_vlm.py", str(model_dir)], check=True,
-                           cwd=Path(__file__).resolve().parents[1])
+        build_tiny_vlm_dir(model_dir)
         # The test default caps a batch at 4 sequences; a batching benchmark needs room for all of them.
         extra = ["--max-num-seqs", str(max(args.concurrency, 4))]
         with VLLMServer(model_dir, served_model_name=args.model, extra_args=extra, startup_timeout=600) as server:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,7 +38,7 @@ from server.vllm_client import VLLMClient
 from tests.support.fixtures_retriever import make_sample_images
 from tests.support.fixtures_server import UvicornThread, data_url, make_settings, png_bytes, sample_snippets
 from tests.support.tiny_clip import write_tiny_clip_config
-from tests.support.vllm_server import DEFAULT_VENV_PYTHON, VLLMServer, free_port
+from tests.support.vllm_server import free_port, start_tiny_vllm
 
 QUESTIONS = ["How long is the bike warranty?", "Which card is yellow?", "Show me the checkerboard.",
              "What do the green stripes mean?"]
@@ -156,16 +155,6 @@ def ingest(url: str) -> None:
             http.post("/v1/snippets", data={"text": s.text, "source": s.source}, files=files).raise_for_status()
 
 
-def start_vllm(tmp: Path) -> VLLMServer:
-    model_dir = tmp / "tiny_vlm"
-    subprocess.run([str(DEFAULT_VENV_PYTHON), str(REPO / "tests/support/tiny_vlm.py"), str(model_dir)],
-                   check=True, capture_output=True)
-    server = VLLMServer(model_dir, extra_args=("--max-model-len", "4096"))
-    server.start()
-    print(f"tiny vLLM up in {server.startup_seconds:.0f}s at {server.url}", file=sys.stderr)
-    return server
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=40, help="Measured requests per concurrency level.")
@@ -175,7 +164,7 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-"))
     clip_config = write_tiny_clip_config(tmp)
-    vllm = None if args.vllm_url else start_vllm(tmp)
+    vllm = None if args.vllm_url else start_tiny_vllm(tmp / "tiny_vlm")
     vllm_url = args.vllm_url or vllm.url  # type: ignore[union-attr]
     settings = make_settings(tmp / "data", clip_config, vllm_url=[vllm_url], vllm_model=args.vllm_model,
                              vllm_deadline_s=300.0, max_concurrent_model_calls=64,

@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 from tests.support.fixtures_retriever import make_sample_images
 from tests.support.fixtures_server import data_url, png_bytes, sample_snippets
 from tests.support.tiny_clip import write_tiny_clip_config
-from tests.support.vllm_server import DEFAULT_VENV_PYTHON, VLLMServer, free_port
+from tests.support.vllm_server import free_port, start_tiny_vllm
 
 MAX_CLIENTS = 512
 MAX_SECONDS = 600.0
@@ -138,16 +138,6 @@ def _require_loopback(url: str) -> None:
         raise SystemExit(f"refusing to load-test {url}: loopback addresses only")
 
 
-def start_vllm(tmp: Path) -> VLLMServer:
-    model_dir = tmp / "tiny_vlm"
-    subprocess.run([str(DEFAULT_VENV_PYTHON), str(REPO / "tests/support/tiny_vlm.py"), str(model_dir)],
-                   check=True, capture_output=True)
-    server = VLLMServer(model_dir, extra_args=("--max-model-len", "4096"))
-    server.start()
-    print(f"tiny vLLM up in {server.startup_seconds:.0f}s at {server.url}", file=sys.stderr)
-    return server
-
-
 def start_vlmrag(tmp: Path, vllm_url: str, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     """``vlmrag serve`` in its own process on a free loopback port; returns it and its URL."""
     port = free_port()
@@ -232,7 +222,7 @@ def main() -> int:
         else:
             if args.vllm_url:
                 _require_loopback(args.vllm_url)
-            vllm = None if args.vllm_url else start_vllm(tmp)
+            vllm = None if args.vllm_url else start_tiny_vllm(tmp / "tiny_vlm")
             proc, url = start_vlmrag(tmp, args.vllm_url or vllm.url, args)  # type: ignore[union-attr]
             pid = proc.pid
             ingest(url, headers)

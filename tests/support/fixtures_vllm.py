@@ -7,13 +7,12 @@ set) a missing venv or a failed start is an error, never a silent skip.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.vllm_server import DEFAULT_VENV_PYTHON, REPO_ROOT, VLLMServer
+from tests.support.vllm_server import DEFAULT_VENV_PYTHON, VLLMServer, VLLMServerError, build_tiny_vlm_dir
 
 TINY_VLM_NAME = "tiny-vlm"
 
@@ -35,14 +34,10 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     python = vllm_python()
     if not python.exists():
         _missing(f"vLLM venv not found at {python}")
-    dest = tmp_path_factory.mktemp("tiny_vlm")
-    done = subprocess.run(
-        [str(python), str(REPO_ROOT / "tests" / "support" / "tiny_vlm.py"), str(dest)],
-        capture_output=True, text=True, timeout=120, cwd=str(REPO_ROOT), check=False,
-    )
-    if done.returncode != 0:
-        pytest.fail(f"building the tiny VLM failed:\n{done.stdout}\n{done.stderr}", pytrace=False)
-    return dest
+    try:
+        return build_tiny_vlm_dir(tmp_path_factory.mktemp("tiny_vlm"), python)
+    except VLLMServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

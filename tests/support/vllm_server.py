@@ -315,3 +315,26 @@ if __name__ == "__main__":  # manual smoke: python tests/support/vllm_server.py 
     with VLLMServer(sys.argv[1]) as srv:
         print(f"healthy at {srv.base_url} after {srv.startup_seconds:.1f}s; log {srv.log_path}")
         print(httpx.get(f"{srv.base_url}/models").json())
+
+
+def build_tiny_vlm_dir(dest: Path, python: Path | None = None) -> Path:
+    """Build the tiny random-weights VLM folder with the vLLM venv's python (it has ``tokenizers``).
+
+    Raises VLLMServerError with the builder's output when it fails.
+    """
+    python = Path(python or os.environ.get("VLLM_PYTHON") or DEFAULT_VENV_PYTHON)
+    done = subprocess.run(
+        [str(python), str(REPO_ROOT / "tests" / "support" / "tiny_vlm.py"), str(dest)],
+        capture_output=True, text=True, timeout=120, cwd=str(REPO_ROOT), check=False,
+    )
+    if done.returncode != 0:
+        raise VLLMServerError(f"building the tiny VLM with {python} failed:\n{done.stdout}\n{done.stderr}")
+    return dest
+
+
+def start_tiny_vllm(dest: Path, extra_args: Sequence[str] = ("--max-model-len", "4096"), **kwargs: object) -> VLLMServer:
+    """Build the tiny VLM into ``dest`` and start a VLLMServer on it (benchmarks; caller stops it)."""
+    server = VLLMServer(build_tiny_vlm_dir(dest), extra_args=extra_args, **kwargs)  # type: ignore[arg-type]
+    server.start()
+    print(f"tiny vLLM up in {server.startup_seconds:.0f}s at {server.url}", file=sys.stderr)
+    return server
