@@ -170,7 +170,7 @@ def main() -> int:
                              vllm_deadline_s=300.0, max_concurrent_model_calls=64,
                              rate_limit_rps=1e6, rate_limit_burst=1_000_000)  # measure latency, not the limiter
     recorder = RecordingClient([vllm_url], args.vllm_model, deadline_s=300.0)
-    server = UvicornThread(create_app(settings, generator=recorder), free_port())
+    server = UvicornThread(create_app(settings, answer_client=recorder), free_port())
     server.start()
     url = f"http://127.0.0.1:{server.server.config.port}"
     photo = data_url(png_bytes(make_sample_images(3)[2]))

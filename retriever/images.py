@@ -78,6 +78,13 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
+def data_url(data: bytes, media_type: str | None = None) -> str:
+    """A base64 ``data:`` URL of ``data``; the media type is sniffed from the magic bytes when not given."""
+    if media_type is None:  # vLLM decodes by content; the label is for humans and strict clients
+        media_type = MEDIA_TYPES.get(sniff_format(data) or "", "application/octet-stream")
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"
+
+
 def _refused_name(data: bytes) -> str | None:
     for magic, name in _REFUSED_MAGIC:
         if data.startswith(magic):

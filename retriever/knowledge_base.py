@@ -17,13 +17,13 @@ from PIL import Image
 
 from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
-from retriever.errors import ConfigurationError, InvalidInput, NotFound
+from retriever.errors import ConfigurationError, InvalidInput, NotFound, VlmragError
 from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
 from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem
 from retriever.search import RetrievalResult, Retriever
 from retriever.store.base import VectorStore, normalize_id
-from retriever.types import SearchFilters, StoredPoint
+from retriever.types import Candidate, SearchFilters, StoredPoint
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,16 @@ class KnowledgeBase:
             raise NotFound(f"no snippet {point_id!r}")
         return found[0]
 
+    async def list_snippets(
+        self, limit: int, offset: str | None = None, filters: SearchFilters | None = None,
+    ) -> tuple[list[StoredPoint], str | None]:
+        """One page of snippets in store order and the offset of the next page (None after the last)."""
+        return await self.store.scroll(limit, offset, filters)
+
+    async def count(self, filters: SearchFilters | None = None) -> int:
+        """How many snippets (matching ``filters``) the store holds."""
+        return await self.store.count(filters)
+
     async def image_bytes(self, point_id: str, thumbnail: bool = False) -> tuple[bytes, str]:
         """(bytes, media type) of a snippet's original image or its JPEG thumbnail."""
         point = await self.get(point_id)
@@ -92,6 +102,17 @@ class KnowledgeBase:
         media_type = info.get("media_type") if isinstance(info, dict) else None
         suffix = "." + ref.rsplit(".", 1)[-1] if "." in ref else ""
         return data, media_type or _MEDIA_BY_SUFFIX.get(suffix, "application/octet-stream")
+
+    async def snippet_image(self, candidate: Candidate, *, thumbnail: bool = False) -> bytes | None:
+        """A candidate's image bytes straight from the blob its payload names; None if it has none or it is gone."""
+        ref = candidate.payload.thumb_ref if thumbnail else candidate.payload.image_ref
+        if not ref:
+            return None
+        try:
+            return await asyncio.to_thread(self.blobs.get, ref)
+        except VlmragError as exc:  # a missing blob costs the image, never the request
+            log.warning("no image for snippet %s: %s", candidate.id, exc.message)
+            return None
 
     async def stats(self) -> dict[str, Any]:
         """Snippet count, counts by kind and by source, embedder identity, store and blob backends."""

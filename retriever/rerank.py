@@ -1,6 +1,6 @@
 """Relevancy re-ranking of retrieval candidates, then adaptive up-to-k selection.
 
-Scorers (``RerankOptions.scorer``):
+Scorers (``RetrievalPlan.scorer``):
 
 * ``vlm`` — ask a VLM served by vLLM "is this snippet relevant to the query? Yes/No" once per
   candidate, all candidates in flight together (bounded by a semaphore) so vLLM batches them.
@@ -29,26 +29,23 @@ degrades to the ``clip`` scorer with ``degraded == ["rerank"]``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import math
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Protocol
 
-import jinja2
-
+from prompts import render
 from retriever.errors import InvalidInput
+from retriever.images import data_url as image_data_url
+from retriever.plan import SCORERS, RetrievalPlan, Scorer
 from retriever.selection import REASON_OVER_K, apply_selection, select_adaptive
 from retriever.types import Candidate
 
 log = logging.getLogger(__name__)
 
-SCORERS = ("vlm", "clip", "none")
 PATH_TOP = "top_logprobs"
 PATH_BOUND = "top_logprobs_bound"
 PATH_PROMPT = "prompt_logprobs"
@@ -61,19 +58,7 @@ MALFORMED = "malformed"
 
 YES_ANSWER, NO_ANSWER = "Yes", "No"
 TOP_LOGPROBS = 20  # vLLM's default --max-logprobs
-_PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 _MARK = "\x00"  # image marker delimiter; stripped from untrusted text so it cannot forge one
-
-
-@dataclass(slots=True)
-class RerankOptions:
-    """Per-request re-rank and selection parameters."""
-
-    k: int
-    threshold: float
-    margin: float | None = None
-    min_k: int = 0
-    scorer: str = "vlm"  # "vlm" | "clip" | "none"
 
 
 @dataclass(slots=True)
@@ -82,7 +67,7 @@ class RerankOutcome:
 
     kept: list[Candidate]
     dropped: list[Candidate]
-    scorer: str  # the scorer actually used ("clip" after a degradation)
+    scorer: Scorer  # the scorer actually used ("clip" after a degradation)
     degraded: list[str] = field(default_factory=list)  # "rerank" (all failed) or "rerank_partial"
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds: "rerank"
     score_paths: dict[str, int] = field(default_factory=dict)  # path -> number of candidates
@@ -95,7 +80,7 @@ class ScoreReport:
 
     scores: dict[str, float]
     paths: dict[str, str]
-    scorer: str
+    scorer: Scorer
     degraded: list[str] = field(default_factory=list)
 
 
@@ -220,45 +205,13 @@ def score_from_answer_logprobs(yes: float, no: float) -> float | None:
 
 
 # ------------------------------------------------------------------------------------ prompt
-def _untrusted(value: object) -> str:
-    """Neutralise the prompt's delimiters inside untrusted text."""
-    text = str(value).replace(_MARK, "")
-    for tag in ("snippet", "query"):
-        text = text.replace(f"<{tag}", f"‹{tag}").replace(f"</{tag}", f"‹/{tag}")
-    return text
-
-
-@lru_cache(maxsize=4)
-def _template(name: str) -> jinja2.Template:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(_PROMPTS_DIR)), undefined=jinja2.StrictUndefined,
-        autoescape=False, keep_trailing_newline=False,
-    )
-    env.filters["untrusted"] = _untrusted
-    return env.get_template(name)
-
-
-def image_data_url(data: bytes) -> str:
-    """A data URL with the MIME type sniffed from the image's magic bytes."""
-    if data.startswith(b"\x89PNG"):
-        mime = "image/png"
-    elif data.startswith(b"\xff\xd8"):
-        mime = "image/jpeg"
-    elif data[:6] in (b"GIF87a", b"GIF89a"):
-        mime = "image/gif"
-    elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        mime = "image/webp"
-    else:
-        mime = "application/octet-stream"  # vLLM decodes by content, not by this label
-    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
-
-
 def build_relevancy_messages(
     query_text: str, query_image_urls: Sequence[str], candidate: Candidate, candidate_image_url: str | None,
     *, template: str = "relevancy.jinja", max_text_chars: int = 2000,
 ) -> list[dict[str, Any]]:
     """The one user message asking whether ``candidate`` is relevant; shared query part first."""
-    rendered = _template(template).render(
+    rendered = render(
+        template,
         query_text=query_text or "", query_images=len(query_image_urls),
         kind=candidate.payload.kind, has_image=candidate_image_url is not None,
         text=(candidate.payload.text or "")[:max_text_chars],
@@ -297,30 +250,30 @@ class RerankService:
         self._answer_lock = asyncio.Lock()
 
     async def rerank(
-        self, query_text: str, query_images: list[bytes], candidates: list[Candidate], options: RerankOptions,
+        self, query_text: str, query_images: list[bytes], candidates: list[Candidate], plan: RetrievalPlan,
     ) -> RerankOutcome:
-        """Score every candidate, then keep up to ``options.k`` adaptively; mutates the candidates."""
-        if options.scorer not in SCORERS:
-            raise InvalidInput(f"unknown scorer {options.scorer!r}; one of {', '.join(SCORERS)}", param="scorer")
+        """Score every candidate, then keep up to ``plan.k`` adaptively; mutates the candidates."""
+        if plan.scorer not in SCORERS:
+            raise InvalidInput(f"unknown scorer {plan.scorer!r}; one of {', '.join(SCORERS)}", param="scorer")
         started = time.perf_counter()
-        if options.scorer == "none":
+        if plan.scorer == "none":
             report = ScoreReport({c.id: clip_relevancy(c) for c in candidates},
                                  {c.id: PATH_NONE for c in candidates}, "none")
         else:
-            report = await self.score(query_text, query_images, candidates, scorer=options.scorer)
+            report = await self.score(query_text, query_images, candidates, scorer=plan.scorer)
         for cand in candidates:
             cand.relevancy = report.scores[cand.id]
-        if options.scorer == "none":
+        if plan.scorer == "none":
             # CLIP order as retrieved (fused score), no threshold.
             ordered = sorted(candidates, key=lambda c: (-c.clip_score, c.rank, c.id))
-            kept, dropped = ordered[: options.k], ordered[options.k:]
+            kept, dropped = ordered[: plan.k], ordered[plan.k:]
             for cand in kept:
                 cand.kept, cand.reason = True, None
             for cand in dropped:
                 cand.kept, cand.reason = False, REASON_OVER_K
         else:
-            selection = select_adaptive(candidates, k=options.k, threshold=options.threshold,
-                                        margin=options.margin, min_k=options.min_k)
+            selection = select_adaptive(candidates, k=plan.k, threshold=plan.threshold,
+                                        margin=plan.margin, min_k=plan.min_k)
             apply_selection(selection)
             kept, dropped = selection.kept, selection.dropped
         return RerankOutcome(
@@ -330,7 +283,7 @@ class RerankService:
         )
 
     async def score(
-        self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], *, scorer: str = "vlm",
+        self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], *, scorer: Scorer = "vlm",
     ) -> ScoreReport:
         """Relevancy in [0, 1] for every candidate; never raises for upstream failures."""
         clip = {c.id: clip_relevancy(c) for c in candidates}

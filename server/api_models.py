@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Scorer = Literal["vlm", "clip", "none"]
+from retriever.plan import OnToolResult, QueryMode, Scorer
 
 
 class RetrievalFilters(BaseModel):
@@ -23,19 +23,80 @@ class RetrievalFilters(BaseModel):
     kind: list[Literal["image", "text", "image_text", "page"]] | None = None
 
 
-class RetrievalOptions(BaseModel):
-    """Per-request retrieval/selection overrides (the ``retrieval`` extension field)."""
+class RetrievalKnobs(BaseModel):
+    """The retrieval and selection options every entry point shares; unset fields take the settings'.
+
+    Chat sends them as its ``retrieval`` object, ``/v1/search`` at the top level and ``/v1/ask`` as form
+    fields; ``server/services/planning.py::resolve_plan`` turns them into one ``RetrievalPlan``.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    enabled: bool = True
     k: int | None = Field(None, ge=1, description="Keep at most k snippets.")
     threshold: float | None = Field(None, ge=0, le=1, description="Minimum relevancy to keep.")
     margin: float | None = Field(None, ge=0, le=1, description="Keep only within margin of the best.")
-    min_k: int | None = Field(None, ge=0)
+    min_k: int | None = Field(None, ge=0, description="Keep at least this many (capped at k) when any pass.")
     pool: int | None = Field(None, ge=1, description="Candidates fetched from CLIP search.")
-    scorer: Scorer | None = None
+    scorer: Scorer | None = Field(None, description="The relevancy scorer.")
+
+
+class RetrievalOptions(RetrievalKnobs):
+    """Per-request retrieval/selection overrides (the ``retrieval`` extension field of chat)."""
+
+    enabled: bool = True
     filters: RetrievalFilters | None = None
+    query: QueryMode | None = Field(
+        None, description="What of the conversation is searched: `last` user turn, `recent` user turns "
+        "(newest first, within a budget), or `rewrite` (the model writes a stand-alone query).",
+    )
+    on_tool_result: OnToolResult | None = Field(
+        None, description="When the last message is a tool result: `skip` searching (default) or `search`.",
+    )
+
+
+class SearchRequest(RetrievalKnobs):
+    text: str | None = None
+    image: str | None = Field(
+        None, description="A data: URL; an http(s) URL is fetched by the server only when it runs with "
+        "VLMRAG_REMOTE_IMAGES_ENABLED=true (and the host is allowed), else refused with code remote_image_refused.",
+    )
+    reranker: Scorer | None = Field(
+        None, deprecated=True, description="Deprecated alias of `scorer` (the name chat and ask use); still honoured.",
+    )
+    filters: RetrievalFilters | None = None
+
+    @model_validator(mode="after")
+    def _one_scorer(self) -> SearchRequest:
+        if self.scorer is not None and self.reranker is not None and self.scorer != self.reranker:
+            raise ValueError("`scorer` and `reranker` name the same option; give one of them")
+        if self.scorer is None and self.reranker is not None:
+            self.scorer = self.reranker
+        return self
+
+    def retrieval_options(self) -> RetrievalOptions:
+        """The shared options of this search (``reranker`` already folded into ``scorer``)."""
+        return RetrievalOptions(**_knobs(self), filters=self.filters)
+
+
+class AskForm(RetrievalKnobs):
+    """The text fields of the ``/v1/ask`` multipart form (the image files come as ``image`` parts)."""
+
+    model_config = ConfigDict(extra="ignore")  # the file parts share the form
+
+    question: str = Field("", description="The question.")
+    source: str | None = Field(None, max_length=1024, description="Only snippets from this source.")
+    tags: list[str] | None = Field(None, description="Only snippets with any of these tags.")
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    stream: bool = False
+
+    def retrieval_options(self) -> RetrievalOptions:
+        filters = RetrievalFilters(source=self.source, tags=self.tags) if (self.source or self.tags) else None
+        return RetrievalOptions(**_knobs(self), filters=filters)
+
+
+def _knobs(model: RetrievalKnobs) -> dict[str, Any]:
+    return {name: getattr(model, name) for name in RetrievalKnobs.model_fields}
 
 
 class SourceItem(BaseModel):
@@ -63,35 +124,6 @@ class AskResponse(BaseModel):
     usage: dict[str, int] | None = None
     degraded: list[str] = Field(default_factory=list)
     finish_reason: str | None = None
-
-
-class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    text: str | None = None
-    image: str | None = Field(
-        None, description="A data: URL; an http(s) URL is fetched by the server only when it runs with "
-        "VLMRAG_REMOTE_IMAGES_ENABLED=true (and the host is allowed), else refused with code remote_image_refused.",
-    )
-    k: int | None = Field(None, ge=1)
-    threshold: float | None = Field(None, ge=0, le=1)
-    margin: float | None = Field(None, ge=0, le=1)
-    min_k: int | None = Field(None, ge=0, description="Keep at least this many (capped at k) when any pass.")
-    pool: int | None = Field(None, ge=1)
-    reranker: Scorer | None = Field(None, description="The relevancy scorer; `scorer` is accepted as well.")
-    scorer: Scorer | None = Field(None, description="Same as `reranker` (the name chat and ask use).")
-    filters: RetrievalFilters | None = None
-
-    @model_validator(mode="after")
-    def _one_scorer(self) -> SearchRequest:
-        if self.scorer is not None and self.reranker is not None and self.scorer != self.reranker:
-            raise ValueError("`scorer` and `reranker` name the same option; give one of them")
-        return self
-
-    @property
-    def effective_scorer(self) -> Scorer | None:
-        """``scorer`` or its older name ``reranker``."""
-        return self.scorer or self.reranker
 
 
 class SearchCandidate(BaseModel):
@@ -147,11 +179,43 @@ class DeleteResponse(BaseModel):
 
 
 class StatsResponse(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """GET /v1/stats: what the knowledge base holds and which backends hold it."""
 
-    stats: dict[str, Any] = Field(default_factory=dict)
+    count: int
+    by_kind: dict[str, int]
+    by_source: dict[str, int] = Field(description="Snippets per source, most first.")
+    embedder: str | None = Field(description="The CLIP identity the collection was built with.")
+    store: str
+    collection: str
+    blobs: str
+
+
+ReadinessChecks = dict[str, str | dict[str, str]]  # "store": "ok" | reason; "vllm": {replica url: "ok" | reason}
 
 
 class HealthResponse(BaseModel):
+    """GET /healthz (``status`` only) and GET /readyz (with its ``checks``)."""
+
     status: Literal["ok", "unavailable"]
-    checks: dict[str, Any] = Field(default_factory=dict)
+    checks: ReadinessChecks | None = None
+
+
+class FileFailure(BaseModel):
+    key: str = Field(description="Which part of the file: the file, a page or a passage.")
+    reason: str
+    status: int | None = Field(None, description="The HTTP status this failure maps to (413, 415, 422…).")
+
+
+class FileReport(BaseModel):
+    filename: str = Field(description="The uploaded file's name, as stored in the snippets' source.")
+    ingested: int = 0
+    existing: int = Field(0, description="Snippets already present (identical content and source).")
+    failed: int = 0
+    failures: list[FileFailure] = Field(default_factory=list)
+    ids: list[str] = Field(default_factory=list, description="Ids of the snippets created now.")
+
+
+class IngestFilesResponse(BaseModel):
+    """POST /v1/ingest/files: one report per uploaded file."""
+
+    files: list[FileReport]

@@ -6,67 +6,31 @@ them on shutdown. Tests inject their own knowledge base, vLLM client or httpx tr
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
-from pathlib import Path
-from typing import Any
 
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from retriever.errors import VlmragError
-from retriever.rerank import RerankService
-from server.auth import check_auth_config
+from retriever.knowledge_base import KnowledgeBase
+from retriever.rerank import ChatBackend, RerankService
+from server.auth import build_access_control
 from server.errors import error_responses, install_error_handlers
-from server.limits import install_middleware
+from server.gate import ModelCallGate
 from server.metrics import Metrics
+from server.middleware import RequestMetricsMiddleware, install_middleware
 from server.prompting import PromptBuilder
-from server.ratelimit import ModelCallGate
 from server.remote_images import build_remote_image_client
 from server.routes import ask, chat, health, ingest_files, models, pages, search, snippets
-from server.services.chat import ChatService, image_loader
+from server.routes.pages import STATIC_DIR
+from server.services.chat import ChatService
 from server.settings import Settings
 from server.state import AppState
 from server.vllm_client import VLLMClient
 
 log = logging.getLogger(__name__)
-
-STATIC_DIR = Path(__file__).resolve().parent / "static"
-
-
-class RequestMetricsMiddleware:
-    """Request latency (to the last byte) by method, route template and status."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def send_wrapper(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_wrapper)
-        finally:
-            route = scope.get("route")
-            # The template, not the raw path: ids must not explode the label set.
-            path = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(scope["method"], path, str(status)).observe(
-                time.perf_counter() - started
-            )
-
 
 def _http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=max(64, settings.max_concurrent_model_calls * 4),
@@ -100,17 +64,17 @@ def one_line_startup_errors(
 def create_app(
     settings: Settings | None = None,
     *,
-    knowledge_base: Any = None,
-    generator: VLLMClient | None = None,
-    rerank_backend: Any = None,
+    knowledge_base: KnowledgeBase | None = None,
+    answer_client: VLLMClient | None = None,
+    rerank_backend: ChatBackend | None = None,
     vllm_transport: httpx.AsyncBaseTransport | None = None,
 ) -> FastAPI:
     """Build the app.
 
     Args:
         knowledge_base: used instead of building one (not closed on shutdown: the caller owns it).
-        generator: the answering model's client, instead of one from ``settings.vllm_*``.
-        rerank_backend: the re-ranker's ``ChatBackend``; default: the generator when the re-rank
+        answer_client: the answering model's client, instead of one from ``settings.vllm_*``.
+        rerank_backend: the re-ranker's ``ChatBackend``; default: the answer client when the re-rank
             URL and model are the answering ones, else its own ``VLLMClient``.
         vllm_transport: httpx transport under every vLLM client built here (tests).
     """
@@ -119,7 +83,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.auth_registry = check_auth_config(settings)
+        access = build_access_control(settings)  # a bad key config fails before anything heavy loads
         async with AsyncExitStack() as stack:
             http = _http_client(settings, vllm_transport)
             stack.push_async_callback(http.aclose)
@@ -129,7 +93,7 @@ def create_app(
 
                 kb = await build_knowledge_base(settings)
                 stack.push_async_callback(kb.close)
-            gen = generator or VLLMClient.from_settings(settings, http=http)
+            gen = answer_client or VLLMClient.from_settings(settings, http=http)
             backend = rerank_backend
             if backend is None:
                 same = (settings.effective_rerank_url == settings.vllm_url
@@ -138,7 +102,7 @@ def create_app(
                     settings, http=http, urls=settings.effective_rerank_url, model=settings.effective_rerank_model,
                 )
 
-            reranker = RerankService(backend, image_loader(kb), concurrency=settings.rerank_concurrency,
+            reranker = RerankService(backend, kb.snippet_image, concurrency=settings.rerank_concurrency,
                                      timeout_s=settings.rerank_timeout_s)
             remote = None
             if settings.remote_images_enabled:
@@ -146,16 +110,14 @@ def create_app(
                 stack.push_async_callback(remote.aclose)
             gate = ModelCallGate.from_settings(settings)
             chat_service = ChatService(
-                settings, knowledge_base=kb, generator=gen, reranker=reranker, prompts=PromptBuilder(),
+                settings, knowledge_base=kb, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
                 metrics=metrics, gate=gate, remote_images=remote,
             )
             app.state.vlmrag = AppState(
-                settings=settings, metrics=metrics, http=http, knowledge_base=kb, generator=gen,
-                rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate,
+                settings=settings, metrics=metrics, http=http, knowledge_base=kb, answer_client=gen,
+                rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
             )
-            app.state.model_gate = gate
-            log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls),
-                     getattr(getattr(kb, "store", None), "description", "?"))
+            log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield
 
     app = FastAPI(

@@ -19,9 +19,12 @@ Keys are compared by their SHA-256 with ``hmac.compare_digest`` and never logged
 logs and rate-limit buckets only by a short prefix of its hash (``key_id``).
 
 Auth can be switched off only with ``VLMRAG_AUTH_DISABLED=true``; then every request passes with
-all scopes and is identified by its client IP. ``check_auth_config(settings)`` (called once by the
-app's lifespan) refuses to start with auth on and no keys, and warns loudly when auth is off on a
-non-loopback host.
+all scopes and is identified by its client IP. ``check_auth_config(settings)`` refuses to start with
+auth on and no keys, and warns loudly when auth is off on a non-loopback host.
+
+The app's lifespan builds one ``AccessControl`` (the key registry plus the rate limiters,
+``build_access_control``) and keeps it in ``AppState.access``; the dependencies read it through
+``get_access_control``, which tests of a bare FastAPI app replace with ``app.dependency_overrides``.
 """
 
 from __future__ import annotations
@@ -33,12 +36,16 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
 from retriever.errors import ConfigurationError, Forbidden, Unauthorized
+from server.ratelimit import BUCKETS, RateLimiters
 from server.settings import Settings
+
+if TYPE_CHECKING:  # server.state imports the services (and torch); `vlmrag keygen` imports this module
+    from server.state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,6 @@ SCOPES = ("chat", "admin")
 _IMPLIED = {"admin": frozenset({"admin", "chat"}), "chat": frozenset({"chat"})}
 _HEX = frozenset("0123456789abcdef")
 _MIN_PLAIN_KEY_CHARS = 16
-_REGISTRY_ATTR = "auth_registry"
 
 
 def hash_key(key: str) -> str:
@@ -174,7 +180,7 @@ def is_loopback_host(host: str) -> bool:
 
 
 def check_auth_config(settings: Settings) -> KeyRegistry:
-    """Validate auth settings at startup and return the registry to keep on ``app.state.auth_registry``.
+    """Validate auth settings at startup and return the key registry (empty with auth off).
 
     Raises ConfigurationError when auth is on and no key is configured; logs a loud warning when
     auth is off and the server listens beyond loopback.
@@ -217,20 +223,29 @@ def client_address(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def _registry(request: Request) -> KeyRegistry:
-    """The app's registry; built lazily (and cached) if the lifespan did not set one."""
-    state: Any = request.app.state
-    registry = getattr(state, _REGISTRY_ATTR, None)
-    if registry is None:
-        registry = build_key_registry(state.settings)
-        setattr(state, _REGISTRY_ATTR, registry)
-    return registry
+@dataclass(frozen=True, slots=True)
+class AccessControl:
+    """What the auth dependencies check: the keys (unless auth is off) and the rate limiters."""
+
+    keys: KeyRegistry
+    limiters: RateLimiters
+    auth_disabled: bool
 
 
-def authenticate(request: Request, scope: str) -> Principal:
+def build_access_control(settings: Settings) -> AccessControl:
+    """The checked key registry and every rate-limit bucket; raises ConfigurationError like ``check_auth_config``."""
+    return AccessControl(check_auth_config(settings), RateLimiters.from_settings(settings), settings.auth_disabled)
+
+
+def get_access_control(request: Request) -> AccessControl:
+    """The app's AccessControl, built by the lifespan (``server.deps.AccessControlDep``)."""
+    state: AppState = request.app.state.vlmrag
+    return state.access
+
+
+def authenticate(request: Request, scope: str, access: AccessControl) -> Principal:
     """The caller's Principal if it holds ``scope``; raises Unauthorized (401) or Forbidden (403)."""
-    settings: Settings = request.app.state.settings
-    if settings.auth_disabled:
+    if access.auth_disabled:
         principal = Principal("ip:" + client_address(request), frozenset(SCOPES))
     else:
         key = presented_key(request)
@@ -239,7 +254,7 @@ def authenticate(request: Request, scope: str) -> Principal:
                 "missing API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
                 code="missing_api_key",
             )
-        found = _registry(request).authenticate(key)
+        found = access.keys.authenticate(key)
         if found is None:
             raise Unauthorized("invalid API key")
         principal = found
@@ -256,21 +271,20 @@ def require_scope(scope: str, bucket: str = "default"):
     image reads). A failed authentication (401) is charged to the client address instead and
     becomes 429 once that address has failed too often (``rate_limit_auth_failures_*``).
     """
-    # Imported here: ratelimit depends on nothing in auth, but keeping the edge one-way is clearer.
-    from server.ratelimit import BUCKETS, enforce_auth_failure_limit, enforce_rate_limit
-
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}")
     if bucket not in BUCKETS:
         raise ValueError(f"unknown rate-limit bucket {bucket!r} (known: {', '.join(BUCKETS)})")
 
-    async def dependency(request: Request) -> Principal:
+    async def dependency(
+        request: Request, access: Annotated[AccessControl, Depends(get_access_control)],
+    ) -> Principal:
         try:
-            principal = authenticate(request, scope)
+            principal = authenticate(request, scope, access)
         except Unauthorized:
-            enforce_auth_failure_limit(request, client_address(request))  # 429 once over the budget
+            access.limiters.charge_auth_failure(client_address(request))  # 429 once over the budget
             raise
-        enforce_rate_limit(request, principal.key_id, bucket)
+        access.limiters.charge(principal.key_id, bucket)
         return principal
 
     dependency.__name__ = f"require_{scope}_scope" + ("" if bucket == "default" else f"_{bucket}")

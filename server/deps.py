@@ -1,4 +1,8 @@
-"""FastAPI dependency aliases (``XDep = Annotated[X, Depends(get_x)]``) over the app state."""
+"""FastAPI dependency aliases (``XDep = Annotated[X, Depends(get_x)]``) over the app state.
+
+``get_access_control`` lives in ``server/auth.py``: the auth dependencies need it, and importing this
+module (the services, torch) from there would make ``vlmrag keygen`` slow.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from retriever.knowledge_base import KnowledgeBase
+from server.auth import AccessControl, get_access_control
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.settings import Settings
@@ -39,3 +44,4 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 KnowledgeBaseDep = Annotated[KnowledgeBase, Depends(get_knowledge_base)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]

@@ -3,53 +3,21 @@
 ``system.jinja`` is the system prompt; ``answer.jinja`` renders the context block placed before the
 user's latest question: kept snippets numbered ``[1]..[n]``, their text delimited as untrusted data,
 their images attached as ``image_url`` parts at the place the template marks with ``image(n)``.
-Other modules (the re-ranker) load their own templates through :func:`render_template`.
+Templates load through the one loader in the ``prompts`` package (shared with the re-ranker).
 """
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
-import jinja2
+from prompts import render
 
 # A marker no snippet text can contain (the `untrusted` filter strips NUL): where an image goes.
 _IMAGE_MARK = "\x00IMAGE:{}\x00"
 _IMAGE_MARK_RE = re.compile("\x00IMAGE:(\\d+)\x00")
-# Text that could close or open our delimiters if left as is.
-_DELIMITER_RE = re.compile(r"<(?=\s*/?\s*(?:snippet|context)\b)", re.IGNORECASE)
 _OPERATOR_ROLES = ("system", "developer")
-
-
-def _untrusted(text: Any) -> str:
-    """Neutralise retrieved text: no NUL (image markers), no tag that opens/closes our delimiters."""
-    return _DELIMITER_RE.sub("&lt;", str(text).replace("\x00", ""))
-
-
-def _untrusted_attr(text: Any) -> str:
-    return " ".join(_untrusted(text).replace('"', "'").split())
-
-
-@functools.cache
-def load_templates() -> jinja2.Environment:
-    """The one Jinja environment over the ``prompts`` package directory (cached per process)."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(resources.files("prompts"))),
-        autoescape=False,  # plain-text prompts; untrusted text goes through `untrusted` instead
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-    )
-    env.filters["untrusted"] = _untrusted
-    env.filters["untrusted_attr"] = _untrusted_attr
-    env.globals["image"] = _IMAGE_MARK.format
-    return env
-
-
-def render_template(name: str, **context: Any) -> str:
-    """Render ``prompts/<name>`` with ``context``."""
-    return load_templates().get_template(name).render(**context)
 
 
 @dataclass(slots=True)
@@ -91,12 +59,12 @@ class PromptBuilder:
 
     def system_prompt(self, operator_instructions: str = "") -> str:
         """Our system prompt, with the caller's own system messages appended as lower-ranked rules."""
-        return render_template("system.jinja", operator_instructions=operator_instructions.strip())
+        return render("system.jinja", operator_instructions=operator_instructions.strip())
 
     def context_parts(self, snippets: list[PromptSnippet]) -> list[dict[str, Any]]:
         """The rendered context block as content parts: text, with each snippet image in its place."""
         shown = [self._clip(s) for s in snippets]
-        rendered = render_template("answer.jinja", snippets=shown)
+        rendered = render("answer.jinja", snippets=shown, image=_IMAGE_MARK.format)
         images = {s.index: s.image_url for s in shown}
         parts: list[dict[str, Any]] = []
         pos = 0

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from retriever.plan import OnToolResult, QueryMode, Scorer
+
 log = logging.getLogger(__name__)
 
 
@@ -80,7 +82,7 @@ class Settings(BaseSettings):
     model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
 
     # --- re-ranker -----------------------------------------------------------------------------
-    rerank_scorer: Literal["vlm", "clip"] = "vlm"
+    rerank_scorer: Scorer = Field("vlm", description="Default relevancy scorer: vlm | clip | none (CLIP order, no threshold).")
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
     )
@@ -95,6 +97,14 @@ class Settings(BaseSettings):
     retrieval_min_k: int = Field(0, ge=0)
     retrieval_pool: int = Field(20, ge=1, description="Candidate pool size N from CLIP search.")
     retrieval_rrf_k: int = Field(60, ge=1)
+    retrieval_query: QueryMode = Field(
+        "recent", description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",
+    )
+    retrieval_recent_chars: int = Field(600, ge=1, description="Text budget of retrieval.query=recent.")
+    retrieval_rewrite_max_tokens: int = Field(48, ge=1, description="Token cap of the query-rewrite call.")
+    retrieval_on_tool_result: OnToolResult = Field(
+        "skip", description="A turn whose last message is a tool result: skip the search, or search anyway.",
+    )
 
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"

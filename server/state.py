@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 
-from retriever.rerank import RerankService
+from retriever.knowledge_base import KnowledgeBase
+from retriever.rerank import ChatBackend, RerankService
+from server.auth import AccessControl
+from server.gate import ModelCallGate
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.settings import Settings
@@ -21,9 +23,10 @@ class AppState:
     settings: Settings
     metrics: Metrics
     http: httpx.AsyncClient
-    knowledge_base: Any  # retriever.knowledge_base.KnowledgeBase (or a test double with its methods)
-    generator: VLLMClient
-    rerank_backend: Any  # the re-ranker's VLLMClient (the generator itself when they coincide)
+    knowledge_base: KnowledgeBase
+    answer_client: VLLMClient  # the answering model
+    rerank_backend: ChatBackend  # the re-ranker's model: answer_client itself when they coincide
     reranker: RerankService
     chat: ChatService
-    gate: Any  # server.ratelimit.ModelCallGate
+    gate: ModelCallGate  # the one ChatService holds too
+    access: AccessControl  # API keys and rate limiters, read by server/auth.py's dependencies

@@ -34,6 +34,7 @@ from tenacity import (
 )
 
 from retriever.errors import InvalidInput, ModelUnavailable, UpstreamError, VlmragError
+from server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +222,7 @@ class VLLMClient:
 
     @classmethod
     def from_settings(
-        cls, settings: Any, *, http: httpx.AsyncClient | None = None, urls: list[str] | None = None,
+        cls, settings: Settings, *, http: httpx.AsyncClient | None = None, urls: list[str] | None = None,
         model: str | None = None, transport: httpx.AsyncBaseTransport | None = None,
     ) -> VLLMClient:
         """The answering model's client (``urls``/``model`` override it, e.g. for the re-ranker)."""

@@ -16,8 +16,10 @@ from server.auth import (
     AdminAuth,
     ChatAuth,
     Principal,
+    build_access_control,
     build_key_registry,
     check_auth_config,
+    get_access_control,
     hash_key,
     is_loopback_host,
     parse_api_keys,
@@ -43,7 +45,8 @@ def _settings(**kw: object) -> Settings:
 def _mini_app(settings: Settings) -> FastAPI:
     """The real dependencies and error handlers on two routes, one per scope."""
     app = FastAPI()
-    app.state.settings = settings
+    access = build_access_control(settings)  # what the lifespan of the real app keeps in AppState
+    app.dependency_overrides[get_access_control] = lambda: access
     install_error_handlers(app)
 
     @app.get("/chat")

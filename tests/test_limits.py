@@ -14,7 +14,8 @@ from fastapi import FastAPI, Request
 
 from retriever.errors import InvalidInput
 from server.errors import install_error_handlers
-from server.limits import check_chat_request, check_retrieval_caps, check_upload_count, install_middleware
+from server.limits import check_chat_request, check_retrieval_caps, check_upload_count
+from server.middleware import install_middleware
 from server.protocol import ChatCompletionRequest
 from server.settings import Settings
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from server.prompting import PromptBuilder, PromptSnippet, load_templates
+from prompts import load_templates
+from server.prompting import PromptBuilder, PromptSnippet
 
 SNAPSHOTS = Path(__file__).parent / "snapshots"
 IMG_A = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAfbLI3wAAAABJRU5ErkJggg=="

@@ -9,9 +9,10 @@ import pytest
 from fastapi import FastAPI
 
 from retriever.errors import Overloaded, RateLimited
-from server.auth import ChatAuth, Principal
+from server.auth import ChatAuth, Principal, build_access_control, get_access_control
 from server.errors import install_error_handlers
-from server.ratelimit import ModelCallGate, RateLimiter
+from server.gate import ModelCallGate
+from server.ratelimit import RateLimiter
 from server.settings import Settings
 
 
@@ -69,7 +70,8 @@ async def test_http_429_with_retry_after_per_key() -> None:
     settings = Settings(_env_file=None, api_keys="chat:key-one-0123456789abc,chat:key-two-0123456789abc",  # type: ignore[call-arg]
                         rate_limit_rps=0.5, rate_limit_burst=2)
     app = FastAPI()
-    app.state.settings = settings
+    access = build_access_control(settings)
+    app.dependency_overrides[get_access_control] = lambda: access
     install_error_handlers(app)
 
     @app.get("/x")
@@ -174,7 +176,7 @@ async def test_real_app_chat_goes_through_the_gate(settings, knowledge_base, fak
     changed = settings.model_copy(update={"max_concurrent_model_calls": 1, "max_queued_model_calls": 0})
     app = create_app(changed, knowledge_base=knowledge_base, vllm_transport=httpx.MockTransport(fake_vllm))
     async with running_client(app) as client:
-        gate: ModelCallGate = app.state.model_gate
+        gate: ModelCallGate = app.state.vlmrag.gate
         slot = await gate.acquire()
         plain = await client.post("/v1/chat/completions", json=CHAT)
         streamed = await client.post("/v1/chat/completions", json={**CHAT, "stream": True})

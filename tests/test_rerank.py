@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from retriever.errors import ModelUnavailable
+from retriever.plan import RetrievalPlan
 from retriever.rerank import (
     ABSENT,
     MALFORMED,
@@ -21,7 +22,6 @@ from retriever.rerank import (
     PATH_CLIP_FALLBACK,
     PATH_PROMPT,
     PATH_TOP,
-    RerankOptions,
     RerankService,
     build_relevancy_messages,
     clip_relevancy,
@@ -272,7 +272,7 @@ async def test_scores_every_candidate_concurrently_within_the_bound() -> None:
     cands = [make_cand(i, "image" if i % 2 else "text") for i in range(20)]
     backend = RecordingBackend({f"cand-{i}": i / 19 for i in range(20)})
     service = RerankService(backend, ImageStore(), concurrency=4)
-    out = await service.rerank("a dog", [], cands, RerankOptions(k=3, threshold=0.5))
+    out = await service.rerank("a dog", [], cands, RetrievalPlan(k=3, threshold=0.5))
     assert len(backend.requests) == 20
     assert backend.max_in_flight == 4  # all in flight together, never more than the bound
     assert all(c.relevancy == pytest.approx(int(c.payload.text[5:]) / 19) for c in cands)
@@ -291,7 +291,7 @@ async def test_image_candidates_and_query_images_go_as_data_url_parts() -> None:
     service = RerankService(backend, images)
     query_image = b"\xff\xd8\xffquery-jpeg"
     await service.rerank("what is this?", [query_image], [make_cand(1, "image"), make_cand(2, "text")],
-                         RerankOptions(k=2, threshold=0.5))
+                         RetrievalPlan(k=2, threshold=0.5))
     assert images.loaded == ["id01"]  # text snippets need no image
     by_cand = {backend.candidate_text(b): b["messages"][0]["content"] for b in backend.requests}
     urls = [p["image_url"]["url"] for p in by_cand["cand-1"] if p["type"] == "image_url"]
@@ -305,7 +305,7 @@ async def test_fallback_replays_yes_and_no_when_neither_is_listed() -> None:
     backend = RecordingBackend({"cand-1": None, "cand-2": 0.8, "cand-3": None})
     service = RerankService(backend, ImageStore())
     cands = [make_cand(1), make_cand(2), make_cand(3)]
-    out = await service.rerank("q", [], cands, RerankOptions(k=5, threshold=0.0))
+    out = await service.rerank("q", [], cands, RetrievalPlan(k=5, threshold=0.0))
     assert cands[0].relevancy == pytest.approx(0.02 / 0.08) and cands[2].relevancy == pytest.approx(0.25)
     assert out.paths == {"id01": PATH_PROMPT, "id02": PATH_TOP, "id03": PATH_PROMPT}
     assert out.score_paths == {PATH_PROMPT: 2, PATH_TOP: 1}
@@ -322,7 +322,7 @@ async def test_fallback_replays_yes_and_no_when_neither_is_listed() -> None:
 async def test_backend_down_degrades_to_clip() -> None:
     backend = RecordingBackend({}, fail_all=True)
     cands = [make_cand(i, cos=0.1 * i) for i in range(4)]
-    out = await RerankService(backend, ImageStore()).rerank("q", [], cands, RerankOptions(k=2, threshold=0.5))
+    out = await RerankService(backend, ImageStore()).rerank("q", [], cands, RetrievalPlan(k=2, threshold=0.5))
     assert out.scorer == "clip" and out.degraded == ["rerank"]
     assert out.score_paths == {PATH_CLIP: 4}
     assert [c.relevancy for c in cands] == pytest.approx([0.5, 0.55, 0.6, 0.65])
@@ -334,7 +334,7 @@ async def test_some_failures_fall_back_per_candidate_and_are_flagged() -> None:
     images = ImageStore()
     del images.blobs["blob-5"]  # an image snippet whose blob is gone
     cands = [make_cand(1), make_cand(2, cos=0.4), make_cand(3), make_cand(4, cos=0.0), make_cand(5, "image")]
-    out = await RerankService(backend, images).rerank("q", [], cands, RerankOptions(k=5, threshold=0.5))
+    out = await RerankService(backend, images).rerank("q", [], cands, RetrievalPlan(k=5, threshold=0.5))
     assert out.scorer == "vlm" and out.degraded == ["rerank_partial"]
     assert out.paths == {"id01": PATH_TOP, "id02": PATH_CLIP_FALLBACK, "id03": PATH_TOP,
                          "id04": PATH_CLIP_FALLBACK, "id05": PATH_CLIP_FALLBACK}
@@ -347,7 +347,7 @@ async def test_overall_timeout_degrades_to_clip() -> None:
     service = RerankService(backend, ImageStore(), timeout_s=0.2)
     loop = asyncio.get_running_loop()
     started = loop.time()
-    out = await service.rerank("q", [], [make_cand(1)], RerankOptions(k=1, threshold=0.0))
+    out = await service.rerank("q", [], [make_cand(1)], RetrievalPlan(k=1, threshold=0.0))
     assert loop.time() - started < 2.0
     assert out.degraded == ["rerank"] and out.scorer == "clip"
 
@@ -356,13 +356,13 @@ async def test_clip_and_none_scorers_make_no_model_calls() -> None:
     backend = RecordingBackend({})
     service = RerankService(backend, ImageStore())
     cands = [make_cand(i, cos=0.5 - 0.2 * i) for i in range(4)]  # cosines 0.5, 0.3, 0.1, -0.1
-    out = await service.rerank("q", [], cands, RerankOptions(k=3, threshold=0.6, scorer="clip"))
+    out = await service.rerank("q", [], cands, RetrievalPlan(k=3, threshold=0.6, scorer="clip"))
     assert [c.id for c in out.kept] == ["id00", "id01"] and out.scorer == "clip" and out.degraded == []
     assert cands[3].reason == "below_threshold"
-    out = await service.rerank("q", [], cands, RerankOptions(k=3, threshold=0.99, scorer="none"))
+    out = await service.rerank("q", [], cands, RetrievalPlan(k=3, threshold=0.99, scorer="none"))
     assert [c.id for c in out.kept] == ["id00", "id01", "id02"] and cands[3].reason == "over_k"
     assert out.scorer == "none" and backend.requests == []
-    out = await RerankService(None, ImageStore()).rerank("q", [], cands, RerankOptions(k=1, threshold=0.0))
+    out = await RerankService(None, ImageStore()).rerank("q", [], cands, RetrievalPlan(k=1, threshold=0.0))
     assert out.scorer == "clip" and out.degraded == [] and [c.id for c in out.kept] == ["id00"]
 
 
@@ -370,4 +370,4 @@ async def test_unknown_scorer_is_invalid_input() -> None:
     from retriever.errors import InvalidInput
 
     with pytest.raises(InvalidInput):
-        await RerankService(None, ImageStore()).rerank("q", [], [], RerankOptions(k=1, threshold=0.5, scorer="bm25"))
+        await RerankService(None, ImageStore()).rerank("q", [], [], RetrievalPlan(k=1, threshold=0.5, scorer="bm25"))

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
-from pydantic import BaseModel, Field
 
 from retriever.errors import InvalidInput
 from retriever.ingest.readers import (
@@ -30,6 +29,7 @@ from retriever.ingest.readers import (
     read_pdf,
     read_text_file,
 )
+from server.api_models import FileFailure, FileReport, IngestFilesResponse
 from server.auth import AdminAuth
 from server.deps import KnowledgeBaseDep, SettingsDep
 from server.limits import check_upload_count
@@ -38,25 +38,6 @@ router = APIRouter(tags=["snippets"], dependencies=[AdminAuth])
 
 _UNSAFE = re.compile(r"[^\w.\- ()+,@]+")
 _MAX_NAME = 200
-
-
-class FileFailure(BaseModel):
-    key: str = Field(description="Which part of the file: the file, a page or a passage.")
-    reason: str
-    status: int | None = Field(None, description="The HTTP status this failure maps to (413, 415, 422…).")
-
-
-class FileReport(BaseModel):
-    filename: str = Field(description="The uploaded file's name, as stored in the snippets' source.")
-    ingested: int = 0
-    existing: int = Field(0, description="Snippets already present (identical content and source).")
-    failed: int = 0
-    failures: list[FileFailure] = Field(default_factory=list)
-    ids: list[str] = Field(default_factory=list, description="Ids of the snippets created now.")
-
-
-class IngestFilesResponse(BaseModel):
-    files: list[FileReport]
 
 
 def safe_filename(name: str | None, index: int) -> str:

@@ -1,4 +1,7 @@
-"""The web pages: GET / (chat) and GET /kb (knowledge base), served from server/static."""
+"""The web pages: GET / (chat) and GET /kb (knowledge base), served from ``STATIC_DIR`` (server/static).
+
+``create_app`` mounts the same folder at ``/static`` (scripts and styles of the pages).
+"""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from pydantic import Json
 
 from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
-from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList
+from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList, StatsResponse
 from server.auth import AdminAuth, ChatAuth, ChatMediaAuth
 from server.deps import KnowledgeBaseDep, SettingsDep
 from server.limits import check_text_chars
@@ -56,7 +56,7 @@ async def list_snippets(
 ) -> SnippetList:
     """A page of snippets (for the KB page); follow ``next_offset`` for the next one."""
     filters = SearchFilters(source=source) if source else None
-    points, next_offset = await kb.store.scroll(limit, offset or None, filters)
+    points, next_offset = await kb.list_snippets(limit, offset or None, filters)
     return SnippetList(
         items=[SnippetInfo(**snippet_info(p.id, p.payload, settings.public_url)) for p in points],
         next_offset=next_offset,
@@ -89,7 +89,7 @@ async def delete_snippet(snippet_id: str, kb: KnowledgeBaseDep) -> DeleteRespons
     return DeleteResponse(id=snippet_id, deleted=True)
 
 
-@router.get("/v1/stats", dependencies=[AdminAuth])
-async def stats(kb: KnowledgeBaseDep) -> dict[str, Any]:
+@router.get("/v1/stats", response_model=StatsResponse, dependencies=[AdminAuth])
+async def stats(kb: KnowledgeBaseDep) -> StatsResponse:
     """Counts by kind and source, embedder identity, store and blob backends."""
-    return await kb.stats()
+    return StatsResponse.model_validate(await kb.stats())

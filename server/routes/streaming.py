@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from server.errors import as_vlmrag_error, body_for
+from server.errors import as_vlmrag_error, sse_error_event
 from server.metrics import Metrics
 from server.protocol import ChatCompletionChunk
 
@@ -31,10 +31,10 @@ async def _events(chunks: AsyncIterator[ChatCompletionChunk], metrics: Metrics |
         async for chunk in chunks:
             yield _dump(chunk)
     except Exception as exc:  # noqa: BLE001 - every failure must end the stream cleanly
-        err = as_vlmrag_error(exc)
+        err = as_vlmrag_error(exc)  # once: an unexpected error is logged here, not again below
         if metrics is not None:
             metrics.observe_error(err.error_type, err.status_code)
-        yield f"data: {json.dumps(body_for(err))}\n\n"
+        yield sse_error_event(err)
     yield DONE
 
 

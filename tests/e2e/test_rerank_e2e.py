@@ -11,7 +11,8 @@ from PIL import Image
 
 from retriever.eval.coco import CocoEval, EvalConfig, kb_image_loader
 from retriever.eval.metrics import FAMILY_RERANK
-from retriever.rerank import PATH_BOUND, PATH_PROMPT, PATH_TOP, RerankOptions, RerankService, image_data_url
+from retriever.plan import RetrievalPlan
+from retriever.rerank import PATH_BOUND, PATH_PROMPT, PATH_TOP, RerankService, image_data_url
 from retriever.types import Candidate, SnippetPayload
 from server.vllm_client import VLLMClient
 from tests.support.vllm_server import free_port
@@ -80,7 +81,7 @@ async def test_vlm_scores_every_candidate_on_the_real_server(client: VLLMClient,
     service = RerankService(backend, load, concurrency=3, top_logprobs=top_logprobs)
     query_image = png((250, 10, 10))
     try:
-        out = await service.rerank("a red bicycle", [query_image], cands, RerankOptions(k=2, threshold=0.0))
+        out = await service.rerank("a red bicycle", [query_image], cands, RetrievalPlan(k=2, threshold=0.0))
     finally:
         await client.aclose()
     assert out.scorer == "vlm" and out.degraded == []
@@ -110,7 +111,7 @@ async def test_dead_vllm_degrades_to_clip() -> None:
         async def load(c: Candidate) -> bytes | None:
             return images.get(c.payload.image_ref or "")
 
-        out = await RerankService(dead, load, timeout_s=10).rerank("q", [], cands, RerankOptions(k=2, threshold=0.5))
+        out = await RerankService(dead, load, timeout_s=10).rerank("q", [], cands, RetrievalPlan(k=2, threshold=0.5))
     finally:
         await dead.aclose()
     assert out.scorer == "clip" and out.degraded == ["rerank"]
