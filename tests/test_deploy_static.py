@@ -374,6 +374,9 @@ def test_compose_vllm_gpu_model_and_image_limit(compose: dict[str, Any]) -> None
     command = [str(c) for c in vllm["command"]]
     assert interpolate(command[0]) == "Qwen/Qwen2.5-VL-3B-Instruct" and "VLLM_MODEL" in command[0]
     assert json.loads(command[command.index("--limit-mm-per-prompt") + 1]) == {"image": 6}
+    # callers' tools need the parser that fits the default model
+    assert "--enable-auto-tool-choice" in command
+    assert interpolate(command[command.index("--tool-call-parser") + 1]) == "hermes"
     assert compose["services"]["vllm-rerank"]["profiles"] == ["rerank"]
 
 
@@ -502,6 +505,7 @@ def test_k8s_vllm_gpu_probes_and_cache(overlay: tuple[str, Rendered]) -> None:
     assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"]
     args = [str(a) for a in c["args"]]
     assert json.loads(args[args.index("--limit-mm-per-prompt") + 1])["image"] >= 1
+    assert "--enable-auto-tool-choice" in args and args[args.index("--tool-call-parser") + 1] == "hermes"
     tp = int(args[args.index("--tensor-parallel-size") + 1])
     assert tp == int(c["resources"]["limits"]["nvidia.com/gpu"]), "one GPU per tensor-parallel rank"
     config = rendered.configmaps["vlmrag-config"]
@@ -559,3 +563,27 @@ def test_interpolate_and_pinning_helpers() -> None:
     assert not image_is_pinned("localhost:5000/x")
     assert resolved_image("vlmrag", [{"name": "vlmrag", "newName": "r.io/v", "newTag": "1.0"}]) == "r.io/v:1.0"
     assert resolved_image("a/b:2", [{"name": "c", "newTag": "3"}]) == "a/b:2"
+
+
+@pytest.mark.parametrize("parser, expected", [(None, ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]),
+                                              ("llama3_json", ["--tool-call-parser", "llama3_json"]),
+                                              ("none", [])])
+def test_serve_gpu_starts_vllm_with_the_tool_call_parser(tmp_path: Path, parser: str | None,
+                                                         expected: list[str]) -> None:
+    """Run the real script with a stand-in `vllm` on PATH that prints the arguments it got."""
+    import os
+    import subprocess
+
+    fake = tmp_path / "vllm"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    if parser is not None:
+        env["TOOL_CALL_PARSER"] = parser
+    script = Path(__file__).resolve().parents[1] / "deploy" / "vllm" / "serve_gpu.sh"
+    args = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, check=True).stdout.split("\n")
+    assert args[0] == "serve" and "--limit-mm-per-prompt" in args
+    joined = " ".join(args)
+    assert " ".join(expected) in joined
+    if not expected:
+        assert "--tool-call-parser" not in args and "--enable-auto-tool-choice" not in args

@@ -39,9 +39,16 @@ def test_request_accepts_what_openai_sdks_send() -> None:
 
 
 @pytest.mark.parametrize("bad", [
-    {"messages": [{"role": "tool", "content": "x"}]},
+    {"messages": [{"role": "tool", "content": "x"}]},  # a tool result names the call it answers
+    {"messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c", "function": {"name": "f"}}]}]},
     {"messages": [{"role": "user", "content": [{"type": "audio", "audio": "x"}]}]},
-    {"messages": [{"role": "user", "content": "x"}], "n": 2},
+    {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "x"}}]}]},
+    {"messages": [{"role": "user", "content": "x"}], "n": 9},
+    {"messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},
+    {"messages": [{"role": "user", "content": "x"}], "echo": True},
+    {"messages": [{"role": "user", "content": "x"}], "tool_choice": {"type": "function", "function": {"name": "f"}}},
+    {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}},
+    {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3},
     {"messages": [{"role": "user", "content": "x"}], "temperature": 3},
     {"messages": [{"role": "user", "content": "x"}], "retrieval": {"threshold": 2}},
     {"messages": [{"role": "user", "content": "x"}], "retrieval": {"scorer": "magic"}},

@@ -12,6 +12,8 @@
 #   MAX_MODEL_LEN=16384      context; 6 images at default resolution fit comfortably
 #   TENSOR_PARALLEL_SIZE=1   see below
 #   GPU_MEMORY_UTILIZATION=0.90
+#   TOOL_CALL_PARSER=hermes  vLLM's tool-call parser for the model (Qwen2.5-VL: hermes; Llama 3.x:
+#                            llama3_json; Mistral: mistral); "none" turns tool calling off
 #   VLLM_EXTRA_ARGS="..."    anything else, appended verbatim
 #
 # Tensor parallelism: a 3B/7B model fits one 24-80 GB GPU (TP=1). For 32B use
@@ -27,6 +29,11 @@ set -euo pipefail
 MODEL="${VLLM_MODEL:-Qwen/Qwen2.5-VL-3B-Instruct}"
 NAME="${SERVED_MODEL_NAME:-$MODEL}"
 
+PARSER="${TOOL_CALL_PARSER:-hermes}"
+TOOL_ARGS=()
+# tools / tool_choice from vlmrag's callers need the parser; "none" leaves them off
+if [ "$PARSER" != "none" ]; then TOOL_ARGS=(--enable-auto-tool-choice --tool-call-parser "$PARSER"); fi
+
 # shellcheck disable=SC2086
 exec vllm serve "$MODEL" \
   --served-model-name "$NAME" \
@@ -36,4 +43,5 @@ exec vllm serve "$MODEL" \
   --tensor-parallel-size "${TENSOR_PARALLEL_SIZE:-1}" \
   --gpu-memory-utilization "${GPU_MEMORY_UTILIZATION:-0.90}" \
   --max-logprobs 20 \
+  "${TOOL_ARGS[@]}" \
   ${VLLM_EXTRA_ARGS:-}

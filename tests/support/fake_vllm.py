@@ -30,6 +30,11 @@ def _text_len(messages: list[dict[str, Any]]) -> int:
     return total
 
 
+def _is_rewrite(body: dict[str, Any]) -> bool:
+    content = body["messages"][-1].get("content")
+    return isinstance(content, str) and "<conversation>" in content
+
+
 class FakeVLLM:
     """Records every chat body; ``failures`` scripts the next answers (status codes or exceptions)."""
 
@@ -43,6 +48,10 @@ class FakeVLLM:
         self.yes_logprob = -0.1  # rerank: log P("Yes"); "No" gets log(1 - P(yes))
         self.down = False
         self.garbage: bytes | None = None  # answer chat requests with these bytes (status 200)
+        # Replayed for requests with `tools`: {"non_stream": response, "stream_named": [events]} as captured
+        # from the real vLLM (tests/data/vllm_samples/tool_calls.json).
+        self.tool_sample: dict[str, Any] | None = None
+        self.rewrite_answer: str | None = None  # the answer to a query-rewrite request (prompts/rewrite.jinja)
 
     @property
     def answer_bodies(self) -> list[dict[str, Any]]:
@@ -66,7 +75,7 @@ class FakeVLLM:
             return httpx.Response(404, json={"message": "not found"})
         body = json.loads(request.content)
         self.chat_bodies.append(body)
-        rerank = bool(body.get("logprobs"))
+        rerank = bool(body.get("logprobs")) and not body.get("stream")  # a streamed one is a chat
         script = self.rerank_failures if rerank else self.failures
         if script:
             failure = script.pop(0)
@@ -77,6 +86,15 @@ class FakeVLLM:
             return httpx.Response(200, json=self._rerank_answer(body))
         if self.garbage is not None:
             return httpx.Response(200, content=self.garbage)
+        if self.tool_sample is not None and body.get("tools"):
+            return self._replay_tools(body)
+        if self.rewrite_answer is not None and _is_rewrite(body):
+            return httpx.Response(200, json={
+                "id": "cmpl-rw", "object": "chat.completion", "created": 0, "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": self.rewrite_answer},
+                             "finish_reason": "stop"}],
+                "usage": self.usage(body, 4),
+            })
         tokens = self.answer.split(" ")
         if not body.get("stream"):
             return httpx.Response(200, json={
@@ -87,6 +105,18 @@ class FakeVLLM:
             })
         return httpx.Response(200, headers={"content-type": "text/event-stream"},
                               content=self._stream(body, tokens))
+
+    def _replay_tools(self, body: dict[str, Any]) -> httpx.Response:
+        assert self.tool_sample is not None
+        if not body.get("stream"):
+            return httpx.Response(200, json=self.tool_sample["non_stream"])
+
+        async def events() -> AsyncIterator[bytes]:
+            for event in self.tool_sample["stream_named"]:  # type: ignore[index]
+                yield f"data: {json.dumps(event)}\n\n".encode()
+            yield b"data: [DONE]\n\n"
+
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, content=events())
 
     def _rerank_answer(self, body: dict[str, Any]) -> dict[str, Any]:
         import math
@@ -112,7 +142,10 @@ class FakeVLLM:
             if self.break_stream_after is not None and i >= self.break_stream_after:
                 raise httpx.ReadError("connection reset by peer")
             text = tok if i == 0 else " " + tok
-            yield event({**base, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]})
+            choice: dict[str, Any] = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+            if body.get("logprobs"):
+                choice["logprobs"] = {"content": [{"token": text, "logprob": -0.5, "top_logprobs": []}]}
+            yield event({**base, "choices": [choice]})
         yield event({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             yield event({**base, "choices": [], "usage": self.usage(body, len(tokens))})

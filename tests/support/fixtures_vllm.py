@@ -15,6 +15,8 @@ import pytest
 from tests.support.vllm_server import DEFAULT_VENV_PYTHON, VLLMServer, VLLMServerError, build_tiny_vlm_dir
 
 TINY_VLM_NAME = "tiny-vlm"
+# Callers' tools need vLLM's tool-call parser; hermes fits the Qwen2-VL family (and the deploy files).
+TOOL_ARGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes")
 
 
 def vllm_python() -> Path:
@@ -46,7 +48,7 @@ def vllm_server(tiny_vlm_dir: Path) -> Iterator[VLLMServer]:
     # The tiny BPE spends about one token per character: 4096 (the model's max positions) leaves room
     # for the system prompt plus a few snippets; later flags win over DEFAULT_ARGS' 1024.
     server = VLLMServer(tiny_vlm_dir, served_model_name=TINY_VLM_NAME, venv_python=vllm_python(),
-                        extra_args=("--max-model-len", "4096"))
+                        extra_args=("--max-model-len", "4096", *TOOL_ARGS))
     try:
         server.start()
     except Exception as exc:  # noqa: BLE001 - any start failure fails the tier; the log tail is in the message
