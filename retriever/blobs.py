@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import uuid
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -112,6 +113,10 @@ class LocalBlobStore:
     def path_for(self, key: str) -> Path | None:
         path = self._path(key)
         return path if path.is_file() else None
+
+    def delete_all(self) -> None:
+        """Remove every blob under this store's root (a knowledge base's namespace)."""
+        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -158,6 +158,32 @@ class S3BlobStore:
                                          param="blob_s3_bucket") from exc.__cause__
             raise exc.translated from exc.__cause__
 
+    def delete_all(self) -> int:
+        """Delete every object under this store's prefix (a knowledge base's namespace); returns how many."""
+        if not self.prefix:
+            raise ConfigurationError("refusing to delete a whole bucket: this blob store has no prefix")
+        try:
+            return self._delete_prefix()
+        except _S3Error as exc:
+            raise exc.translated from exc.__cause__
+
+    def _delete_prefix(self) -> int:
+        deleted = 0
+        token: str | None = None
+        while True:
+            kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": self.prefix}
+            if token:
+                kwargs["ContinuationToken"] = token
+            page = self._call("list", self.prefix, self._client.list_objects_v2, **kwargs)
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                self._call("delete", self.prefix, self._client.delete_objects, Bucket=self.bucket,
+                           Delete={"Objects": keys, "Quiet": True})
+                deleted += len(keys)
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated"):
+                return deleted
+
     def close(self) -> None:
         """Release the client's connection pool."""
         close = getattr(self._client, "close", None)

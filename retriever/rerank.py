@@ -92,6 +92,9 @@ class ChatBackend(Protocol):
     async def tokenize(self, text: str) -> list[int]: ...
 
 
+ImageLoader = Callable[[Candidate], Awaitable[bytes | None]]  # a candidate's image bytes, None if it has none
+
+
 class ScoringFailed(Exception):
     """One candidate could not be scored by the VLM (internal: turned into clip_fallback)."""
 
@@ -234,7 +237,7 @@ class RerankService:
     """Scores candidates for relevancy (vlm / clip / none) and selects up to k adaptively."""
 
     def __init__(
-        self, backend: ChatBackend | None, load_image: Callable[[Candidate], Awaitable[bytes | None]], *,
+        self, backend: ChatBackend | None, load_image: ImageLoader, *,
         concurrency: int = 8, timeout_s: float = 30.0, top_logprobs: int = TOP_LOGPROBS,
         max_text_chars: int = 2000,
     ) -> None:
@@ -251,8 +254,12 @@ class RerankService:
 
     async def rerank(
         self, query_text: str, query_images: list[bytes], candidates: list[Candidate], plan: RetrievalPlan,
+        *, load_image: ImageLoader | None = None,
     ) -> RerankOutcome:
-        """Score every candidate, then keep up to ``plan.k`` adaptively; mutates the candidates."""
+        """Score every candidate, then keep up to ``plan.k`` adaptively; mutates the candidates.
+
+        ``load_image`` reads candidate images (their knowledge base's); default: the one given at construction.
+        """
         if plan.scorer not in SCORERS:
             raise InvalidInput(f"unknown scorer {plan.scorer!r}; one of {', '.join(SCORERS)}", param="scorer")
         started = time.perf_counter()
@@ -260,7 +267,7 @@ class RerankService:
             report = ScoreReport({c.id: clip_relevancy(c) for c in candidates},
                                  {c.id: PATH_NONE for c in candidates}, "none")
         else:
-            report = await self.score(query_text, query_images, candidates, scorer=plan.scorer)
+            report = await self.score(query_text, query_images, candidates, scorer=plan.scorer, load_image=load_image)
         for cand in candidates:
             cand.relevancy = report.scores[cand.id]
         if plan.scorer == "none":
@@ -284,6 +291,7 @@ class RerankService:
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], *, scorer: Scorer = "vlm",
+        load_image: ImageLoader | None = None,
     ) -> ScoreReport:
         """Relevancy in [0, 1] for every candidate; never raises for upstream failures."""
         clip = {c.id: clip_relevancy(c) for c in candidates}
@@ -292,7 +300,8 @@ class RerankService:
         query_urls = [image_data_url(img) for img in query_images]
         sem = asyncio.Semaphore(self.concurrency)
         tasks = {
-            c.id: asyncio.ensure_future(self._score_one(query_text, query_urls, c, sem)) for c in candidates
+            c.id: asyncio.ensure_future(self._score_one(query_text, query_urls, c, sem, load_image or self.load_image))
+            for c in candidates
         }
         done, pending = await asyncio.wait(tasks.values(), timeout=self.timeout_s)
         for task in pending:
@@ -318,12 +327,13 @@ class RerankService:
 
     async def _score_one(
         self, query_text: str, query_urls: list[str], candidate: Candidate, sem: asyncio.Semaphore,
+        load_image: ImageLoader,
     ) -> tuple[float, str]:
         """One candidate's P(yes): top logprobs first, the prompt_logprobs replay if neither answer is listed."""
         assert self.backend is not None
         image_url = None
         if candidate.payload.kind != "text" and (candidate.payload.image_ref or candidate.payload.thumb_ref):
-            data = await self.load_image(candidate)
+            data = await load_image(candidate)
             if not data:
                 raise ScoringFailed(f"image of {candidate.id} could not be loaded")
             image_url = image_data_url(data)

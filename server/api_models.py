@@ -52,6 +52,7 @@ class RetrievalOptions(RetrievalKnobs):
     on_tool_result: OnToolResult | None = Field(
         None, description="When the last message is a tool result: `skip` searching (default) or `search`.",
     )
+    kb: str | None = Field(None, max_length=48, description="Knowledge base; also chosen by model `vlmrag/<kb>`.")
 
 
 class SearchRequest(RetrievalKnobs):
@@ -84,6 +85,7 @@ class AskForm(RetrievalKnobs):
     model_config = ConfigDict(extra="ignore")  # the file parts share the form
 
     question: str = Field("", description="The question.")
+    kb: str | None = Field(None, max_length=48, description="Knowledge base (default: the key's first).")
     source: str | None = Field(None, max_length=1024, description="Only snippets from this source.")
     tags: list[str] | None = Field(None, description="Only snippets with any of these tags.")
     max_tokens: int | None = Field(None, ge=1)
@@ -97,6 +99,50 @@ class AskForm(RetrievalKnobs):
 
 def _knobs(model: RetrievalKnobs) -> dict[str, Any]:
     return {name: getattr(model, name) for name in RetrievalKnobs.model_fields}
+
+
+class KnowledgeBaseCreate(BaseModel):
+    """``POST /v1/knowledge-bases``: a new knowledge base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,47}$", description="Its id: in model ids, ?kb= and keys.")
+    display_name: str = Field("", max_length=200)
+    description: str = Field("", max_length=2000)
+    system_prompt: str = Field("", max_length=4000, description="Added to the system prompt of its answers.")
+    retrieval: RetrievalKnobs = Field(default_factory=RetrievalKnobs, description="Its retrieval defaults.")
+
+
+class KnowledgeBaseUpdate(BaseModel):
+    """``PATCH /v1/knowledge-bases/{name}``: the fields given replace the stored ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    display_name: str | None = Field(None, max_length=200)
+    description: str | None = Field(None, max_length=2000)
+    system_prompt: str | None = Field(None, max_length=4000)
+    retrieval: RetrievalKnobs | None = None
+
+
+class KnowledgeBaseInfo(BaseModel):
+    name: str
+    display_name: str = ""
+    description: str = ""
+    system_prompt: str = ""
+    retrieval: dict[str, Any] = Field(default_factory=dict)
+    created_at: float = 0.0
+    model: str = Field(description="The model id that picks it in chat completions.")
+    count: int | None = Field(None, description="Snippets in it (on GET of one KB).")
+
+
+class KnowledgeBaseList(BaseModel):
+    items: list[KnowledgeBaseInfo]
+
+
+class KnowledgeBaseDeleted(BaseModel):
+    name: str
+    deleted: bool
+    snippets: int
 
 
 class SourceItem(BaseModel):

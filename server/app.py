@@ -5,6 +5,7 @@ them on shutdown. Tests inject their own knowledge base, vLLM client or httpx tr
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -19,11 +20,12 @@ from retriever.rerank import ChatBackend, RerankService
 from server.auth import build_access_control
 from server.errors import error_responses, install_error_handlers
 from server.gate import ModelCallGate
+from server.knowledge_bases import KBCatalog, KnowledgeBases, OpenKB, database_url
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware, install_middleware
 from server.prompting import PromptBuilder
 from server.remote_images import build_remote_image_client
-from server.routes import ask, chat, health, ingest_files, models, pages, search, snippets
+from server.routes import ask, chat, health, ingest_files, knowledge_bases, models, pages, search, snippets
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
 from server.settings import Settings
@@ -38,6 +40,18 @@ def _http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     timeout = httpx.Timeout(settings.vllm_read_timeout_s, connect=settings.vllm_connect_timeout_s)
     # trust_env off: a proxy from the environment must not sit between us and vLLM.
     return httpx.AsyncClient(transport=transport, limits=limits, timeout=timeout, trust_env=False)
+
+
+def _kb_opener(settings: Settings, default: KnowledgeBase) -> OpenKB:
+    """How a named KB is opened: the same store and blob backends, the default KB's CLIP model."""
+
+    async def open_kb(collection: str, namespace: str) -> KnowledgeBase:
+        from server.wiring import build_knowledge_base  # heavy imports (torch) only when needed
+
+        return await build_knowledge_base(settings, embedder=default.embedder, collection=collection,
+                                          blob_namespace=namespace)
+
+    return open_kb
 
 
 def one_line_startup_errors(
@@ -93,6 +107,9 @@ def create_app(
 
                 kb = await build_knowledge_base(settings)
                 stack.push_async_callback(kb.close)
+            kbs = KnowledgeBases(settings, await asyncio.to_thread(KBCatalog, database_url(settings)),
+                                 _kb_opener(settings, kb), default=kb)
+            stack.push_async_callback(kbs.close)
             gen = answer_client or VLLMClient.from_settings(settings, http=http)
             backend = rerank_backend
             if backend is None:
@@ -110,11 +127,12 @@ def create_app(
                 stack.push_async_callback(remote.aclose)
             gate = ModelCallGate.from_settings(settings)
             chat_service = ChatService(
-                settings, knowledge_base=kb, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
+                settings, knowledge_bases=kbs, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
                 metrics=metrics, gate=gate, remote_images=remote,
             )
             app.state.vlmrag = AppState(
-                settings=settings, metrics=metrics, http=http, knowledge_base=kb, answer_client=gen,
+                settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
+                answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
             )
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
@@ -130,7 +148,7 @@ def create_app(
     install_error_handlers(app, on_error=metrics.observe_error)
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (chat, ask, search, snippets, ingest_files, models, health, pages):
+    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, models, health, pages):
         app.include_router(module.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

@@ -1,7 +1,8 @@
 """API keys and scopes: who may call which route.
 
 Keys come from ``VLMRAG_API_KEYS`` (``settings.api_keys``): entries separated by commas or newlines,
-each ``SCOPES:SECRET`` where ``SCOPES`` is ``chat``, ``admin`` or ``chat+admin`` and ``SECRET`` is
+each ``SCOPES[@KBS]:SECRET`` where ``SCOPES`` is ``chat``, ``admin`` or ``chat+admin``, ``KBS`` the
+knowledge bases the key may use (``chat@pumps,valves:…``; no ``@`` or ``@*``: every one) and ``SECRET`` is
 
 * ``sha256:<64 hex>`` — the SHA-256 of the key (preferred: the config never holds the key), or
 * the plain key itself (handy for development; at least 16 characters recommended).
@@ -33,6 +34,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +56,7 @@ SCOPES = ("chat", "admin")
 _IMPLIED = {"admin": frozenset({"admin", "chat"}), "chat": frozenset({"chat"})}
 _HEX = frozenset("0123456789abcdef")
 _MIN_PLAIN_KEY_CHARS = 16
+_KB_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")  # server/knowledge_bases.py::NAME_RE
 
 
 def hash_key(key: str) -> str:
@@ -67,17 +70,22 @@ class Principal:
 
     key_id: str  # "key:<12 hex of the hash>" or "ip:<address>"; safe to log, used as rate-limit key
     scopes: frozenset[str]
+    kbs: tuple[str, ...] | None = None  # the knowledge bases it is bound to, in order; None = every one
 
     def has(self, scope: str) -> bool:
         return scope in self.scopes
 
+    def may_use(self, kb: str) -> bool:
+        return self.kbs is None or kb in self.kbs
+
 
 @dataclass(frozen=True, slots=True)
 class ApiKey:
-    """One configured key: its SHA-256 digest and the scopes it grants (implications expanded)."""
+    """One configured key: its SHA-256 digest, the scopes it grants (implications expanded), its KBs."""
 
     digest: bytes
     scopes: frozenset[str]
+    kbs: tuple[str, ...] | None = None  # None: every knowledge base (an entry without ``@``, or ``@*``)
 
     @property
     def key_id(self) -> str:
@@ -100,7 +108,7 @@ class KeyRegistry:
         for key in self._keys:
             if hmac.compare_digest(digest, key.digest) and found is None:
                 found = key
-        return Principal(found.key_id, found.scopes) if found else None
+        return Principal(found.key_id, found.scopes, found.kbs) if found else None
 
 
 def _parse_scopes(text: str, where: str) -> frozenset[str]:
@@ -125,17 +133,32 @@ def parse_key_entry(entry: str, where: str = "") -> ApiKey:
             f"API key entry {where}: expected 'SCOPES:sha256:<hex>' or 'SCOPES:<key>' "
             "(e.g. 'chat:sha256:...'; run `vlmrag keygen`)"
         )
+    scope_text, at, kb_text = scope_text.partition("@")
     scopes = _parse_scopes(scope_text, where)
+    kbs = _parse_kbs(kb_text, where) if at else None
     secret = secret.strip()
     if secret.lower().startswith("sha256:"):
         hexdigest = secret[len("sha256:"):].strip().lower()
         if len(hexdigest) != 64 or not set(hexdigest) <= _HEX:
             raise ConfigurationError(f"API key entry {where}: sha256 hash must be 64 hex characters")
-        return ApiKey(bytes.fromhex(hexdigest), scopes)
+        return ApiKey(bytes.fromhex(hexdigest), scopes, kbs)
     if len(secret) < _MIN_PLAIN_KEY_CHARS:
         log.warning("API key entry %s is a plain key shorter than %d characters; use `vlmrag keygen`",
                     where, _MIN_PLAIN_KEY_CHARS)
-    return ApiKey(hashlib.sha256(secret.encode("utf-8")).digest(), scopes)
+    return ApiKey(hashlib.sha256(secret.encode("utf-8")).digest(), scopes, kbs)
+
+
+def _parse_kbs(text: str, where: str) -> tuple[str, ...] | None:
+    """``pumps,valves`` (or ``+``-separated) → ('pumps', 'valves'); ``*`` → None (every KB)."""
+    names = [n.strip().lower() for n in text.replace("+", ",").split(",") if n.strip()]
+    if not names:
+        raise ConfigurationError(f"API key entry {where}: '@' must name knowledge bases (or '*' for all)")
+    if "*" in names:
+        return None
+    for name in names:
+        if not _KB_NAME.match(name):
+            raise ConfigurationError(f"API key entry {where}: knowledge base name {name!r} is not valid")
+    return tuple(dict.fromkeys(names))
 
 
 def _split_entries(text: str) -> list[str]:
@@ -145,7 +168,17 @@ def _split_entries(text: str) -> list[str]:
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        entries.extend(part.strip() for part in line.split(",") if part.strip())
+        pending = ""
+        for part in (p.strip() for p in line.split(",")):
+            if not part:
+                continue
+            # `chat@pumps,valves:sha256:…` lists KBs with commas: a piece without ':' continues the entry
+            pending = f"{pending},{part}" if pending else part
+            if ":" in part:
+                entries.append(pending)
+                pending = ""
+        if pending:
+            entries.append(pending)
     return entries
 
 

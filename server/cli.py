@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("server.commands.eval", "Evaluate CLIP vs re-ranked adaptive selection on a COCO-captions set."),
     "reindex": ("server.commands.reindex", "Re-embed the knowledge base with a new CLIP model, no downtime."),
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
+    "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),
 }
 COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
 
@@ -40,7 +41,7 @@ def chosen_command(argv: Sequence[str]) -> str | None:
     for arg in argv:
         if skip_next:
             skip_next = False
-        elif arg == "--data-dir":
+        elif arg in ("--data-dir", "--kb"):
             skip_next = True
         elif not arg.startswith("-"):
             return arg if arg in COMMANDS else None
@@ -53,6 +54,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="vlmrag", description="Multimodal RAG: CLIP retrieval over Qdrant, VLM re-ranking, answers via vLLM."
     )
     parser.add_argument("--data-dir", help="Overrides VLMRAG_DATA_DIR.")
+    parser.add_argument("--kb", help="The knowledge base ingest, search, stats, delete, reindex work on (default: default).")
     parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():
@@ -91,6 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: invalid settings: {settings_problems(exc)}", file=sys.stderr)
         return 2
     try:
+        if args.kb:
+            from server.knowledge_bases import settings_for_kb
+
+            settings = settings_for_kb(settings, args.kb)
         return int(args.func(args, settings) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 
 from retriever.knowledge_base import KnowledgeBase
-from server.auth import AccessControl, get_access_control
+from server.auth import AccessControl, Principal, get_access_control
+from server.knowledge_bases import KnowledgeBases, choose_kb
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.settings import Settings
@@ -31,8 +32,35 @@ def get_chat_service(request: Request) -> ChatService:
     return get_state(request).chat
 
 
-def get_knowledge_base(request: Request) -> KnowledgeBase:
-    return get_state(request).knowledge_base
+def get_kb_name(
+    request: Request,
+    kb: Annotated[str | None, Query(max_length=48, description="Knowledge base (default: the key's first).")] = None,
+) -> str:
+    """The knowledge base named by ``?kb=`` (or the caller's default), which the caller must be bound to.
+
+    The route's auth dependency runs first and leaves the caller on ``request.state.principal``.
+    """
+    return use_kb(request, choose_kb(getattr(request.state, "principal", None), kb))
+
+
+def use_kb(request: Request, name: str) -> str:
+    """Charge one request to KB ``name``'s own rate limit (all keys together); 429 when it is spent."""
+    get_state(request).access.limiters.charge(f"kb:{name}", "kb")
+    return name
+
+
+async def get_knowledge_base(request: Request, name: Annotated[str, Depends(get_kb_name)]) -> KnowledgeBase:
+    """The opened knowledge base of ``get_kb_name``."""
+    return await get_state(request).knowledge_bases.get(name)
+
+
+def get_principal(request: Request) -> Principal | None:
+    """The caller, as the route's auth dependency found it."""
+    return getattr(request.state, "principal", None)
+
+
+def get_knowledge_bases(request: Request) -> KnowledgeBases:
+    return get_state(request).knowledge_bases
 
 
 def get_metrics(request: Request) -> Metrics:
@@ -43,5 +71,8 @@ StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
 KnowledgeBaseDep = Annotated[KnowledgeBase, Depends(get_knowledge_base)]
+KnowledgeBasesDep = Annotated[KnowledgeBases, Depends(get_knowledge_bases)]
+KBNameDep = Annotated[str, Depends(get_kb_name)]
+CallerDep = Annotated[Principal | None, Depends(get_principal)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]

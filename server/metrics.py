@@ -37,6 +37,25 @@ class Metrics:
             "vlmrag_degraded", "Requests answered with a degraded stage.", ["stage"], registry=self.registry,
         )
 
+        # per knowledge base; the label set is bounded: only KBs that exist and the caller may use get here,
+        # at most limit_knowledge_bases of them
+        self.kb_requests = Counter(
+            "vlmrag_kb_requests", "Requests answered per knowledge base.", ["kb", "kind"], registry=self.registry,
+        )
+        self.kb_tokens = Counter(
+            "vlmrag_kb_tokens", "Answering-model tokens per knowledge base.", ["kb", "kind"], registry=self.registry,
+        )
+        self.kb_ingested = Counter(
+            "vlmrag_kb_ingested_snippets", "Snippets added per knowledge base.", ["kb"], registry=self.registry,
+        )
+
+    def observe_kb(self, kb: str, kind: str, usage: dict[str, int] | None = None) -> None:
+        """One ``kind`` (chat, search, ask) request against ``kb``, with its token usage."""
+        self.kb_requests.labels(kb, kind).inc()
+        if usage:
+            self.kb_tokens.labels(kb, "prompt").inc(usage.get("prompt_tokens", 0) or 0)
+            self.kb_tokens.labels(kb, "completion").inc(usage.get("completion_tokens", 0) or 0)
+
     def observe_timings(self, timings_ms: dict[str, float]) -> None:
         """Record every stage of a timings dict (milliseconds; ``total`` is skipped)."""
         for stage, ms in timings_ms.items():

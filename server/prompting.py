@@ -76,15 +76,18 @@ class PromptBuilder:
         return _merge_text([p for p in parts if p["type"] != "text" or p["text"]])
 
     def build_messages(
-        self, messages: list[dict[str, Any]], snippets: list[PromptSnippet]
+        self, messages: list[dict[str, Any]], snippets: list[PromptSnippet], *, instructions: str = "",
     ) -> list[dict[str, Any]]:
         """System prompt, the conversation, and the context block put before the latest user turn.
 
         Args:
             messages: the caller's messages as OpenAI dicts (content: a string or parts).
             snippets: the kept snippets, numbered as they will be cited.
+            instructions: the knowledge base's system-prompt addition (an operator instruction, first).
         """
-        operator = "\n\n".join(_text_of(m.get("content")) for m in messages if m.get("role") in _OPERATOR_ROLES)
+        rules = [instructions.strip()] if instructions.strip() else []
+        rules += [_text_of(m.get("content")) for m in messages if m.get("role") in _OPERATOR_ROLES]
+        operator = "\n\n".join(rules)
         turns = [dict(m) for m in messages if m.get("role") not in _OPERATOR_ROLES]
         last_user = max((i for i, m in enumerate(turns) if m.get("role") == "user"), default=None)
         if last_user is not None:

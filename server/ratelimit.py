@@ -28,7 +28,7 @@ from retriever.errors import RateLimited
 from server.settings import Settings
 
 Clock = Callable[[], float]
-BUCKETS = ("default", "media")
+BUCKETS = ("default", "media", "kb")  # "kb": per knowledge base, all keys together (rate_limit_kb_*)
 AUTH_FAILURES = "auth_failures"  # the per-IP bucket of failed authentications
 
 
@@ -54,6 +54,8 @@ class RateLimiter:
             rate, burst = settings.rate_limit_rps, settings.rate_limit_burst
         elif bucket == "media":
             rate, burst = settings.rate_limit_media_rps, settings.rate_limit_media_burst
+        elif bucket == "kb":
+            rate, burst = settings.rate_limit_kb_rps, settings.rate_limit_kb_burst
         elif bucket == AUTH_FAILURES:
             rate, burst = settings.rate_limit_auth_failures_per_min / 60.0, settings.rate_limit_auth_failures_burst
         else:

@@ -106,6 +106,18 @@ class Settings(BaseSettings):
         "skip", description="A turn whose last message is a tool result: skip the search, or search anyway.",
     )
 
+    # --- knowledge bases (server/knowledge_bases.py) -------------------------------------------
+    database_url: str = Field(
+        "", description="SQLAlchemy URL of the catalog of knowledge bases (and answer feedback); empty = SQLite "
+        "file data_dir/vlmrag.sqlite3. Several replicas share one, e.g. postgresql+psycopg://…",
+    )
+    limit_knowledge_bases: int = Field(100, ge=1, description="Knowledge bases one service may hold.")
+    blob_namespace: str = Field(
+        "", description="Blob sub-folder (S3: sub-prefix) of the collection's KB; set by the CLI's --kb, not by hand.",
+    )
+    rate_limit_kb_rps: float = Field(50.0, gt=0, description="Per knowledge base requests/s, all keys together.")
+    rate_limit_kb_burst: int = Field(100, ge=1)
+
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

@@ -10,6 +10,7 @@ from retriever.knowledge_base import KnowledgeBase
 from retriever.rerank import ChatBackend, RerankService
 from server.auth import AccessControl
 from server.gate import ModelCallGate
+from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.settings import Settings
@@ -23,7 +24,8 @@ class AppState:
     settings: Settings
     metrics: Metrics
     http: httpx.AsyncClient
-    knowledge_base: KnowledgeBase
+    knowledge_base: KnowledgeBase  # the default KB
+    knowledge_bases: KnowledgeBases  # every KB (the default one included), opened on first use
     answer_client: VLLMClient  # the answering model
     rerank_backend: ChatBackend  # the re-ranker's model: answer_client itself when they coincide
     reranker: RerankService

@@ -21,14 +21,16 @@ from retriever.store.base import VectorStore
 from server.settings import Settings
 
 
-def build_blob_store(settings: Settings) -> BlobStore:
-    """The configured blob backend: ``local`` (under ``data_dir/blobs``); ``s3`` is added here later."""
+def build_blob_store(settings: Settings, namespace: str = "") -> BlobStore:
+    """The configured blob backend, ``local`` (under ``data_dir/blobs``) or ``s3``; ``namespace`` is a KB's folder."""
+    namespace = namespace or settings.blob_namespace
     if settings.blob_backend == "local":
-        return LocalBlobStore(settings.blob_dir)
+        return LocalBlobStore(settings.blob_dir / namespace if namespace else settings.blob_dir)
     if settings.blob_backend == "s3":
         from retriever.blobs_s3 import S3BlobStore  # boto3 is imported only when S3 is configured
 
-        return S3BlobStore(settings.blob_s3_bucket, settings.blob_s3_prefix,
+        return S3BlobStore(settings.blob_s3_bucket, settings.blob_s3_prefix.rstrip("/") + "/" + namespace
+                           if namespace else settings.blob_s3_prefix,
                            endpoint_url=settings.blob_s3_endpoint_url or None)
     raise ConfigurationError(
         f"blob backend {settings.blob_backend!r} is not available in this build; set VLMRAG_BLOB_BACKEND=local",
@@ -44,11 +46,11 @@ def build_embedder(settings: Settings) -> ClipEmbedder:
     )
 
 
-async def open_configured_store(settings: Settings) -> VectorStore:
+async def open_configured_store(settings: Settings, collection: str | None = None) -> VectorStore:
     """Open the embedded Edge store under ``data_dir`` or the Qdrant server at ``qdrant_url``."""
     return await open_store(
         qdrant_url=settings.qdrant_url, api_key=settings.qdrant_api_key,
-        path=Path(settings.embedded_store_path), collection=settings.collection,
+        path=Path(settings.embedded_store_path), collection=collection or settings.collection,
         shard_number=settings.qdrant_shard_number, replication_factor=settings.qdrant_replication_factor,
         write_consistency_factor=settings.qdrant_write_consistency_factor,
         read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
@@ -57,43 +59,45 @@ async def open_configured_store(settings: Settings) -> VectorStore:
 
 def build_pipeline(
     settings: Settings, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore,
-    batch_size: int | None = None,
+    batch_size: int | None = None, id_namespace: str = "",
 ) -> IngestPipeline:
     """The ingestion pipeline with the settings' batch size and image limits."""
     return IngestPipeline(
         embedder, store, blobs, batch_size=batch_size or settings.clip_batch_size,
         max_image_bytes=settings.limit_image_bytes, max_image_pixels=settings.limit_image_pixels,
+        id_namespace=id_namespace or settings.blob_namespace,
     )
 
 
 async def build_knowledge_base(
     settings: Settings, *, embedder: ClipEmbedder | None = None, batch_size: int | None = None,
-    load_model: bool = True,
+    load_model: bool = True, collection: str | None = None, blob_namespace: str = "",
 ) -> KnowledgeBase:
     """Store, embedder (unless given), blobs, retriever and pipeline, ready to use; close() it after.
 
     ``load_model=False`` opens a read/delete-only knowledge base (stats, get, delete, image bytes)
     without loading CLIP and without creating the collection.
     """
-    store = await open_configured_store(settings)
+    collection = collection or settings.collection
+    store = await open_configured_store(settings, collection)
     if not load_model and embedder is None:
         try:
-            blobs = build_blob_store(settings)
+            blobs = build_blob_store(settings, blob_namespace)
         except BaseException:
             await store.close()
             raise
-        return KnowledgeBase(None, store, blobs, collection=settings.collection)
+        return KnowledgeBase(None, store, blobs, collection=collection)
     try:
         if embedder is None:
             embedder = await asyncio.to_thread(build_embedder, settings)
         await store.ensure_collection(embedder.dim, embedder.identity)
-        blobs = build_blob_store(settings)
+        blobs = build_blob_store(settings, blob_namespace)
     except BaseException:
         await store.close()
         raise
     return KnowledgeBase(
         embedder, store, blobs,
         retriever=Retriever(embedder, store, rrf_k=settings.retrieval_rrf_k),
-        pipeline=build_pipeline(settings, embedder, store, blobs, batch_size),
-        collection=settings.collection,
+        pipeline=build_pipeline(settings, embedder, store, blobs, batch_size, blob_namespace),
+        collection=collection,
     )

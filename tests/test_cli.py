@@ -119,19 +119,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.subprocess
 def test_ingest_goes_through_the_running_service(cli_env: Path, sample_images, tmp_path: Path, capsys) -> None:
     """`vlmrag serve` holds the embedded store: ingest finds it via server.json and uses its API."""
     import uvicorn
 
     from server.app import create_app
-    from server.settings import Settings
+    from tests.support.settings import bare_settings
 
     folder = tmp_path / "via-api"
     paths = save_images(folder, sample_images[:3])
     paths[0].with_suffix(".txt").write_text("caption through the API")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
 
-    settings = Settings(auth_disabled=True)
+    settings = bare_settings(auth_disabled=True)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -187,7 +188,7 @@ async def test_remote_ingest_sends_extra_metadata_as_a_json_form_field(
     from retriever.ingest.pipeline import IngestReport
     from retriever.ingest.readers import IngestItem, read_paths
     from server.commands.ingest import _post_item
-    from server.settings import Settings
+    from tests.support.settings import bare_settings
 
     folder = tmp_path / "meta"
     paths = save_images(folder, sample_images[:1])
@@ -205,7 +206,7 @@ async def test_remote_ingest_sends_extra_metadata_as_a_json_form_field(
     report = IngestReport(total=3)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://kb") as client:
         for item in [*read_paths([str(folder)]), IngestItem(source="api", key="bare", text="bare")]:
-            await _post_item(client, item, ["run"], Settings(auth_disabled=True), report)
+            await _post_item(client, item, ["run"], bare_settings(auth_disabled=True), report)
     assert report.ingested == 3 and report.failed == 0
     by_text = {str(form["text"][0]): form for form in received}
     with_meta = by_text["a pump"]
@@ -225,9 +226,10 @@ def test_every_command_registers_and_help_lists_them() -> None:
 
 def _minimal_args(name: str) -> list[str]:
     return {"ingest": ["x"], "delete": ["--source", "s"], "eval": ["--coco", "a.json", "--out", "o"],
-            "reindex": ["--drop-old"]}.get(name, [])
+            "reindex": ["--drop-old"], "kb": ["list"]}.get(name, [])
 
 
+@pytest.mark.subprocess
 def test_light_commands_do_not_import_torch() -> None:
     """`vlmrag --help` and `vlmrag keygen` import only their own module, not torch/qdrant-client."""
     import subprocess

@@ -52,9 +52,11 @@ def content_hash_of(image_bytes: bytes | None, text: str) -> str:
     return hashlib.sha256(image_bytes if image_bytes is not None else text.encode("utf-8")).hexdigest()
 
 
-def point_id_for(content_hash: str, text: str, source: str, page: int | None) -> str:
+def point_id_for(content_hash: str, text: str, source: str, page: int | None, namespace: str = "") -> str:
     """Deterministic point id (see module docstring)."""
-    return str(uuid.uuid5(VLMRAG_NAMESPACE, f"{content_hash}\x1f{text}\x1f{source}\x1f{page or ''}"))
+    key = f"{content_hash}\x1f{text}\x1f{source}\x1f{page or ''}"
+    # a knowledge base's namespace keeps the same material in two KBs under different, unrelated ids
+    return str(uuid.uuid5(VLMRAG_NAMESPACE, f"{namespace}\x1e{key}" if namespace else key))
 
 
 @dataclass(slots=True)
@@ -120,9 +122,10 @@ class IngestPipeline:
         self, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore, *, batch_size: int = 16,
         max_image_bytes: int = 10 * 1024 * 1024, max_image_pixels: int = 40_000_000,
         thumbnail_size: int = 256, draft_size: int | None = 512, workers: int | None = None,
-        prefetch_batches: int = 2,
+        prefetch_batches: int = 2, id_namespace: str = "",
     ) -> None:
         self.embedder = embedder
+        self.id_namespace = id_namespace  # a knowledge base's (see point_id_for); "" for the default KB
         self.store = store
         self.blobs = blobs
         self.batch_size = max(1, batch_size)
@@ -146,7 +149,8 @@ class IngestPipeline:
         elif not prepared.text:
             raise InvalidInput("nothing to ingest: no image and no text")
         prepared.content_hash = content_hash_of(prepared.image_bytes, prepared.text)
-        prepared.point_id = point_id_for(prepared.content_hash, prepared.text, item.source, item.page)
+        prepared.point_id = point_id_for(prepared.content_hash, prepared.text, item.source, item.page,
+                                         self.id_namespace)
         return prepared
 
     def _decode(self, prepared: _Prepared) -> _Prepared:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.responses import StreamingResponse
 
 from server.api_models import AskForm, AskResponse
 from server.auth import ChatAuth
-from server.deps import ChatServiceDep, MetricsDep, SettingsDep
+from server.deps import CallerDep, ChatServiceDep, MetricsDep, SettingsDep, use_kb
+from server.knowledge_bases import choose_kb
 from server.limits import check_upload_count
 from server.routes.streaming import sse_response
 
@@ -18,7 +19,7 @@ router = APIRouter(tags=["chat"], dependencies=[ChatAuth])
 
 @router.post("/v1/ask", response_model=AskResponse)
 async def ask(
-    service: ChatServiceDep, metrics: MetricsDep, settings: SettingsDep,
+    service: ChatServiceDep, metrics: MetricsDep, settings: SettingsDep, caller: CallerDep, http: Request,
     form: Annotated[AskForm, Form()],
     image: Annotated[list[UploadFile] | None, File(description="Optional image file(s).")] = None,
 ) -> AskResponse | StreamingResponse:
@@ -27,7 +28,8 @@ async def ask(
     check_upload_count(settings, len(files), param="image")
     uploads = [(await f.read(), f.filename) for f in files]
     prepared = await service.prepare_ask(form.question, uploads, form.retrieval_options(),
-                                         max_tokens=form.max_tokens, temperature=form.temperature)
+                                         max_tokens=form.max_tokens, temperature=form.temperature,
+                                         kb_name=use_kb(http, choose_kb(caller, form.kb)))
     if form.stream:
         return sse_response(await service.open_stream(prepared), metrics)
     result = await service.complete(prepared)

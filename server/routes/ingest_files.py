@@ -31,7 +31,7 @@ from retriever.ingest.readers import (
 )
 from server.api_models import FileFailure, FileReport, IngestFilesResponse
 from server.auth import AdminAuth
-from server.deps import KnowledgeBaseDep, SettingsDep
+from server.deps import KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
 from server.limits import check_upload_count
 
 router = APIRouter(tags=["snippets"], dependencies=[AdminAuth])
@@ -75,7 +75,7 @@ def _save(upload: UploadFile, target: Path) -> None:
 
 @router.post("/v1/ingest/files", response_model=IngestFilesResponse)
 async def ingest_files(
-    kb: KnowledgeBaseDep, settings: SettingsDep,
+    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep,
     files: Annotated[list[UploadFile], File(description="PDF, text/Markdown or image files.")],
     tags: Annotated[list[str] | None, Form(description="Tags for every snippet created.")] = None,
 ) -> IngestFilesResponse:
@@ -91,6 +91,7 @@ async def ingest_files(
             path = Path(tmp) / str(index) / name
             await asyncio.to_thread(_save, upload, path)
             report = await kb.ingest(items_for(path, name), tags=tags or [])
+            metrics.kb_ingested.labels(kb_name).inc(report.ingested)
             reports.append(FileReport(
                 filename=name, ingested=report.ingested, existing=report.skipped_existing,
                 failed=report.failed, ids=list(report.ids),

@@ -12,7 +12,7 @@ from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
 from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList, StatsResponse
 from server.auth import AdminAuth, ChatAuth, ChatMediaAuth
-from server.deps import KnowledgeBaseDep, SettingsDep
+from server.deps import KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
 from server.limits import check_text_chars
 from server.services.links import snippet_info
 
@@ -24,7 +24,7 @@ _IMAGE_CACHE = "private, max-age=86400"
 @router.post("/v1/snippets", response_model=SnippetCreated, status_code=201, dependencies=[AdminAuth],
              responses={200: {"model": SnippetCreated, "description": "Identical snippet already stored."}})
 async def add_snippet(
-    kb: KnowledgeBaseDep, settings: SettingsDep,
+    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep,
     image: Annotated[UploadFile | None, File(description="The snippet's image.")] = None,
     text: Annotated[str | None, Form(description="Text or caption.")] = None,
     source: Annotated[str, Form(max_length=1024)] = "",
@@ -41,15 +41,17 @@ async def add_snippet(
         raise InvalidInput("the uploaded image is empty", param="image", code="empty_image")
     filename = image.filename if image is not None else None
     snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename, page=page, extra=extra)
+    if created:
+        metrics.kb_ingested.labels(kb_name).inc()
     point = await kb.get(snippet_id)
     body = SnippetCreated(id=snippet_id, created=created,
-                          snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url)))
+                          snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url, kb_name)))
     return JSONResponse(body.model_dump(), status_code=201 if created else 200)
 
 
 @router.get("/v1/snippets", response_model=SnippetList, dependencies=[ChatAuth])
 async def list_snippets(
-    kb: KnowledgeBaseDep, settings: SettingsDep,
+    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[str | None, Query(max_length=100, description="next_offset of the previous page")] = None,
     source: Annotated[str | None, Query(max_length=1024)] = None,
@@ -58,15 +60,15 @@ async def list_snippets(
     filters = SearchFilters(source=source) if source else None
     points, next_offset = await kb.list_snippets(limit, offset or None, filters)
     return SnippetList(
-        items=[SnippetInfo(**snippet_info(p.id, p.payload, settings.public_url)) for p in points],
+        items=[SnippetInfo(**snippet_info(p.id, p.payload, settings.public_url, kb_name)) for p in points],
         next_offset=next_offset,
     )
 
 
 @router.get("/v1/snippets/{snippet_id}", response_model=SnippetInfo, dependencies=[ChatAuth])
-async def get_snippet(snippet_id: str, kb: KnowledgeBaseDep, settings: SettingsDep) -> SnippetInfo:
+async def get_snippet(snippet_id: str, kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep) -> SnippetInfo:
     point = await kb.get(snippet_id)
-    return SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url))
+    return SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url, kb_name))
 
 
 @router.get("/v1/snippets/{snippet_id}/image", dependencies=[ChatMediaAuth],

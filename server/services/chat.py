@@ -36,6 +36,7 @@ from server.api_models import (
     SearchResponse,
     SourceItem,
 )
+from server.knowledge_bases import DEFAULT_KB, KBSpec, KnowledgeBases
 from server.limits import check_chat_request, check_image_count, check_text_chars
 from server.metrics import Metrics
 from server.prompting import PromptBuilder, PromptSnippet
@@ -75,6 +76,9 @@ class SelectedContext:
     scorer: Scorer = "none"
     degraded: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    kb: KnowledgeBase | None = None  # where the snippets come from (their images are read there)
+    kb_name: str = DEFAULT_KB
+    instructions: str = ""  # the KB's system-prompt addition
 
 
 @dataclass(slots=True)
@@ -105,12 +109,12 @@ class ChatService:
     """The request pipeline; one instance per app, built in the lifespan."""
 
     def __init__(
-        self, settings: Settings, *, knowledge_base: KnowledgeBase, answer_client: VLLMClient,
+        self, settings: Settings, *, knowledge_bases: KnowledgeBases, answer_client: VLLMClient,
         reranker: RerankService, prompts: PromptBuilder | None = None, metrics: Metrics | None = None,
         gate: ModelCallGate | None = None, remote_images: httpx.AsyncClient | None = None,
     ) -> None:
         self.settings = settings
-        self.kb = knowledge_base
+        self.kbs = knowledge_bases
         self.answer_client = answer_client  # the answering model's vLLM client
         self.reranker = reranker
         self.prompts = prompts or PromptBuilder()
@@ -155,27 +159,34 @@ class ChatService:
             )
 
     # ------------------------------------------------------------------ retrieval
-    async def retrieve(self, text: str, images: list[QueryImage], plan: RetrievalPlan) -> SelectedContext:
+    async def knowledge_base(self, name: str) -> tuple[KnowledgeBase, KBSpec]:
+        """The opened KB ``name`` and its spec (defaults, system-prompt addition); the caller checked access."""
+        return await self.kbs.get(name), await self.kbs.spec(name)
+
+    async def retrieve(
+        self, text: str, images: list[QueryImage], plan: RetrievalPlan, kb: KnowledgeBase,
+    ) -> SelectedContext:
         """CLIP search for a pool, then relevancy scoring and adaptive selection."""
         if not plan.enabled:
-            return SelectedContext(scorer="none")
+            return SelectedContext(scorer="none", kb=kb)
         if not text.strip() and not images:
             raise InvalidInput("nothing to search for: the question has no text and no image",
                                param="messages", code="empty_query")
-        found = await self.kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters)
+        found = await kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
-        outcome = await self.reranker.rerank(text, rerank_images, found.candidates, plan)
+        outcome = await self.reranker.rerank(text, rerank_images, found.candidates, plan,
+                                             load_image=kb.snippet_image)
         timings.update({name: round(ms, 3) for name, ms in outcome.timings.items() if name != "total"})
         timings.setdefault("rerank", 0.0)
         return SelectedContext(list(outcome.kept), list(outcome.dropped), outcome.scorer, list(outcome.degraded),
-                               timings)
+                               timings, kb=kb)
 
-    async def _prompt_snippets(self, kept: list[Candidate], image_budget: int) -> list[PromptSnippet]:
+    async def _prompt_snippets(self, kb: KnowledgeBase, kept: list[Candidate], image_budget: int) -> list[PromptSnippet]:
         """Kept snippets numbered for citing; images attached in rank order while ``image_budget`` lasts."""
         attached = [c for c in kept if c.payload.image_ref][: max(0, image_budget)]
-        images = await asyncio.gather(*(self.kb.snippet_image(c) for c in attached))
+        images = await asyncio.gather(*(kb.snippet_image(c) for c in attached))
         loaded = {c.id: data for c, data in zip(attached, images) if data is not None}
         snippets = []
         for n, cand in enumerate(kept, start=1):
@@ -187,11 +198,12 @@ class ChatService:
         return snippets
 
     # ------------------------------------------------------------------ preparing a chat
-    async def prepare_chat(self, request: ChatCompletionRequest) -> PreparedChat:
+    async def prepare_chat(self, request: ChatCompletionRequest, kb_name: str = DEFAULT_KB) -> PreparedChat:
         """Validate, decode every image, retrieve for the conversation, build the model's body."""
         started = time.perf_counter()
         s = self.settings
-        plan = resolve_plan(s, request.retrieval)
+        kb, spec = await self.knowledge_base(kb_name)
+        plan = resolve_plan(s, request.retrieval, defaults=spec.retrieval)
         max_tokens = request.max_completion_tokens or request.max_tokens
         check_chat_request(s, request.messages, max_tokens=max_tokens, k=plan.k, pool=plan.pool)
         if not any(m.role == "user" for m in request.messages):
@@ -216,7 +228,8 @@ class ChatService:
             plan.enabled = False  # a tool result is not a question: the conversation goes on as the caller sent it
         query = await self._search_query(messages, plan) if plan.enabled else None
         query_images = [img for i in (query.image_turns if query else []) for img in images_by_turn.get(i, [])]
-        context = await self.retrieve(query.text if query else "", query_images, plan)
+        context = await self.retrieve(query.text if query else "", query_images, plan, kb)
+        context.kb_name, context.instructions = kb_name, spec.system_prompt
         if query is not None:
             context.degraded.extend(query.degraded)
             context.timings.update(query.timings)
@@ -247,7 +260,7 @@ class ChatService:
 
     async def prepare_ask(
         self, question: str, images: list[tuple[bytes, str | None]], options: RetrievalOptions | None,
-        *, max_tokens: int | None = None, temperature: float | None = None,
+        *, max_tokens: int | None = None, temperature: float | None = None, kb_name: str = DEFAULT_KB,
     ) -> PreparedChat:
         """The /v1/ask form as a one-turn chat: the question text plus uploaded images."""
         started = time.perf_counter()
@@ -255,7 +268,8 @@ class ChatService:
         check_text_chars(s, question, "question")
         check_image_count(s, len(images), per_message=True, param="image")
         self.check_prompt_images(len(images), "image")
-        plan = resolve_plan(s, options, param_prefix="")
+        kb, spec = await self.knowledge_base(kb_name)
+        plan = resolve_plan(s, options, param_prefix="", defaults=spec.retrieval)
         t = time.perf_counter()
         decoded = [self.decode_upload(data, name, "image") for data, name in images]
         decode_ms = _ms(t)
@@ -271,7 +285,8 @@ class ChatService:
             param = ".".join(str(p) for p in first.get("loc", ()))
             raise InvalidInput(f"{param}: {first.get('msg')}", param=param) from exc
         check_chat_request(s, request.messages, max_tokens=max_tokens)
-        context = await self.retrieve(question, decoded, plan)
+        context = await self.retrieve(question, decoded, plan, kb)
+        context.kb_name, context.instructions = kb_name, spec.system_prompt
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
         return self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started)
@@ -283,7 +298,8 @@ class ChatService:
         t = time.perf_counter()
         if enabled:
             budget = self.settings.vllm_max_images_per_prompt - _image_count(messages)
-            final = self.prompts.build_messages(messages, await self._prompt_snippets(context.kept, budget))
+            snippets = await self._prompt_snippets(context.kb, context.kept, budget) if context.kb else []
+            final = self.prompts.build_messages(messages, snippets, instructions=context.instructions)
         else:  # plain proxy: the caller's conversation as is
             final = messages
         context.timings["prompt"] = _ms(t)
@@ -305,7 +321,7 @@ class ChatService:
         """Kept snippets (numbered as cited) then the dropped ones."""
         base = self.settings.public_url
         numbered = [(c, n) for n, c in enumerate(context.kept, start=1)] + [(c, None) for c in context.dropped]
-        return [SourceItem(**source_item(c, n, base)) for c, n in numbered]
+        return [SourceItem(**source_item(c, n, base, context.kb_name)) for c, n in numbered]
 
     # ------------------------------------------------------------------ calling the model
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
@@ -372,30 +388,33 @@ class ChatService:
         if self.metrics is not None:
             self.metrics.observe_timings(prepared.timings)
             self.metrics.observe_usage(usage.model_dump() if usage else None)
+            self.metrics.observe_kb(prepared.context.kb_name, "answer", usage.model_dump() if usage else None)
             self.metrics.observe_degraded(prepared.context.degraded)
 
     # ------------------------------------------------------------------ search only
-    async def search(self, request: SearchRequest) -> SearchResponse:
+    async def search(self, request: SearchRequest, kb_name: str = DEFAULT_KB) -> SearchResponse:
         """Retrieval and selection only, with every score."""
         started = time.perf_counter()
         check_text_chars(self.settings, request.text, "text")
-        plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="")
+        kb, spec = await self.knowledge_base(kb_name)
+        plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="", defaults=spec.retrieval)
         t = time.perf_counter()
         images = [await self.load_image_url(request.image, "image")] if request.image else []
         decode_ms = _ms(t)
-        context = await self.retrieve(request.text or "", images, plan)
+        context = await self.retrieve(request.text or "", images, plan, kb)
         timings = {"decode": decode_ms, **context.timings, "total": _ms(started)}
         if self.metrics is not None:
             self.metrics.observe_timings(timings)
             self.metrics.observe_degraded(context.degraded)
+            self.metrics.observe_kb(kb_name, "search")
         base = self.settings.public_url
-        candidates = [_search_candidate(c, base) for c in context.kept + context.dropped]
+        candidates = [_search_candidate(c, base, kb_name) for c in context.kept + context.dropped]
         return SearchResponse(candidates=candidates, scorer=context.scorer, degraded=context.degraded,
                               timings=timings)
 
 
-def _search_candidate(c: Candidate, base: str) -> SearchCandidate:
-    image_url, thumbnail_url = snippet_links(c.id, c.payload, base)
+def _search_candidate(c: Candidate, base: str, kb_name: str) -> SearchCandidate:
+    image_url, thumbnail_url = snippet_links(c.id, c.payload, base, kb_name)
     p = c.payload
     return SearchCandidate(
         id=c.id, rank=c.rank, kind=p.kind, source=p.source, text=p.text, page=p.page, tags=list(p.tags),

@@ -8,12 +8,18 @@ from urllib.parse import quote
 from retriever.types import Candidate, SnippetPayload
 
 
-def snippet_links(snippet_id: str, payload: SnippetPayload, base_url: str = "") -> tuple[str | None, str | None]:
-    """(image URL, thumbnail URL) served by this API, or (None, None) for a text-only snippet."""
+def snippet_links(
+    snippet_id: str, payload: SnippetPayload, base_url: str = "", kb: str = "default",
+) -> tuple[str | None, str | None]:
+    """(image URL, thumbnail URL) served by this API, or (None, None) for a text-only snippet.
+
+    A snippet of another KB than ``default`` links with ``?kb=``: the URL opens only with a key bound to it.
+    """
     if not payload.image_ref:
         return None, None
     root = f"{base_url.rstrip('/')}/v1/snippets/{quote(snippet_id, safe='')}"
-    return f"{root}/image", (f"{root}/thumbnail" if payload.thumb_ref else f"{root}/image")
+    query = "" if kb == "default" else f"?kb={quote(kb, safe='')}"
+    return f"{root}/image{query}", (f"{root}/thumbnail{query}" if payload.thumb_ref else f"{root}/image{query}")
 
 
 def excerpt(text: str, limit: int = 500) -> str:
@@ -24,10 +30,10 @@ def excerpt(text: str, limit: int = 500) -> str:
     return text[:limit].rsplit(" ", 1)[0] + " …"
 
 
-def source_item(candidate: Candidate, index: int | None, base_url: str = "") -> dict[str, Any]:
+def source_item(candidate: Candidate, index: int | None, base_url: str = "", kb: str = "default") -> dict[str, Any]:
     """A ``server.api_models.SourceItem`` as a dict; ``index`` is the ``[n]`` of a kept snippet."""
     p = candidate.payload
-    image_url, thumbnail_url = snippet_links(candidate.id, p, base_url)
+    image_url, thumbnail_url = snippet_links(candidate.id, p, base_url, kb)
     return {
         "id": candidate.id, "index": index, "kind": p.kind, "text": excerpt(p.text), "source": p.source,
         "page": p.page, "image_url": image_url, "thumbnail_url": thumbnail_url,
@@ -36,9 +42,9 @@ def source_item(candidate: Candidate, index: int | None, base_url: str = "") -> 
     }
 
 
-def snippet_info(snippet_id: str, payload: SnippetPayload, base_url: str = "") -> dict[str, Any]:
+def snippet_info(snippet_id: str, payload: SnippetPayload, base_url: str = "", kb: str = "default") -> dict[str, Any]:
     """A ``server.api_models.SnippetInfo`` as a dict."""
-    image_url, thumbnail_url = snippet_links(snippet_id, payload, base_url)
+    image_url, thumbnail_url = snippet_links(snippet_id, payload, base_url, kb)
     return {
         "id": snippet_id, "kind": payload.kind, "text": payload.text, "source": payload.source,
         "tags": list(payload.tags), "page": payload.page, "created_at": payload.created_at,

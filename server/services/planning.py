@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from typing import Any
 
@@ -12,13 +13,18 @@ from server.limits import check_retrieval_caps
 from server.settings import Settings
 
 
-def resolve_plan(settings: Settings, options: RetrievalOptions | None, *, param_prefix: str = "retrieval.") -> RetrievalPlan:
-    """Resolve per-request options against ``settings``, enforcing the k/pool caps (400 naming the field)."""
+def resolve_plan(
+    settings: Settings, options: RetrievalOptions | None, *, param_prefix: str = "retrieval.",
+    defaults: Mapping[str, Any] | None = None,
+) -> RetrievalPlan:
+    """Resolve per-request options over a KB's ``defaults`` over ``settings``, enforcing the k/pool caps."""
     o = options or RetrievalOptions()
     check_retrieval_caps(settings, k=o.k, pool=o.pool, param_prefix=param_prefix)
     values: dict[str, Any] = {}
     for f in fields(RetrievalPlan):
         given = getattr(o, f.name, None)
+        if given is None and defaults:
+            given = defaults.get(f.name)
         if given is None and f.name in DEFAULT_SETTINGS:
             given = getattr(settings, DEFAULT_SETTINGS[f.name])
         if given is not None:
