@@ -282,3 +282,27 @@ async def test_kb_metrics_and_rate_limit(settings: Settings, knowledge_base, fak
         assert 'vlmrag_kb_ingested_snippets_total{kb="pumps"} 1.0' in metrics
         assert 'vlmrag_kb_tokens_total{kb="pumps",kind="completion"}' in metrics
         assert 'vlmrag_kb_requests_total{kb="default",kind="search"} 1.0' in metrics
+
+
+async def test_two_kbs_ingest_at_once_on_the_qdrant_client_adapter(settings: Settings, fake_vllm: FakeVLLM,
+                                                                   tmp_path: Path) -> None:
+    """The same concurrency on qdrant-client (local mode stands in for a server: one client per KB)."""
+    changed = settings.model_copy(update={"qdrant_url": ":memory:"})
+    app = create_app(changed, vllm_transport=httpx.MockTransport(fake_vllm))
+    async with running_client(app) as client:
+        for name in ("pumps", "valves"):
+            assert (await client.post("/v1/knowledge-bases", json={"name": name})).status_code == 201
+
+        async def ingest(kb: str) -> list[int]:
+            return [(await client.post("/v1/snippets", params={"kb": kb},
+                                       data={"text": f"{kb} note {i}", "source": f"{kb}-{i}.txt"})).status_code
+                    for i in range(5)]
+
+        results = await asyncio.gather(ingest("pumps"), ingest("valves"))
+        assert all(code == 201 for codes in results for code in codes)
+        for kb in ("pumps", "valves"):
+            stats = (await client.get("/v1/stats", params={"kb": kb})).json()
+            assert stats["count"] == 5 and stats["store"].startswith("qdrant")
+            assert all(src.startswith(kb) for src in stats["by_source"])
+        r = await client.delete("/v1/knowledge-bases/valves")
+        assert r.status_code == 200 and r.json()["snippets"] == 5
