@@ -14,7 +14,7 @@ help:
 	@echo "make run        start vlmrag (settings from VLMRAG_* / .env; first run creates an admin key in .env)"
 	@echo "make demo       start a tiny local vLLM (CPU, random weights) + vlmrag with tiny CLIP: no downloads"
 	@echo "make test       create venvs, install everything, run the whole suite (unit, API, e2e, browser)"
-	@echo "make test-fast  unit + API tests only (no vLLM process, no browser)"
+	@echo "make test-fast  unit + API tests only (no vLLM, no browser, no child processes or real servers)"
 	@echo "make lint       ruff + mypy"
 
 $(STAMP): pyproject.toml
@@ -40,7 +40,7 @@ test: venv vllm-venv browser
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv
-	$(PY) -m pytest -m "not e2e and not browser" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not e2e and not browser and not subprocess" $(PYTEST_ARGS)
 
 lint: venv
 	$(PY) -m ruff check server retriever prompts tests

@@ -17,6 +17,7 @@ from retriever.types import SearchFilters
 Scorer = Literal["vlm", "clip", "none"]
 SCORERS: tuple[str, ...] = get_args(Scorer)
 QueryMode = Literal["last", "recent", "rewrite"]  # what of a conversation is searched
+RetrievalMode = Literal["hybrid", "dense", "lexical"]  # BM25 + CLIP fused, CLIP only, BM25 only
 OnToolResult = Literal["skip", "search"]  # a turn ending in a tool result: no new search, or search anyway
 
 
@@ -30,6 +31,7 @@ class RetrievalPlan:
     min_k: int = 0
     pool: int = 20
     scorer: Scorer = "vlm"
+    mode: RetrievalMode = "hybrid"
     filters: SearchFilters | None = None
     enabled: bool = True
     query: QueryMode = "recent"
@@ -44,6 +46,7 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "min_k": "retrieval_min_k",
     "pool": "retrieval_pool",
     "scorer": "rerank_scorer",
+    "mode": "retrieval_mode",
     "query": "retrieval_query",
     "on_tool_result": "retrieval_on_tool_result",
 }

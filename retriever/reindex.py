@@ -40,7 +40,7 @@ from typing import Any, Protocol
 from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, VlmragError
-from retriever.images import decode_image
+from retriever.ingest.rules import IngestRules, has_text
 from retriever.store.base import VectorStore
 from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore
 from retriever.store.remote import META_DIM, META_EMBEDDER, RemoteStore
@@ -248,32 +248,33 @@ class ReindexResult:
         }
 
 
-class _Embedder:
-    """Turns stored snippets back into points with new vectors (blocking; run in a thread)."""
+class _PointRebuilder:
+    """Turns stored snippets back into points with vectors of the new model (blocking; run in a thread).
 
-    def __init__(self, embedder: ClipEmbedder, blobs: BlobStore, max_image_bytes: int, max_image_pixels: int):
-        self.embedder, self.blobs = embedder, blobs
-        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
+    Stored images are decoded under the ingestion rules (``retriever/ingest/rules.py``); an image
+    that no longer decodes leaves its snippet with its text vector only, or skips it without text.
+    """
+
+    def __init__(self, embedder: ClipEmbedder, blobs: BlobStore, rules: IngestRules) -> None:
+        self.embedder, self.blobs, self.rules = embedder, blobs, rules
         self.skipped_ids: set[str] = set()  # reported once, not retried by the catch-up pass
 
-    def __call__(self, page: list[StoredPoint], result: ReindexResult) -> list[PointRecord]:
+    def rebuild(self, page: list[StoredPoint], result: ReindexResult) -> list[PointRecord]:
         images, image_ids, texts, text_ids = [], [], [], []
         for point in page:
             payload = point.payload
             if payload.image_ref:
                 try:
                     data = self.blobs.get(payload.image_ref)
-                    images.append(decode_image(data, max_bytes=self.max_image_bytes,
-                                               max_pixels=self.max_image_pixels,
-                                               filename=payload.image_ref).image)
+                    images.append(self.rules.decode(data, payload.image_ref).image)
                     image_ids.append(point.id)
                 except VlmragError as exc:
-                    if not payload.text.strip():
+                    if not has_text(payload.text):
                         result.skipped.append(f"{point.id}: image {payload.image_ref}: {exc.message}")
                         self.skipped_ids.add(point.id)
                         continue
                     result.text_only.append(f"{point.id}: image {payload.image_ref}: {exc.message}")
-            if payload.text.strip():  # the same rule as ingestion: any text gets a text vector
+            if has_text(payload.text):
                 texts.append(payload.text)
                 text_ids.append(point.id)
         vectors: dict[str, dict[str, list[float]]] = {}
@@ -287,7 +288,7 @@ class _Embedder:
 
 
 async def _copy(
-    source: VectorStore, target: VectorStore, embed: _Embedder, result: ReindexResult, batch_size: int,
+    source: VectorStore, target: VectorStore, rebuilder: _PointRebuilder, result: ReindexResult, batch_size: int,
     progress: ProgressFn | None, phase: str,
 ) -> int:
     """Embed and upsert every source point the target lacks; returns how many were written."""
@@ -297,11 +298,11 @@ async def _copy(
     while True:
         page, offset = await source.scroll(limit=batch_size, offset=offset)
         present = await target.existing_ids([p.id for p in page]) if page else set()
-        todo = [p for p in page if p.id not in present and p.id not in embed.skipped_ids]
+        todo = [p for p in page if p.id not in present and p.id not in rebuilder.skipped_ids]
         if phase == "copy":
             result.resumed += len(page) - len(todo)
         if todo:
-            points = await asyncio.to_thread(embed, todo, result)
+            points = await asyncio.to_thread(rebuilder.rebuild, todo, result)
             await target.upsert(points)
             written += len(points)
         done += len(page)
@@ -365,12 +366,13 @@ async def reindex(
         target = await versions.open(new)
         await target.ensure_collection(embedder.dim, embedder.identity)
     result = ReindexResult(old=old, new=new, embedder=embedder.identity)
-    embed = _Embedder(embedder, blobs, max_image_bytes, max_image_pixels)
+    rebuilder = _PointRebuilder(embedder, blobs, IngestRules(max_image_bytes=max_image_bytes,
+                                                             max_image_pixels=max_image_pixels))
     try:
         log.info("re-indexing %s -> %s with %s", old, new, embedder.identity)
-        result.copied = await _copy(source, target, embed, result, batch_size, progress, "copy")
+        result.copied = await _copy(source, target, rebuilder, result, batch_size, progress, "copy")
         # What was written to / deleted from the old version while the copy ran.
-        result.caught_up = await _copy(source, target, embed, result, batch_size, progress, "catch-up")
+        result.caught_up = await _copy(source, target, rebuilder, result, batch_size, progress, "catch-up")
         result.removed = await _remove_deleted(source, target, batch_size)
         if switch:
             # load new (open above), switch, close old: readers never see a missing version

@@ -101,8 +101,9 @@ class ScoringFailed(Exception):
 
 # ----------------------------------------------------------------------------- pure functions
 def clip_relevancy(candidate: Candidate) -> float:
-    """(1 + best cosine) / 2, clamped to [0, 1]; the fused score when no cosine is known."""
-    cosines = [v for v in candidate.vector_scores.values() if isinstance(v, (int, float)) and math.isfinite(v)]
+    """(1 + best cosine) / 2, clamped to [0, 1]; the fused score when no cosine is known (BM25 scores are no cosines)."""
+    cosines = [v for name, v in candidate.vector_scores.items()
+               if not name.endswith("->lexical") and isinstance(v, (int, float)) and math.isfinite(v)]
     if cosines:
         return min(1.0, max(0.0, (1.0 + max(cosines)) / 2.0))
     score = candidate.clip_score

@@ -20,21 +20,35 @@ every query part.
 
 Several query images are averaged: their normalised embeddings are summed and re-normalised (the
 centroid direction), one query instead of one search per image.
+
+Lexical lists (``retrieval.mode`` ``hybrid``, the default, or ``lexical``): the query text and the text
+read from the query images (OCR) are also searched with BM25 on the sparse ``lexical`` vector
+(``text->lexical``, ``image->lexical``), as more lists of the same parts, so an exact identifier
+("E-417") or a display photo's code reaches the pool even where CLIP is blind to it. BM25 scores
+have no fixed range: in ties they count as a fraction of their list's best score.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
+from retriever import lexical
 from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput
-from retriever.store.base import VECTOR_NAMES, VectorStore
+from retriever.plan import RetrievalMode
+from retriever.store.base import LEXICAL_VECTOR, VECTOR_NAMES, VectorStore
 from retriever.types import Candidate, ScoredPoint, SearchFilters, SnippetPayload
+
+log = logging.getLogger(__name__)
+
+OcrFn = Callable[[Image.Image], str]  # the text read in one image (blocking)
 
 
 def list_name(query_kind: str, vector_name: str) -> str:
@@ -60,6 +74,8 @@ class RetrievalResult:
     candidates: list[Candidate]
     timings: dict[str, float] = field(default_factory=dict)
     query: QueryVectors = field(default_factory=QueryVectors)
+    degraded: list[str] = field(default_factory=list)  # "ocr" when the query images could not be read
+    image_text: str = ""  # the text read from the query images
 
 
 def rrf_fuse(lists: dict[str, list[ScoredPoint]], rrf_k: int, limit: int) -> list[Candidate]:
@@ -77,7 +93,14 @@ def rrf_fuse(lists: dict[str, list[ScoredPoint]], rrf_k: int, limit: int) -> lis
     fused = {pid: sum(parts.values()) for pid, parts in best.items()}
     n_parts = max(1, len({name.split("->")[0] for name in lists}))
     scale = (rrf_k + 1) / n_parts
-    order = sorted(fused, key=lambda pid: (-fused[pid], -max(scores[pid].values()), pid))
+    top_bm25 = {name: max((h.score for h in hits), default=0.0) for name, hits in lists.items()
+                if name.endswith(LEXICAL_VECTOR)}
+
+    def tie_break(pid: str) -> float:
+        # raw cosines, and BM25 scores as a fraction of their list's best, so the scales compare
+        return max(v / top_bm25[n] if n in top_bm25 and top_bm25[n] > 0 else v for n, v in scores[pid].items())
+
+    order = sorted(fused, key=lambda pid: (-fused[pid], -tie_break(pid), pid))
     return [
         Candidate(id=pid, payload=payloads[pid], clip_score=fused[pid] * scale,
                   vector_scores=scores[pid], rank=position)
@@ -111,32 +134,76 @@ class Retriever:
         return await asyncio.to_thread(self._embed_sync, text, images)
 
     async def search_vectors(
-        self, query: QueryVectors, pool: int, filters: SearchFilters | None = None
+        self, query: QueryVectors, pool: int, filters: SearchFilters | None = None, *,
+        mode: RetrievalMode = "hybrid", text: str | None = None, image_text: str | None = None,
     ) -> list[Candidate]:
-        """Run every (query part x named vector) search concurrently and fuse them."""
+        """Run every (query part x vector) search concurrently and fuse them.
+
+        Dense lists (``image``, ``text``) unless ``mode`` is ``lexical``; BM25 lists (``text->lexical`` for
+        the query text, ``image->lexical`` for the text read from the query images) unless it is ``dense``.
+        """
         if pool < 1:
             raise InvalidInput(f"pool must be at least 1, not {pool}", param="pool")
         names: list[str] = []
         tasks = []
-        for kind, vector in query.items():
-            for vector_name in VECTOR_NAMES:
-                names.append(list_name(kind, vector_name))
-                tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters))
-        results = await asyncio.gather(*tasks)
-        return rrf_fuse(dict(zip(names, results)), self.rrf_k, pool)
+        if mode != "lexical":
+            for kind, vector in query.items():
+                for vector_name in VECTOR_NAMES:
+                    names.append(list_name(kind, vector_name))
+                    tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters))
+        if mode != "dense":
+            for kind, words in (("text", text), ("image", image_text)):
+                sparse = lexical.query_vector(words or "")
+                if sparse:
+                    names.append(list_name(kind, LEXICAL_VECTOR))
+                    tasks.append(self.store.search_lexical(sparse, pool, filters))
+        return rrf_fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool)
 
     async def search(
         self, text: str | None, images: list[Image.Image] | None = None, pool: int = 20,
-        filters: SearchFilters | None = None,
+        filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
     ) -> RetrievalResult:
-        """Embed, search and fuse; the pool of at most ``pool`` candidates comes best first."""
+        """Embed (and OCR the images, concurrently), search and fuse; the pool comes best first.
+
+        ``ocr`` reads the text in one query image (blocking; run in a thread beside CLIP). It is only used
+        when ``mode`` is not ``dense``; its failure costs the ``image->lexical`` list, never the search,
+        and is reported in ``RetrievalResult.degraded``.
+        """
         started = time.perf_counter()
-        query = await self.embed_query(text, images)
-        embedded = time.perf_counter()
-        candidates = await self.search_vectors(query, pool, filters)
+        images = list(images or [])
+        timings: dict[str, float] = {}
+        degraded: list[str] = []
+
+        async def read_images() -> str:
+            if ocr is None or not images or mode == "dense":
+                return ""
+            t = time.perf_counter()
+            try:
+                texts = await asyncio.gather(*(asyncio.to_thread(ocr, image) for image in images))
+            except Exception as exc:  # noqa: BLE001 - OCR must never fail a search
+                log.warning("query-image OCR failed: %s: %s", type(exc).__name__, exc)
+                degraded.append("ocr")
+                return ""
+            finally:
+                timings["ocr"] = (time.perf_counter() - t) * 1000
+            return "\n".join(t for t in texts if t)
+
+        async def embed() -> QueryVectors:
+            if mode == "lexical":
+                if not (text or "").strip() and not images:
+                    raise InvalidInput("a search needs text, at least one image, or both", param="query")
+                return QueryVectors()
+            t = time.perf_counter()
+            vectors = await self.embed_query(text, images)
+            timings["embed"] = (time.perf_counter() - t) * 1000
+            return vectors
+
+        query, image_text = await asyncio.gather(embed(), read_images())
+        searched = time.perf_counter()
+        candidates = await self.search_vectors(query, pool, filters, mode=mode, text=text,
+                                                      image_text=image_text)
         done = time.perf_counter()
-        timings = {
-            "embed": (embedded - started) * 1000, "search": (done - embedded) * 1000,
-            "total": (done - started) * 1000,
-        }
-        return RetrievalResult(candidates=candidates, timings=timings, query=query)
+        timings.setdefault("embed", 0.0)
+        timings.update({"search": (done - searched) * 1000, "total": (done - started) * 1000})
+        return RetrievalResult(candidates=candidates, timings=timings, query=query, degraded=degraded,
+                               image_text=image_text)

@@ -42,12 +42,28 @@ class SnippetPayload:
 
 
 @dataclass(slots=True)
+class SparseVector:
+    """A sparse vector (BM25 ``lexical``): token ids and their weights, same length."""
+
+    indices: list[int]
+    values: list[float]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+@dataclass(slots=True)
 class PointRecord:
-    """One point to upsert: id, the vectors it has (``image`` and/or ``text``), payload."""
+    """One point to upsert: id, the dense vectors it has (``image`` and/or ``text``), payload.
+
+    ``lexical`` is the BM25 document vector of its text (``retriever.lexical.document_vector``);
+    None or empty: the point is not searchable lexically.
+    """
 
     id: str
     vectors: dict[str, list[float]]
     payload: SnippetPayload
+    lexical: SparseVector | None = None
 
 
 @dataclass(slots=True)

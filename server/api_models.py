@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retriever.plan import OnToolResult, QueryMode, Scorer
+from retriever.plan import OnToolResult, QueryMode, RetrievalMode, Scorer
 
 
 class RetrievalFilters(BaseModel):
@@ -38,6 +38,9 @@ class RetrievalKnobs(BaseModel):
     min_k: int | None = Field(None, ge=0, description="Keep at least this many (capped at k) when any pass.")
     pool: int | None = Field(None, ge=1, description="Candidates fetched from CLIP search.")
     scorer: Scorer | None = Field(None, description="The relevancy scorer.")
+    mode: RetrievalMode | None = Field(
+        None, description="`hybrid`: BM25 and CLIP lists fused (default); `dense`: CLIP only; `lexical`: BM25 only.",
+    )
 
 
 class RetrievalOptions(RetrievalKnobs):

@@ -2,7 +2,7 @@
 
 A knowledge base (KB) is the unit of separation between teams or customers: its own Qdrant collection
 (``<collection>__kb_<name>``), its own blob namespace (``kbs/<name>/`` under the blob root or S3 prefix),
-its own retrieval defaults (k, threshold, margin, min_k, pool, scorer), an optional system-prompt
+its own retrieval defaults (k, threshold, margin, min_k, pool, scorer, mode), an optional system-prompt
 addition and a display name.
 
 The ``default`` KB is today's single collection and blob root, so an existing data dir or collection
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DEFAULT_KB = "default"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,47}$")
 #: the retrieval options a KB may set defaults for (request > KB > settings)
-KB_DEFAULT_FIELDS = ("k", "threshold", "margin", "min_k", "pool", "scorer")
+KB_DEFAULT_FIELDS = ("k", "threshold", "margin", "min_k", "pool", "scorer", "mode")
 
 _metadata = sa.MetaData()
 _table = sa.Table(

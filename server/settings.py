@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from retriever.plan import OnToolResult, QueryMode, Scorer
+from retriever.plan import OnToolResult, QueryMode, RetrievalMode, Scorer
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     retrieval_min_k: int = Field(0, ge=0)
     retrieval_pool: int = Field(20, ge=1, description="Candidate pool size N from CLIP search.")
     retrieval_rrf_k: int = Field(60, ge=1)
+    retrieval_mode: RetrievalMode = Field(
+        "hybrid", description="Default retrieval.mode: hybrid (BM25 + CLIP) | dense (CLIP) | lexical (BM25).",
+    )
     retrieval_query: QueryMode = Field(
         "recent", description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",
     )
@@ -167,6 +170,20 @@ class Settings(BaseSettings):
     remote_images_enabled: bool = False
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     remote_image_timeout_s: float = Field(5.0, gt=0)
+
+    # --- feedback (server/feedback.py) ---------------------------------------------------------
+    feedback_database_url: str = Field(
+        "", description="SQLAlchemy URL of the answer log and feedback; empty = database_url if set, else the "
+        "SQLite file data_dir/feedback.sqlite3. Replicas share one, e.g. postgresql+psycopg://…",
+    )
+    feedback_answer_retention_days: float = Field(
+        30.0, ge=0, description="Answers nobody rated are forgotten after this many days (0 = kept forever); "
+        "rated ones are kept with their feedback.",
+    )
+    feedback_write_timeout_s: float = Field(
+        2.0, gt=0, description="Longest an answer waits for its log record; past it the answer goes out unlogged.",
+    )
+    limit_feedback_comment_chars: int = Field(2000, ge=1, description="Characters of one feedback comment.")
 
     @field_validator("vllm_url", "rerank_url", "cors_origins", "remote_image_hosts", mode="before")
     @classmethod

@@ -11,7 +11,8 @@ import pytest
 from server.app import STATIC_DIR
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_retriever import make_sample_images
-from tests.support.fixtures_server import data_url, ingest_samples, png_bytes
+from tests.support.fixtures_server import ingest_samples
+from tests.support.media import data_url, png_bytes, sse_events
 
 PNG = png_bytes(make_sample_images(1)[0])
 
@@ -20,16 +21,6 @@ def user(text: str, *images: str) -> dict[str, Any]:
     content: list[dict[str, Any]] = [{"type": "text", "text": text}]
     content += [{"type": "image_url", "image_url": {"url": url}} for url in images]
     return {"role": "user", "content": content}
-
-
-def sse_events(text: str) -> list[Any]:
-    """Parsed ``data:`` payloads; ``[DONE]`` as the string."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith("data: "):
-            data = line[6:]
-            out.append(data if data == "[DONE]" else json.loads(data))
-    return out
 
 
 def assert_error(response: httpx.Response, status: int, type_: str | None = None, param: str | None = None) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -27,19 +28,15 @@ from server.auth import (
 from server.commands.keygen import config_entry, generate_key
 from server.errors import install_error_handlers
 from server.settings import Settings
+from tests.support.settings import bare_settings
 
 CHAT_KEY = "chat-key-0123456789abcdef"
 ADMIN_KEY = "admin-key-0123456789abcdef"
 BOTH_KEY = "both-key-0123456789abcdef"
 
 
-def _settings(**kw: object) -> Settings:
-    base: dict[str, object] = {
-        "api_keys": f"chat:sha256:{hash_key(CHAT_KEY)},admin:{ADMIN_KEY}",
-        "rate_limit_rps": 1000.0, "rate_limit_burst": 1000,
-    }
-    base.update(kw)
-    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
+_settings = partial(bare_settings, api_keys=f"chat:sha256:{hash_key(CHAT_KEY)},admin:{ADMIN_KEY}",
+                    rate_limit_rps=1000.0, rate_limit_burst=1000)
 
 
 def _mini_app(settings: Settings) -> FastAPI:
@@ -179,6 +176,7 @@ def test_keygen_entry_authenticates() -> None:
     assert principal is not None and principal.scopes == {"admin", "chat"}
 
 
+@pytest.mark.subprocess
 def test_keygen_cli_prints_key_and_hash_entry() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "server.cli", "keygen", "--scope", "chat", "--quiet"],

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,6 +14,7 @@ from server.cli import main as cli_main
 from tests.support.bad_images import OK, bad_image_corpus, write_bad_images
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_server import MakeClient
+from tests.support.media import data_url
 
 CORPUS = bad_image_corpus()
 UNLIMITED = {"rate_limit_burst": 100_000}  # dozens of requests back to back: not a rate-limit test
@@ -39,7 +39,7 @@ async def test_corpus_through_chat_completions(client: httpx.AsyncClient, fake_v
     """As data URLs in an ``image_url`` part (always labelled image/png: the content decides)."""
     outcomes = {}
     for name, (data, status) in CORPUS.items():
-        url = "data:image/png;base64," + base64.b64encode(data).decode()
+        url = data_url(data)
         before = len(fake_vllm.answer_bodies)
         response = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
             {"type": "text", "text": "what is in this picture?"}, {"type": "image_url", "image_url": {"url": url}}]}],

@@ -1,7 +1,8 @@
 """S3BlobStore against moto's standalone S3 server (a real HTTP server on loopback, boto3 unmodified).
 
 The shared blob-store suite from tests/test_blobs.py runs here on the S3 backend too, plus what only
-S3 has: conditional puts racing, stores without If-None-Match, errors naming the endpoint.
+S3 has: conditional puts racing, stores without If-None-Match, errors naming the endpoint. Tests that
+use the server are marked ``subprocess`` (left out of ``make test-fast``).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from botocore.exceptions import ClientError
 from retriever.blobs import BlobStore, blob_key
 from retriever.blobs_s3 import S3BlobStore
 from retriever.errors import ConfigurationError, InvalidInput, NotFound, StoreUnavailable
-from server.settings import Settings
 from server.wiring import build_blob_store
+from tests.support.settings import bare_settings
 from tests.test_blobs import BlobStoreContract
 
 BUCKET = "vlmrag-test"
@@ -69,6 +70,7 @@ def s3_store(s3_client: Any) -> S3BlobStore:
 
 
 # --- the shared suite -------------------------------------------------------------------------
+@pytest.mark.subprocess
 class TestS3BlobStore(BlobStoreContract):
     """Every behaviour the local backend promises (tests/test_blobs.py), on S3."""
 
@@ -78,6 +80,7 @@ class TestS3BlobStore(BlobStoreContract):
 
 
 # --- S3-specific ------------------------------------------------------------------------------
+@pytest.mark.subprocess
 def test_implements_protocol_and_describes_itself(s3_store: S3BlobStore, moto_endpoint: str) -> None:
     assert isinstance(s3_store, BlobStore)
     assert s3_store.description.startswith(f"s3://{BUCKET}/t-")
@@ -86,6 +89,7 @@ def test_implements_protocol_and_describes_itself(s3_store: S3BlobStore, moto_en
     assert s3_store.path_for(blob_key(b"x", ".png")) is None
 
 
+@pytest.mark.subprocess
 def test_objects_live_under_prefix_with_content_type(s3_store: S3BlobStore, s3_client: Any) -> None:
     key = s3_store.put(b"\x89PNG fake", ".png")
     head = s3_client.head_object(Bucket=BUCKET, Key=s3_store.prefix + key)
@@ -95,6 +99,7 @@ def test_objects_live_under_prefix_with_content_type(s3_store: S3BlobStore, s3_c
     assert [o["Key"] for o in listed] == [s3_store.prefix + key]
 
 
+@pytest.mark.subprocess
 def test_put_is_conditional_and_never_overwrites(s3_store: S3BlobStore, s3_client: Any) -> None:
     """An existing object under the key is kept as is: the store relies on If-None-Match, not luck."""
     data = b"original bytes"
@@ -104,6 +109,7 @@ def test_put_is_conditional_and_never_overwrites(s3_store: S3BlobStore, s3_clien
     assert s3_store.get(key) == b"written first by someone else"
 
 
+@pytest.mark.subprocess
 def test_concurrent_writers_of_same_bytes_all_succeed(s3_store: S3BlobStore, s3_client: Any) -> None:
     data = uuid.uuid4().bytes * 1000
     keys: list[str] = []
@@ -145,6 +151,7 @@ def _client_error(code: str, status: int, op: str = "PutObject") -> ClientError:
     return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, op)
 
 
+@pytest.mark.subprocess
 def test_store_without_conditional_writes_falls_back(s3_store: S3BlobStore, s3_client: Any) -> None:
     """Some S3-compatible servers answer 501 to If-None-Match: head-then-put keeps puts idempotent."""
 
@@ -161,6 +168,7 @@ def test_store_without_conditional_writes_falls_back(s3_store: S3BlobStore, s3_c
     assert client.puts == 3  # refused conditional; the head found it, no second upload
 
 
+@pytest.mark.subprocess
 def test_conflicting_concurrent_upload_is_retried(s3_store: S3BlobStore, s3_client: Any) -> None:
     def conflict_once(count: int, kwargs: dict[str, Any]) -> None:
         if count == 1:
@@ -172,6 +180,7 @@ def test_conflicting_concurrent_upload_is_retried(s3_store: S3BlobStore, s3_clie
     assert client.puts == 2 and store.get(key) == b"contended"
 
 
+@pytest.mark.subprocess
 def test_missing_and_invalid_keys(s3_store: S3BlobStore) -> None:
     missing = blob_key(b"never stored", ".png")
     with pytest.raises(NotFound):
@@ -192,6 +201,7 @@ def test_unreachable_endpoint_is_store_unavailable_naming_it(aws_env: None) -> N
         store.put(b"x", "")
 
 
+@pytest.mark.subprocess
 def test_missing_bucket_is_a_configuration_error(moto_endpoint: str, aws_env: None) -> None:
     store = S3BlobStore("no-such-bucket-here", "p/", endpoint_url=moto_endpoint)
     with pytest.raises(ConfigurationError, match="no-such-bucket-here"):
@@ -216,16 +226,18 @@ def test_bucket_required() -> None:
         S3BlobStore("", "p/")
 
 
+@pytest.mark.subprocess
 def test_prefix_normalised(s3_client: Any) -> None:
     assert S3BlobStore(BUCKET, "/a/b", client=s3_client).prefix == "a/b/"
     assert S3BlobStore(BUCKET, "", client=s3_client).prefix == ""
 
 
+@pytest.mark.subprocess
 def test_wiring_builds_s3_store_from_settings(moto_endpoint: str, s3_client: Any, tmp_path: Any) -> None:
     """The real client path: settings -> build_blob_store -> boto3 with credentials from the env."""
     s3_client.create_bucket(Bucket="vlmrag-wired")
-    settings = Settings(
-        _env_file=None, data_dir=tmp_path, blob_backend="s3", blob_s3_bucket="vlmrag-wired",  # type: ignore[call-arg]
+    settings = bare_settings(
+        data_dir=tmp_path, blob_backend="s3", blob_s3_bucket="vlmrag-wired",
         blob_s3_prefix="kb/", blob_s3_endpoint_url=moto_endpoint,
     )
     store = build_blob_store(settings)

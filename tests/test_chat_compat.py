@@ -14,7 +14,8 @@ import pytest
 
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_server import ingest_samples
-from tests.test_api import assert_error, sse_events
+from tests.support.media import data_url, sse_events
+from tests.test_api import assert_error
 
 SAMPLE = json.loads((Path(__file__).parent / "data" / "vllm_samples" / "tool_calls.json").read_text())
 TOOLS = SAMPLE["request"]["tools"]
@@ -242,7 +243,6 @@ def query_images_in_rerank(fake: FakeVLLM) -> list[int]:
 async def test_earlier_images_are_query_images_when_the_last_turn_has_none(
     client, ids, fake_vllm: FakeVLLM, mode: str, images: int,
 ) -> None:
-    from tests.support.fixtures_server import data_url
     from tests.test_api import PNG, user
 
     messages = [user("what is this part?", data_url(PNG)), {"role": "assistant", "content": "a gasket [1]"},

@@ -16,20 +16,6 @@ from tests.support.bad_images import OK, write_bad_images
 from tests.test_ingest import save_images
 
 
-@pytest.fixture
-def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_clip_config: Path, tmp_path: Path) -> Path:
-    """VLMRAG_* for the tiny CLIP and a fresh data dir; returns the data dir."""
-    data_dir = tmp_path / "data"
-    for key in [k for k in os.environ if k.startswith("VLMRAG_")]:
-        monkeypatch.delenv(key)
-    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
-    monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
-    monkeypatch.setenv("VLMRAG_CLIP_DEVICE", "cpu")
-    monkeypatch.setenv("VLMRAG_DATA_DIR", str(data_dir))
-    monkeypatch.chdir(tmp_path)  # no stray .env is read
-    return data_dir
-
-
 def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict]:
     capsys.readouterr()
     code = main(list(argv))

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from server.settings import Settings
+from tests.support.settings import bare_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -73,7 +74,7 @@ def settings_from_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> S
             monkeypatch.delenv(key)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return Settings(_env_file=None)  # type: ignore[call-arg]
+    return bare_settings()
 
 
 def image_is_pinned(image: str) -> bool:
@@ -565,6 +566,7 @@ def test_interpolate_and_pinning_helpers() -> None:
     assert resolved_image("a/b:2", [{"name": "c", "newTag": "3"}]) == "a/b:2"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("parser, expected", [(None, ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]),
                                               ("llama3_json", ["--tool-call-parser", "llama3_json"]),
                                               ("none", [])])

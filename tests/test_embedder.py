@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from retriever.embedder import ClipEmbedder, load_embedder
 from retriever.errors import ConfigurationError
+from tests.support.media import png_bytes
 from tests.support.tiny_clip import TINY_CLIP_DIM, TINY_CLIP_NAME
 
 
@@ -72,11 +73,9 @@ def test_random_weights_are_seeded_across_loads(tiny_clip_config: Path, embedder
 
 def test_exif_orientation_is_applied(embedder: ClipEmbedder, sample_images) -> None:
     upright = sample_images[0].resize((96, 64))  # not square, so rotation matters
-    buffer = io.BytesIO()
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": the stored pixels are the upright image turned CCW
-    upright.transpose(Image.Transpose.ROTATE_90).save(buffer, format="PNG", exif=exif.tobytes())
-    rotated = Image.open(io.BytesIO(buffer.getvalue()))
+    rotated = Image.open(io.BytesIO(png_bytes(upright.transpose(Image.Transpose.ROTATE_90), exif=exif.tobytes())))
     vec_upright, vec_rotated = embedder.embed_images([upright, rotated])
     np.testing.assert_allclose(vec_rotated, vec_upright, atol=1e-5)
     raw = embedder.embed_images([upright.transpose(Image.Transpose.ROTATE_90)])[0]

@@ -149,10 +149,10 @@ class ColourJudge:
 
 @pytest.fixture
 async def kb(tmp_path: Path, embedder: Any) -> Any:
-    from server.settings import Settings
     from server.wiring import build_knowledge_base
+    from tests.support.settings import bare_settings
 
-    base = await build_knowledge_base(Settings(data_dir=tmp_path / "kb", collection="eval"), embedder=embedder)
+    base = await build_knowledge_base(bare_settings(data_dir=tmp_path / "kb", collection="eval"), embedder=embedder)
     yield base
     await base.close()
 

@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import negative_data_rejection, positive_
 
 from server.app import create_app
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.fixtures_server import make_settings
+from tests.support.settings import make_settings
 from tests.support.tiny_clip import write_tiny_clip_config
 
 # Deliberate "try again later" answers: upstream down or overloaded, always with Retry-After.

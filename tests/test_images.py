@@ -12,16 +12,11 @@ from PIL import Image, PngImagePlugin
 
 from retriever.errors import InvalidInput, PayloadTooLarge, UnsupportedMediaType, VlmragError
 from retriever.images import decode_image, make_thumbnail, parse_data_url
-from tests.support.bad_images import OK, STATUS_ERRORS, bad_image_corpus, bomb_png, noise_image
+from tests.support.bad_images import OK, STATUS_ERRORS, bad_image_corpus, bomb_png
+from tests.support.media import jpeg_bytes, noise_image
 
 LIMITS = {"max_bytes": 10 * 1024 * 1024, "max_pixels": 40_000_000}
 CORPUS = bad_image_corpus()
-
-
-def _jpeg(img: Image.Image, **kwargs: object) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format="JPEG", **kwargs)
-    return out.getvalue()
 
 
 @pytest.mark.parametrize("name", sorted(CORPUS))
@@ -100,7 +95,7 @@ def test_pillow_global_limit_is_not_mutated() -> None:
 
 
 def test_draft_decodes_big_jpeg_smaller() -> None:
-    big = _jpeg(noise_image(2048, 1536, seed=7), quality=80)
+    big = jpeg_bytes(noise_image(2048, 1536, seed=7), quality=80)
     assert decode_image(big, **LIMITS).image.size == (2048, 1536)
     small = decode_image(big, draft_size=256, **LIMITS).image
     assert small.mode == "RGB" and 256 <= min(small.size) < 1536

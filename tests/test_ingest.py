@@ -22,6 +22,7 @@ from retriever.ingest.readers import read_coco, read_pdf
 from retriever.knowledge_base import KnowledgeBase
 from retriever.types import SearchFilters, StoredPoint
 from tests.support.bad_images import OK, write_bad_images
+from tests.support.media import png_bytes, text_pdf
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,33 +51,6 @@ async def all_points(kb: KnowledgeBase) -> list[StoredPoint]:
         points.extend(page)
         if offset is None or not page:
             return points
-
-
-def make_pdf(pages: list[str]) -> bytes:
-    """A minimal valid PDF, one Helvetica text line per page (xref offsets computed)."""
-    objects = [b"<< /Type /Catalog /Pages 2 0 R >>", b""]  # 2 is filled in below
-    kids = []
-    for text in pages:
-        stream = f"BT /F1 18 Tf 20 100 Td ({text}) Tj ET".encode()
-        page_no, content_no = len(objects) + 1, len(objects) + 2
-        objects.append(f"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 400 200] /Contents {content_no} 0 R "
-                       "/Resources << /Font << /F1 99 0 R >> >> >>".encode())
-        objects.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
-        kids.append(f"{page_no} 0 R")
-    font_no = len(objects) + 1
-    objects.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>")
-    objects = [o.replace(b"99 0 R", f"{font_no} 0 R".encode()) for o in objects]
-    objects[1] = f"<< /Type /Pages /Kids [{' '.join(kids)}] /Count {len(pages)} >>".encode()
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
-    xref = len(out)
-    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
-    out += b"".join(f"{o:010d} 00000 n \n".encode() for o in offsets)
-    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
-    return bytes(out)
 
 
 # --- retrieval properties that hold for any weights -------------------------------------------------
@@ -249,7 +223,7 @@ async def test_coco_captions(kb: KnowledgeBase, sample_images, tmp_path: Path) -
 
 async def test_pdf_pages(kb: KnowledgeBase, tmp_path: Path) -> None:
     pdf = tmp_path / "manual.pdf"
-    pdf.write_bytes(make_pdf(["Pump manual page one", "Safety warnings page two"]))
+    pdf.write_bytes(text_pdf(["Pump manual page one", "Safety warnings page two"]))
     broken = tmp_path / "broken.pdf"
     broken.write_bytes(b"%PDF-1.4\nthis is not a pdf at all")
     report = await kb.ingest(read_paths([pdf, broken]))
@@ -264,7 +238,7 @@ async def test_pdf_pages(kb: KnowledgeBase, tmp_path: Path) -> None:
 
 def test_unrenderable_page_is_reported_not_raised(tmp_path: Path) -> None:
     pdf = tmp_path / "m.pdf"
-    pdf.write_bytes(make_pdf(["one"]))
+    pdf.write_bytes(text_pdf(["one"]))
     (item,) = list(read_pdf(pdf))
     item.image_loader = lambda: (_ for _ in ()).throw(RuntimeError("pdfium: bad page"))
     with pytest.raises(UnprocessableInput, match="bad page"):
@@ -316,14 +290,8 @@ async def test_delete_checks_blob_references_by_content_hash_not_by_scanning(
     kb: KnowledgeBase, sample_images, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Pixel-identical originals with different bytes keep distinct thumbnails; delete never scrolls."""
-    import io
-
-    def png(image: Image.Image, **options: object) -> bytes:
-        out = io.BytesIO()
-        image.save(out, format="PNG", **options)
-        return out.getvalue()
-
-    plain, recompressed = png(sample_images[0], compress_level=1), png(sample_images[0], compress_level=9)
+    plain = png_bytes(sample_images[0], compress_level=1)
+    recompressed = png_bytes(sample_images[0], compress_level=9)
     assert plain != recompressed  # same pixels, different bytes: different content_hash
     a_id, _ = await kb.add_snippet(plain, "a", source="s1")
     a_again_id, _ = await kb.add_snippet(plain, "a, captioned again", source="s2")
@@ -374,6 +342,7 @@ def _ingest_then_kill(photos: Path, data_dir: Path, env: dict[str, str], after_b
 
 
 @pytest.mark.e2e
+@pytest.mark.subprocess
 async def test_killed_ingestion_resumes_exactly(make_store, embedder, tiny_clip_config, tmp_path: Path) -> None:
     total = 300
     _noise_photos(tmp_path / "photos", total, size=256)

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import pytest
-from PIL import Image
 
 from retriever.embedder import ClipEmbedder
 from server.app import create_app
@@ -14,17 +11,11 @@ from server.routes.ingest_files import safe_filename
 from server.settings import Settings
 from server.wiring import build_knowledge_base
 from tests.support.fake_vllm import FakeVLLM
-from tests.support.fixtures_browser import noise_png
 from tests.support.fixtures_retriever import make_sample_images
-from tests.support.fixtures_server import png_bytes, running_client
+from tests.support.fixtures_server import running_client
+from tests.support.media import noise_png, pdf_bytes, png_bytes
 
 NOTES = b"# Care\n\nOil the chain.\n\n# Warranty\n\nTwo years.\n"
-
-
-def pdf_bytes(pages: list[Image.Image]) -> bytes:
-    out = io.BytesIO()
-    pages[0].save(out, format="PDF", save_all=True, append_images=pages[1:])
-    return out.getvalue()
 
 
 async def test_each_file_gets_its_own_report(client: httpx.AsyncClient) -> None:

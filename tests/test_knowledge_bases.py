@@ -7,7 +7,6 @@ checking the status and that no body ever carries another KB's snippet id, text,
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,7 +21,7 @@ from server.auth import hash_key
 from server.settings import Settings
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_server import running_client
-from tests.test_cli import cli_env  # noqa: F401 - the CLI test fixture
+from tests.support.media import png_bytes
 
 ADMIN = "admin-key-unbound-0123456789"
 PUMPS_CHAT = "chat-key-pumps-0123456789ab"
@@ -42,9 +41,7 @@ def auth(key: str) -> dict[str, str]:
 
 
 def png(color: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (48, 40), color).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(Image.new("RGB", (48, 40), color))
 
 
 @pytest.fixture

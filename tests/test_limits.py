@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
+from functools import partial
 from types import SimpleNamespace
 
 import httpx
@@ -18,14 +19,13 @@ from server.limits import check_chat_request, check_retrieval_caps, check_upload
 from server.middleware import install_middleware
 from server.protocol import ChatCompletionRequest
 from server.settings import Settings
+from tests.support.media import data_url, noise_png
+from tests.support.settings import bare_settings
 
 LIMIT = 4096
 
 
-def _settings(**kw: object) -> Settings:
-    base: dict[str, object] = {"limit_body_bytes": LIMIT, "auth_disabled": True}
-    base.update(kw)
-    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
+_settings = partial(bare_settings, limit_body_bytes=LIMIT, auth_disabled=True)
 
 
 def _app(settings: Settings) -> tuple[FastAPI, SimpleNamespace]:
@@ -105,6 +105,7 @@ async def test_chunked_under_the_limit_passes() -> None:
     assert response.json() == {"bytes": LIMIT - 10}
 
 
+@pytest.mark.subprocess
 async def test_real_uvicorn_answers_413_to_a_large_upload() -> None:
     """Over a socket: the client gets the 413 (not a reset or a hang) for declared and chunked bodies."""
     app, seen = _app(_settings())
@@ -197,20 +198,8 @@ def test_caps_at_the_limit_pass() -> None:
 
 # --- the real app ---------------------------------------------------------------------------------
 
-def _png(size: int = 32) -> bytes:
-    import io
-
-    from tests.support.bad_images import noise_image
-
-    out = io.BytesIO()
-    noise_image(size, size).save(out, format="PNG")
-    return out.getvalue()
-
-
 def _image_part(data: bytes) -> dict[str, object]:
-    import base64
-
-    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+    return {"type": "image_url", "image_url": {"url": data_url(data)}}
 
 
 def _user(*parts: dict[str, object]) -> dict[str, object]:
@@ -225,11 +214,11 @@ REAL_LIMITS: dict[str, int] = {
 
 
 async def test_real_app_limits_give_clear_4xx(make_client) -> None:
-    small, big = _png(16), _png(120)  # ~1 KB and ~43 KB of incompressible noise
+    small, big = noise_png(16, seed=0), noise_png(120, seed=0)  # ~1 KB and ~43 KB of incompressible noise
     assert len(big) > REAL_LIMITS["limit_image_bytes"]
     chat = "/v1/chat/completions"
     cases: list[tuple[str, dict[str, object], int, str | None]] = [
-        (chat, {"json": {"messages": [_user(_image_part(_png(300)))]}}, 413, None),  # body > 200 KB
+        (chat, {"json": {"messages": [_user(_image_part(noise_png(300, seed=0)))]}}, 413, None),  # body > 200 KB
         (chat, {"json": {"messages": [_user(_image_part(big))]}}, 413, "messages[0].content[1].image_url"),
         (chat, {"json": {"messages": [_user(*[_image_part(small)] * 3)]}}, 400, "messages[0].content"),
         (chat, {"json": {"messages": [_user(*[_image_part(small)] * 2), {"role": "assistant", "content": "ok"},

@@ -13,7 +13,7 @@ from server.auth import ChatAuth, Principal, build_access_control, get_access_co
 from server.errors import install_error_handlers
 from server.gate import ModelCallGate
 from server.ratelimit import RateLimiter
-from server.settings import Settings
+from tests.support.settings import bare_settings
 
 
 class FakeClock:
@@ -67,8 +67,8 @@ def test_idle_buckets_are_pruned_first() -> None:
 
 
 async def test_http_429_with_retry_after_per_key() -> None:
-    settings = Settings(_env_file=None, api_keys="chat:key-one-0123456789abc,chat:key-two-0123456789abc",  # type: ignore[call-arg]
-                        rate_limit_rps=0.5, rate_limit_burst=2)
+    settings = bare_settings(api_keys="chat:key-one-0123456789abc,chat:key-two-0123456789abc",
+                             rate_limit_rps=0.5, rate_limit_burst=2)
     app = FastAPI()
     access = build_access_control(settings)
     app.dependency_overrides[get_access_control] = lambda: access
@@ -209,7 +209,7 @@ async def test_image_and_thumbnail_gets_have_their_own_larger_bucket(make_client
 def test_media_bucket_defaults_and_unknown_bucket() -> None:
     from server.auth import require_scope
 
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = bare_settings()
     assert (settings.rate_limit_media_rps, settings.rate_limit_media_burst) == (100.0, 200)
     assert settings.rate_limit_media_burst > settings.rate_limit_burst
     with pytest.raises(ValueError, match="bucket"):
@@ -218,8 +218,8 @@ def test_media_bucket_defaults_and_unknown_bucket() -> None:
 
 async def test_gate_from_settings_bounds_the_queue_wait_by_max_queue_wait_s() -> None:
     """A queued call waits max_queue_wait_s for a slot, not the whole vllm_deadline_s."""
-    settings = Settings(_env_file=None, max_queue_wait_s=0.1, vllm_deadline_s=30.0,  # type: ignore[call-arg]
-                        max_concurrent_model_calls=1, max_queued_model_calls=4)
+    settings = bare_settings(max_queue_wait_s=0.1, vllm_deadline_s=30.0,
+                             max_concurrent_model_calls=1, max_queued_model_calls=4)
     gate = ModelCallGate.from_settings(settings)
     slot = await gate.acquire()
     loop = asyncio.get_running_loop()
@@ -232,4 +232,4 @@ async def test_gate_from_settings_bounds_the_queue_wait_by_max_queue_wait_s() ->
     assert info.value.status_code == 503 and info.value.retry_after is not None and info.value.retry_after >= 1
     assert "0.1s" in info.value.message and (gate.waiting, gate.refused) == (0, 1)
     slot.release()
-    assert Settings(_env_file=None).max_queue_wait_s == 10.0  # type: ignore[call-arg]
+    assert bare_settings().max_queue_wait_s == 10.0

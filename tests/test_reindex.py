@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -24,6 +23,7 @@ from retriever.store.base import VectorStore
 from retriever.store.edge import META_FILE, EdgeStore
 from retriever.types import PointRecord, SnippetPayload
 from server.cli import main as cli_main
+from tests.support.media import png_bytes
 from tests.support.tiny_clip import TINY_CLIP_CONFIG
 
 COLLECTION = "kb"
@@ -41,19 +41,13 @@ def new_embedder(tmp_path_factory: pytest.TempPathFactory) -> ClipEmbedder:
     return load_embedder(str(path), "none", device="cpu", batch_size=8)
 
 
-def _png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 def make_points(embedder: ClipEmbedder, blobs: LocalBlobStore, images: list[Image.Image]) -> list[PointRecord]:
     """Image+caption, image-only and text-only snippets, embedded with ``embedder`` like ingestion does."""
     points: list[PointRecord] = []
     image_vecs = embedder.embed_images(images)
     text_vecs = embedder.embed_texts(CAPTIONS)
     for i, image in enumerate(images):
-        key = blobs.put(_png(image), ".png")
+        key = blobs.put(png_bytes(image), ".png")
         vectors = {"image": image_vecs[i].tolist()}
         text = CAPTIONS[i] if i % 2 == 0 else ""
         if text:

@@ -8,10 +8,9 @@ non-loopback destination (so even a bug here could not reach the network).
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import ipaddress
 from collections.abc import AsyncIterator
+from functools import partial
 
 import httpx
 import pytest
@@ -25,24 +24,14 @@ from server.remote_images import (
     image_bytes_from_url,
     is_public_address,
 )
-from server.settings import Settings
-from tests.support.bad_images import noise_image
+from tests.support.media import data_url, noise_png
+from tests.support.settings import bare_settings
+
+PNG = noise_png(16, seed=0)
 
 
-def _png() -> bytes:
-    out = io.BytesIO()
-    noise_image(16, 16).save(out, format="PNG")
-    return out.getvalue()
-
-
-PNG = _png()
-
-
-def _settings(**kw: object) -> Settings:
-    base: dict[str, object] = {"remote_images_enabled": True, "remote_image_hosts": ["cdn.example"],
-                               "remote_image_timeout_s": 2.0, "limit_image_bytes": 64 * 1024}
-    base.update(kw)
-    return Settings(_env_file=None, **base)  # type: ignore[call-arg]
+_settings = partial(bare_settings, remote_images_enabled=True, remote_image_hosts=["cdn.example"],
+                    remote_image_timeout_s=2.0, limit_image_bytes=64 * 1024)
 
 
 class Recorder:
@@ -92,7 +81,7 @@ def test_public_addresses_and_allow_list_matching() -> None:
 
 async def test_disabled_by_default_refuses_without_traffic() -> None:
     recorder = Recorder()
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = bare_settings()
     assert settings.remote_images_enabled is False
     async with recorder.client() as client:
         with pytest.raises(InvalidInput) as info:
@@ -155,7 +144,7 @@ async def test_connection_is_pinned_to_the_checked_address() -> None:
 
 
 async def test_data_urls_still_work_through_the_same_seam() -> None:
-    url = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    url = data_url(PNG)
     assert await image_bytes_from_url(url, _settings(remote_images_enabled=False), None) == PNG
 
 

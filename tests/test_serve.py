@@ -46,6 +46,7 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.subprocess
 def test_serve_announces_serves_and_cleans_up(tmp_path: Path, tiny_clip_config: Path) -> None:
     data = tmp_path / "data"
     env = {**os.environ, "VLMRAG_CLIP_MODEL": str(tiny_clip_config), "VLMRAG_CLIP_PRETRAINED": "none",
@@ -74,6 +75,7 @@ def test_serve_announces_serves_and_cleans_up(tmp_path: Path, tiny_clip_config: 
 
 
 # --- startup failures: one line, before uvicorn starts ------------------------------------------
+@pytest.mark.subprocess
 def test_serve_without_api_keys_fails_fast_in_one_line(tmp_path: Path, tiny_clip_config: Path) -> None:
     env = serve_env(tiny_clip_config, VLMRAG_AUTH_DISABLED="false")
     proc = subprocess.run([*SERVE, "--data-dir", str(tmp_path / "data"), "serve", "--port", "0"],
@@ -102,6 +104,7 @@ asyncio.run(hold())
 """
 
 
+@pytest.mark.subprocess
 def test_serve_refuses_a_store_held_by_another_process(
     tmp_path: Path, tiny_clip_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -139,6 +142,7 @@ def test_serve_reports_missing_weights_and_bad_settings_in_one_line(
     assert "eighty" not in line  # values are not echoed (they may be secrets)
 
 
+@pytest.mark.subprocess
 def test_lifespan_failure_is_one_line_without_traceback(tmp_path: Path, tiny_clip_config: Path) -> None:
     """A failure only the lifespan sees (the collection was built with another embedder)."""
     data = tmp_path / "data"
@@ -162,6 +166,7 @@ def test_lifespan_failure_is_one_line_without_traceback(tmp_path: Path, tiny_cli
 
 
 # --- make run: a fresh machine gets an admin key in .env -----------------------------------------
+@pytest.mark.subprocess
 def test_make_run_creates_an_admin_key_and_serves_with_auth_on(tmp_path: Path, tiny_clip_config: Path) -> None:
     data = tmp_path / "data"
     env = serve_env(tiny_clip_config, VLMRAG_DATA_DIR=str(data))

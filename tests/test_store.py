@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
+from retriever.lexical import document_vector, query_vector
 from retriever.store import open_store
 from retriever.store.base import VectorStore
-from retriever.types import PointRecord, SearchFilters, SnippetPayload
+from retriever.types import PointRecord, SearchFilters, SnippetPayload, SparseVector
 from tests.support.fixtures_retriever import STORE_KINDS, TEST_COLLECTION
 from tests.support.tiny_clip import TINY_CLIP_DIM
 
@@ -258,6 +259,7 @@ async def test_adapters_agree_on_the_same_calls(make_store) -> None:
         np.testing.assert_allclose(got, want, atol=SCORE_ATOL)
 
 
+@pytest.mark.subprocess
 def test_edge_path_locked_by_another_process(tmp_path: Path, embedder) -> None:
     """A second process opening the same embedded store gets StoreUnavailable naming the path."""
     holder = textwrap.dedent(f"""
@@ -290,6 +292,7 @@ def test_edge_path_locked_by_another_process(tmp_path: Path, embedder) -> None:
     assert proc.returncode == 0
 
 
+@pytest.mark.subprocess
 def test_edge_recovers_points_from_the_wal_after_a_hard_kill(tmp_path: Path, embedder) -> None:
     """Points upserted by a process killed without close() are all back on re-open (WAL replay)."""
     writer = textwrap.dedent(f"""
@@ -348,3 +351,151 @@ async def test_unreachable_server_is_store_unavailable_naming_the_url(tmp_path: 
     url = "http://127.0.0.1:9"  # discard port: nothing listens
     with pytest.raises(StoreUnavailable, match="127.0.0.1:9"):
         await open_store(qdrant_url=url, api_key="", path=tmp_path, collection="c", timeout_s=3)
+
+
+# --- the ``lexical`` sparse vector (BM25) -------------------------------------------------------
+
+#: A support corpus: near-identical identifiers (E-417 / E-418, P-100-B / P-100-A), a version.
+LEXICAL_TEXTS = (
+    "ERROR E-417: pump overheat. Let the pump cool down and check the P-100-B filter.",
+    "ERROR E-418: fan failure. Replace the fan assembly.",
+    "Part P-100-A: inlet filter for the pump, 40 mm.",
+    "Part P-100-B: outlet filter for the pump, 60 mm.",
+    "Firmware v2.3.1 fixes the display flicker; update from v2.2.0.",
+    "The display shows E417 when the pump is too hot.",
+    "Cleaning the water tank once a week keeps the pump quiet.",
+    "Warranty: two years on every part except filters.",
+    "Error codes start with E, part numbers with P.",
+    "E-417 E-417 E-417 pump pump",
+    "",  # no tokens: the point gets no lexical vector
+    "Descale the boiler every 400 cups.",
+)
+
+
+def make_lexical_points(seed: int = 0) -> list[PointRecord]:
+    """One point per LEXICAL_TEXTS entry, with a random text vector and its BM25 document vector."""
+    rng = np.random.default_rng(seed)
+    points = []
+    for n, text in enumerate(LEXICAL_TEXTS):
+        vector = rng.normal(size=DIM).astype(np.float32)
+        payload = SnippetPayload(kind="text", text=text, source=SOURCES[n % len(SOURCES)], tags=[f"t{n % 2}"])
+        lexical = document_vector(text) or None
+        points.append(PointRecord(pid(n), {"text": (vector / np.linalg.norm(vector)).tolist()}, payload, lexical))
+    return points
+
+
+async def test_new_collections_have_lexical(store: VectorStore) -> None:
+    assert await store.has_lexical() is True
+
+
+async def test_lexical_search_finds_identifiers_whole_and_by_parts(store: VectorStore) -> None:
+    await store.upsert(make_lexical_points())
+
+    async def top(text: str, limit: int = 3, filters: SearchFilters | None = None) -> list[int]:
+        hits = await store.search_lexical(query_vector(text), limit, filters)
+        assert all(h.score > 0 for h in hits)
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        return [int(uuid.UUID(h.id)) - 1 for h in hits]
+
+    # Whole identifiers: the snippet naming it beats the one naming its neighbour E-418 / P-100-A.
+    assert (await top("my screen says E-417"))[0] in (0, 9)
+    assert (await top("E-418"))[0] == 1
+    assert (await top("P-100-A"))[0] == 2
+    assert (await top("P-100-B", 2)) == [3, 0]
+    # "E417" (no hyphen) and "E-417" are the same identifier; its part "e" alone ranks far lower.
+    assert set(await top("E417", 3)) == {0, 5, 9}
+    assert 5 in await top("error E-417", 3)
+    # By parts: a version by its numbers; a family of parts by its prefix.
+    assert (await top("2.3.1"))[0] == 4
+    assert set(await top("P-100", 3)) >= {2, 3}
+    # Filters apply to lexical search too.
+    assert await top("pump", 20, SearchFilters(tags=["t1"])) == [n for n in await top("pump", 20) if n % 2]
+    # Nothing to match: no hits.
+    assert await store.search_lexical(query_vector("the and of"), 5) == []
+    assert await store.search_lexical(SparseVector([], []), 5) == []
+    assert await store.search_lexical(query_vector("pump"), 0) == []
+    # The point without text has no lexical vector but is still stored and found densely.
+    assert await store.count() == len(LEXICAL_TEXTS)
+
+
+async def test_lexical_follows_upsert_and_delete(store: VectorStore) -> None:
+    points = make_lexical_points()
+    await store.upsert(points)
+    changed = points[1]
+    changed.payload.text = "ERROR E-999: unknown"
+    changed.lexical = document_vector(changed.payload.text)
+    await store.upsert([changed])
+    assert (await store.search_lexical(query_vector("E-999"), 5))[0].id == pid(1)
+    assert await store.search_lexical(query_vector("fan failure"), 5) == []  # its old words are gone
+    await store.delete([pid(1)])
+    assert pid(1) not in {h.id for h in await store.search_lexical(query_vector("E-999 unknown"), 20)}
+
+
+async def test_bad_lexical_vector_is_invalid_input(store: VectorStore) -> None:
+    point = make_lexical_points()[0]
+    for bad in (SparseVector([1, 2], [0.5]), SparseVector([3, 3], [0.5, 0.5]), SparseVector([-1], [1.0])):
+        with pytest.raises(InvalidInput, match="lexical"):
+            await store.upsert([PointRecord(point.id, point.vectors, point.payload, bad)])
+    assert await store.count() == 0
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_collection_without_lexical_keeps_working(kind: str, make_store, embedder, tmp_path: Path) -> None:
+    """A collection made before ``lexical``: writes drop the BM25 vectors, dense search works, lexical is []."""
+    folder = tmp_path / f"old-{kind}"
+    if kind == "edge":
+        import qdrant_edge as qe
+
+        vectors = {name: qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Cosine) for name in ("image", "text")}
+        qe.EdgeShard.create(str(folder / TEST_COLLECTION), qe.EdgeConfig(vectors=vectors)).close()
+    else:
+        from qdrant_client import AsyncQdrantClient, models
+
+        client = AsyncQdrantClient(path=str(folder))
+        await client.create_collection(TEST_COLLECTION, vectors_config={
+            name: models.VectorParams(size=DIM, distance=models.Distance.COSINE) for name in ("image", "text")
+        })
+        await client.close()
+    store = await make_store(kind, path=folder)
+    assert await store.has_lexical() is False
+    points = make_lexical_points()
+    await store.upsert(points)
+    assert await store.count() == len(points)
+    assert (await store.search("text", points[3].vectors["text"], 1))[0].id == pid(3)
+    assert await store.search_lexical(query_vector("E-417"), 5) == []
+
+
+async def test_adapters_agree_on_lexical_search(make_store) -> None:
+    """Congruence: the same BM25 vectors give the same ids, order and scores on both adapters.
+
+    After a delete only the hit sets are compared: Edge (the Qdrant engine) keeps a deleted point
+    in its IDF statistics until the segment is optimised, qdrant-client's local mode recounts at
+    once, so scores drift apart by the IDF of the deleted documents' terms.
+    """
+    stores = {kind: await make_store(kind) for kind in STORE_KINDS}
+    queries = ["E-417", "my screen says E417", "P-100-B filter", "pump", "firmware 2.3.1", "filter pump 60 mm",
+               "warranty"]
+    filter_sets = [None, SearchFilters(tags=["t0"]), SearchFilters(source="manual.pdf")]
+
+    async def observe(store: VectorStore) -> tuple[list, list]:
+        ids, scores = [], []
+        for text in queries:
+            for filters in filter_sets:
+                hits = await store.search_lexical(query_vector(text), 20, filters)
+                ids.append([h.id for h in hits])
+                scores.append([h.score for h in hits])
+        return ids, scores
+
+    for store in stores.values():
+        await store.upsert(make_lexical_points())
+    (edge_ids, edge_scores), (local_ids, local_scores) = [await observe(store) for store in stores.values()]
+    assert edge_ids == local_ids
+    assert all(edge_ids[:3]) and edge_ids[0][0] in (pid(0), pid(9))
+    for got, want in zip(edge_scores, local_scores, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+
+    for store in stores.values():
+        await store.delete([pid(7), pid(3)])
+    (edge_ids, _), (local_ids, _) = [await observe(store) for store in stores.values()]
+    assert [set(ids) for ids in edge_ids] == [set(ids) for ids in local_ids]
+    assert pid(3) not in {i for ids in edge_ids for i in ids}

@@ -12,16 +12,13 @@ import pytest
 
 from retriever.errors import InvalidInput, ModelUnavailable, UpstreamError
 from server.vllm_client import VLLMClient
+from tests.support.media import sse_body
 
 COMPLETION = {
     "id": "x", "object": "chat.completion", "model": "m",
     "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
     "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
 }
-
-
-def sse(*events: dict) -> bytes:
-    return b"".join(f"data: {json.dumps(e)}\n\n".encode() for e in events) + b"data: [DONE]\n\n"
 
 
 def chunk(text: str | None = None, role: str | None = None) -> dict:
@@ -173,7 +170,7 @@ async def test_requests_spread_by_least_in_flight() -> None:
 
 
 async def test_stream_retries_before_first_token_then_relays() -> None:
-    body = sse(chunk(role="assistant", text=""), chunk("Hel"), chunk("lo"))
+    body = sse_body([chunk(role="assistant", text=""), chunk("Hel"), chunk("lo")])
     rec = Recorder(httpx.Response(503), httpx.ConnectError("x"), httpx.Response(200, content=body))
     client = make_client(rec, retry_attempts=3)
     stream = await client.open_stream({"messages": [], "stream_options": {"include_usage": True}})
@@ -219,7 +216,7 @@ async def test_stream_dropped_before_first_event_is_retried() -> None:
         raise httpx.RemoteProtocolError("peer closed")
         yield b""  # pragma: no cover
 
-    rec = Recorder(lambda r: httpx.Response(200, content=dies()), httpx.Response(200, content=sse(chunk("ok"))))
+    rec = Recorder(lambda r: httpx.Response(200, content=dies()), httpx.Response(200, content=sse_body([chunk("ok")])))
     stream = await make_client(rec).open_stream({"messages": []})
     assert [c["choices"][0]["delta"]["content"] async for c in stream] == ["ok"]
     assert len(rec.requests) == 2

@@ -18,12 +18,12 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Protocol
 
-from retriever.errors import InvalidInput, VlmragError
+from retriever.errors import ConfigurationError, InvalidInput, VlmragError
 from retriever.eval.metrics import (
     MethodResult,
     QueryRecord,
@@ -35,10 +35,16 @@ from retriever.eval.metrics import (
     standard_methods,
 )
 from retriever.eval.report import write_reports
+from retriever.ingest.pipeline import IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem, read_coco
-from retriever.rerank import RerankService, clip_relevancy
+from retriever.plan import Scorer
+from retriever.progress import ProgressBar
+from retriever.rerank import ImageLoader, RerankService, clip_relevancy
 from retriever.selection import select_adaptive
 from retriever.types import Candidate
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +53,38 @@ ANSWERS = "answers.jsonl"
 MANIFEST = "run.json"
 DEFAULT_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 AnswerFn = Callable[[str, list[Candidate]], Awaitable[str]]
+
+
+class SnippetImages(Protocol):
+    """Where a snippet's image bytes come from (``KnowledgeBase.image_bytes``)."""
+
+    async def image_bytes(self, point_id: str, thumbnail: bool = False) -> tuple[bytes, str]: ...
+
+
+class _EmbedderIdentity(Protocol):
+    @property
+    def identity(self) -> str: ...
+
+
+class _Retrieved(Protocol):
+    @property
+    def candidates(self) -> list[Candidate]: ...
+
+
+class EvalKnowledgeBase(SnippetImages, Protocol):
+    """What the harness needs of a knowledge base (``retriever.knowledge_base.KnowledgeBase``)."""
+
+    @property
+    def embedder(self) -> _EmbedderIdentity | None: ...
+
+    async def ingest(
+        self, items: Iterable[IngestItem], tags: Iterable[str] = (), progress: ProgressFn | None = None,
+        total: int | None = None,
+    ) -> IngestReport: ...
+
+    async def search(
+        self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20,
+    ) -> _Retrieved: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +109,7 @@ class EvalConfig:
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS
     clip_thresholds: tuple[float, ...] | None = None  # None: derived from the data
     margin: float | None = None
-    scorer: str = "vlm"
+    scorer: Scorer = "vlm"
     rerank_model: str = ""
     answer_threshold: float = 0.5
 
@@ -137,10 +175,10 @@ class CocoEval:
     """Runs the COCO protocol against a knowledge base and a re-ranker; writes the reports."""
 
     def __init__(
-        self, kb: Any, reranker: RerankService, config: EvalConfig, out_dir: Path, *,
+        self, kb: EvalKnowledgeBase, reranker: RerankService, config: EvalConfig, out_dir: Path, *,
         answer_fn: AnswerFn | None = None, progress: bool = True, fresh: bool = False,
     ) -> None:
-        self.kb = kb  # retriever.knowledge_base.KnowledgeBase (ingest, search, embedder)
+        self.kb = kb
         self.reranker = reranker
         self.config = config
         self.out_dir = Path(out_dir)
@@ -148,11 +186,14 @@ class CocoEval:
         self.progress = progress
         self.fresh = fresh
 
+    def _embedder_identity(self) -> str:
+        return self.kb.embedder.identity if self.kb.embedder is not None else ""
+
     # --- cache -----------------------------------------------------------------------------------
     def _prepare_out_dir(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         manifest = self.out_dir / MANIFEST
-        key = self.config.cache_key(getattr(self.kb.embedder, "identity", ""))
+        key = self.config.cache_key(self._embedder_identity())
         if self.fresh:
             for name in (RECORDS, ANSWERS, MANIFEST):
                 (self.out_dir / name).unlink(missing_ok=True)
@@ -186,8 +227,8 @@ class CocoEval:
     async def ingest(self) -> dict[str, Any]:
         """Ingest the (first ``limit``) images; already stored ones are skipped by the pipeline."""
         items = image_only_items(self.config.annotations, self.config.images_dir, self.config.limit)
-        with _Bar(self.progress, "ingest", self.config.limit) as bar:
-            report = await self.kb.ingest(items, progress=lambda r: bar.update(r.seen))
+        with ProgressBar("ingesting", self.config.limit, enabled=self.progress) as bar:
+            report = await self.kb.ingest(items, progress=lambda r: bar.update(r.done, throughput=r.ingested))
         if report.failed:
             log.warning("%d COCO images were not ingested: %s", report.failed,
                         "; ".join(f"{f.source}: {f.reason}" for f in report.failures[:5]))
@@ -223,7 +264,9 @@ class CocoEval:
             cand.relevancy = scores[cand.id]
         kept = select_adaptive(candidates, k=self.config.k, threshold=self.config.answer_threshold,
                                margin=self.config.margin).kept
-        text = await self.answer_fn(query.text, kept)  # type: ignore[misc]
+        if self.answer_fn is None:
+            raise ConfigurationError("this evaluation was set up without an answering model (answer_fn)")
+        text = await self.answer_fn(query.text, kept)
         return {"query_id": query.query_id, "query": query.text, "image_id": query.image_id,
                 "kept": [_image_id(c) for c in kept], "answer": text}
 
@@ -239,7 +282,7 @@ class CocoEval:
         answered = self._read_jsonl(ANSWERS) if self.answer_fn else {}
         rows: dict[str, dict[str, Any]] = {}
         degraded = 0
-        with _Bar(self.progress, "queries", len(queries)) as bar:
+        with ProgressBar("queries", len(queries), enabled=self.progress) as bar:
             for query in queries:
                 row = cached.get(query.query_id)
                 if row is None:
@@ -262,7 +305,7 @@ class CocoEval:
                         "queries": len(queries), **ingest},
             "pool": self.config.pool, "k": self.config.k, "margin": self.config.margin,
             "scorer": self.config.scorer, "rerank_model": self.config.rerank_model,
-            "embedder": getattr(self.kb.embedder, "identity", ""),
+            "embedder": self._embedder_identity(),
             "clip_recall_at": {str(n): recall_at(records, n) for n in (1, 5, 10) if n <= self.config.pool},
             "pool_recall": pool_recall(records),
             "score_paths": dict(Counter(c["path"] for row in rows.values() for c in row["candidates"])),
@@ -275,7 +318,7 @@ class CocoEval:
         return EvalOutcome(results, summary, paths)
 
 
-def kb_image_loader(kb: Any, *, thumbnail: bool = False) -> Callable[[Candidate], Awaitable[bytes | None]]:
+def kb_image_loader(kb: SnippetImages, *, thumbnail: bool = False) -> ImageLoader:
     """``load_image`` for RerankService: a snippet's image from the knowledge base, None if unavailable."""
 
     async def load(candidate: Candidate) -> bytes | None:
@@ -303,34 +346,3 @@ def _record(row: dict[str, Any]) -> QueryRecord:
     ]
     return QueryRecord(row["query_id"], frozenset({row["image_id"]}), items,
                        retrieval_ms=row["retrieval_ms"], rerank_ms=row["rerank_ms"])
-
-
-class _Bar:
-    """A rich progress bar, or nothing (tests, non-interactive runs)."""
-
-    def __init__(self, enabled: bool, label: str, total: int | None) -> None:
-        self.enabled, self.label, self.total = enabled, label, total
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Self:
-        if self.enabled:
-            from rich.progress import Progress
-
-            self._progress = Progress(transient=False)
-            self._progress.start()
-            self._task = self._progress.add_task(self.label, total=self.total)
-        return self
-
-    def update(self, completed: int) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, completed=completed)
-
-    def advance(self) -> None:
-        if self._progress is not None:
-            self._progress.advance(self._task)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-

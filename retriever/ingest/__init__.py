@@ -1,8 +1,11 @@
-"""Ingestion: readers (folder, JSONL, COCO, PDF) → ``IngestPipeline`` (decode, embed, blobs, upsert)."""
+"""Ingestion: readers (folder, JSONL, COCO, PDF) → ``IngestPipeline`` (decode, embed, blobs, upsert).
+
+``rules.py`` holds what every path shares: item checks, identity (deterministic ids), decoding caps.
+"""
 
 from __future__ import annotations
 
-from retriever.ingest.pipeline import IngestFailure, IngestPipeline, IngestReport, point_id_for
+from retriever.ingest.pipeline import IngestFailure, IngestPipeline, IngestReport
 from retriever.ingest.readers import (
     IngestItem,
     read_coco,
@@ -12,8 +15,9 @@ from retriever.ingest.readers import (
     read_pdf,
     split_passages,
 )
+from retriever.ingest.rules import IngestRules, point_id_for
 
 __all__ = [
-    "IngestFailure", "IngestItem", "IngestPipeline", "IngestReport", "point_id_for", "read_coco",
+    "IngestFailure", "IngestItem", "IngestPipeline", "IngestReport", "IngestRules", "point_id_for", "read_coco",
     "read_folder", "read_jsonl", "read_paths", "read_pdf", "split_passages",
 ]

@@ -5,12 +5,10 @@ decoding, thumbnails, CLIP preprocessing) while one encoder thread runs the mode
 chunk, and the previous chunk's blobs and points are written meanwhile. Preprocessing happens in
 the pool, so the encoder thread only ever runs the model.
 
-Identity (what makes re-ingestion a no-op): ``content_hash`` is the sha256 of the image bytes for a
-snippet with an image, else of its text; the point id is
-``uuid5(VLMRAG_NAMESPACE, content_hash␟text␟source␟page)``. The same material from the same source
-maps to the same id, so it is skipped (``skipped_existing``) before it is even decoded; a killed run
-re-run resumes where it stopped with no duplicate. Tags are not part of the identity: re-ingesting
-with other tags does not re-tag existing snippets.
+What an item must hold, what identifies it (a deterministic point id, so re-ingestion is a no-op
+and a killed run re-run resumes with no duplicate) and how its image is checked are the ingestion
+rules of ``retriever/ingest/rules.py``. An item whose id is already stored (or seen earlier in the
+run) is skipped (``skipped_existing``) before it is even decoded.
 
 Crash safety: a chunk's blobs (original + thumbnail) are written (atomically, fsync'd) before its
 points are upserted, so a point never exists without its image.
@@ -19,11 +17,9 @@ points are upserted, so a point never exists without its image.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -36,27 +32,23 @@ import torch
 from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput, UnprocessableInput, VlmragError
-from retriever.images import THUMBNAIL_SUFFIX, decode_image, make_thumbnail
+from retriever.images import THUMBNAIL_SUFFIX, make_thumbnail
 from retriever.ingest.readers import IngestItem
+from retriever.ingest.rules import (
+    DEFAULT_MAX_IMAGE_BYTES,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IngestRules,
+    clean_tags,
+    has_text,
+    snippet_kind,
+    snippet_tags,
+)
 from retriever.store.base import VectorStore
-from retriever.types import PointRecord, SnippetKind, SnippetPayload
+from retriever.types import PointRecord, SnippetPayload
 
 log = logging.getLogger(__name__)
 
-VLMRAG_NAMESPACE = uuid.UUID("5b0e3c3e-6a77-4c8e-9d55-1f0c7a1d2b9a")
 ProgressFn = Callable[["IngestReport"], None]
-
-
-def content_hash_of(image_bytes: bytes | None, text: str) -> str:
-    """sha256 hex of the image bytes, or of the UTF-8 text for a text-only snippet."""
-    return hashlib.sha256(image_bytes if image_bytes is not None else text.encode("utf-8")).hexdigest()
-
-
-def point_id_for(content_hash: str, text: str, source: str, page: int | None, namespace: str = "") -> str:
-    """Deterministic point id (see module docstring)."""
-    key = f"{content_hash}\x1f{text}\x1f{source}\x1f{page or ''}"
-    # a knowledge base's namespace keeps the same material in two KBs under different, unrelated ids
-    return str(uuid.uuid5(VLMRAG_NAMESPACE, f"{namespace}\x1e{key}" if namespace else key))
 
 
 @dataclass(slots=True)
@@ -82,6 +74,11 @@ class IngestReport:
     first_batch_s: float | None = None  # run start → first chunk embedded
     ids: list[str] = field(default_factory=list)  # ids of the points created by this run
     total: int | None = None  # items expected, when the caller knows
+
+    @property
+    def done(self) -> int:
+        """Items finished either way (stored, already present or failed): what a progress bar counts."""
+        return self.ingested + self.skipped_existing + self.failed
 
     def add_time(self, stage: str, seconds: float) -> None:
         self.timings[stage] = self.timings.get(stage, 0.0) + seconds
@@ -120,48 +117,35 @@ class IngestPipeline:
 
     def __init__(
         self, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore, *, batch_size: int = 16,
-        max_image_bytes: int = 10 * 1024 * 1024, max_image_pixels: int = 40_000_000,
+        max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         thumbnail_size: int = 256, draft_size: int | None = 512, workers: int | None = None,
         prefetch_batches: int = 2, id_namespace: str = "",
     ) -> None:
         self.embedder = embedder
-        self.id_namespace = id_namespace  # a knowledge base's (see point_id_for); "" for the default KB
         self.store = store
         self.blobs = blobs
         self.batch_size = max(1, batch_size)
-        self.max_image_bytes = max_image_bytes
-        self.max_image_pixels = max_image_pixels
-        self.thumbnail_size = thumbnail_size
-        # JPEGs are decoded at a reduced DCT scale whose short side stays >= draft_size: CLIP sees
+        # draft_size: JPEGs are decoded at a reduced DCT scale whose short side stays >= it; CLIP sees
         # 224 px and thumbnails 256 px, so a 12 Mpx photo needs no full decode.
-        self.draft_size = draft_size
+        self.rules = IngestRules(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                                 draft_size=draft_size, id_namespace=id_namespace)
+        self.thumbnail_size = thumbnail_size
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.prefetch_batches = max(1, prefetch_batches)
 
     # --- per-item work (worker threads) ----------------------------------------------------------
     def _identify(self, item: IngestItem) -> _Prepared:
-        """Read bytes and compute content hash and point id (no decoding yet)."""
-        prepared = _Prepared(item=item, text=item.text.strip())
-        if item.error:
-            raise InvalidInput(item.error)
-        if item.has_image:
-            prepared.image_bytes = item.read_image(self.max_image_bytes)
-        elif not prepared.text:
-            raise InvalidInput("nothing to ingest: no image and no text")
-        prepared.content_hash = content_hash_of(prepared.image_bytes, prepared.text)
-        prepared.point_id = point_id_for(prepared.content_hash, prepared.text, item.source, item.page,
-                                         self.id_namespace)
-        return prepared
+        """Check and read the item, compute content hash and point id (no decoding yet)."""
+        found = self.rules.identify(item)
+        return _Prepared(item=item, text=found.text, content_hash=found.content_hash,
+                         point_id=found.point_id, image_bytes=found.image_bytes)
 
     def _decode(self, prepared: _Prepared) -> _Prepared:
         """Validate + decode the image, make its thumbnail and its CLIP input tensor."""
         if prepared.image_bytes is None:
             return prepared
         item = prepared.item
-        decoded = decode_image(
-            prepared.image_bytes, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels,
-            filename=item.image_name or item.source, draft_size=self.draft_size,
-        )
+        decoded = self.rules.decode(prepared.image_bytes, item.image_name or item.source)
         prepared.suffix = decoded.suffix
         prepared.image_info = {"format": decoded.format, "media_type": decoded.media_type,
                                "width": decoded.width, "height": decoded.height,
@@ -181,7 +165,7 @@ class IngestPipeline:
             for p, vec in zip(with_image, vectors):
                 p.vectors["image"] = _as_list(vec)
                 p.tensor = None  # free the tensor early
-        with_text = [p for p in batch if p.text]
+        with_text = [p for p in batch if has_text(p.text)]
         if with_text:
             vectors = self.embedder.embed_texts([p.text for p in with_text])
             for p, vec in zip(with_text, vectors):
@@ -196,15 +180,13 @@ class IngestPipeline:
 
     def _point(self, prepared: _Prepared, refs: tuple[str, str] | None, tags: list[str]) -> PointRecord:
         item = prepared.item
-        kind: SnippetKind = item.kind or (
-            ("image_text" if prepared.text else "image") if prepared.image_bytes is not None else "text"
-        )
+        kind = snippet_kind(item.kind, has_image=prepared.image_bytes is not None, text=prepared.text)
         extra = dict(item.extra)
         if prepared.image_info:
             extra["image"] = prepared.image_info
         payload = SnippetPayload(
             kind=kind, text=prepared.text, source=item.source,
-            tags=sorted(set(item.tags) | set(tags)), content_hash=prepared.content_hash,
+            tags=snippet_tags(item.tags, tags), content_hash=prepared.content_hash,
             image_ref=refs[0] if refs else None, thumb_ref=refs[1] if refs else None, page=item.page,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"), extra=extra,
         )
@@ -220,7 +202,7 @@ class IngestPipeline:
         Store failures (unreachable, locked) do raise: nothing sensible can continue without it.
         """
         report = IngestReport(total=total if total is not None else _len_or_none(items))
-        run_tags = sorted({t.strip() for t in tags if t and t.strip()})
+        run_tags = clean_tags(tags)
         started = time.perf_counter()
         pool = ThreadPoolExecutor(self.workers, thread_name_prefix="vlmrag-ingest")
         encoder = ThreadPoolExecutor(1, thread_name_prefix="vlmrag-encode")
@@ -353,8 +335,7 @@ class IngestPipeline:
         prepared = await asyncio.to_thread(self._decode, prepared)
         await asyncio.to_thread(self._encode, [prepared])
         refs = await asyncio.to_thread(self._write_blobs, prepared)
-        run_tags = sorted({t.strip() for t in tags if t and t.strip()})
-        await self.store.upsert([self._point(prepared, refs, run_tags)])
+        await self.store.upsert([self._point(prepared, refs, clean_tags(tags))])
         return prepared.point_id, True
 
 

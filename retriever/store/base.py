@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, StoredPoint
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
 
 
 @runtime_checkable
@@ -27,6 +27,18 @@ class VectorStore(Protocol):
     async def search(
         self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
     ) -> list[ScoredPoint]: ...
+
+    async def search_lexical(
+        self, query: SparseVector, limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]:
+        """BM25 hits on the ``lexical`` sparse vector (IDF applied by the store), best first.
+
+        Ties are broken by id, so both adapters return the same order. [] when the query has no
+        tokens or the collection predates ``lexical`` (see ``has_lexical``).
+        """
+
+    async def has_lexical(self) -> bool:
+        """Whether the collection has the ``lexical`` sparse vector (collections made before it do not)."""
 
     async def retrieve(self, ids: list[str]) -> list[StoredPoint]: ...
 
@@ -56,6 +68,8 @@ class VectorStore(Protocol):
 
 #: the named vectors of every collection (cosine)
 VECTOR_NAMES: tuple[str, ...] = ("image", "text")
+#: the sparse vector of new collections (BM25 term weights, IDF modifier; retriever/lexical.py)
+LEXICAL_VECTOR = "lexical"
 #: keyword payload indexes created with the collection (the filter and facet fields)
 KEYWORD_FIELDS: tuple[str, ...] = ("kind", "source", "tags", "content_hash")
 
@@ -78,6 +92,27 @@ def embedder_mismatch(collection: str, stored: str, wanted: str) -> str:
         f"collection {collection!r} was built with {stored}; you are opening it with {wanted}; "
         "use another VLMRAG_COLLECTION or reindex"
     )
+
+
+def check_sparse(points: list[PointRecord]) -> None:
+    """Refuse a malformed ``lexical`` vector (InvalidInput): lengths differ, negative or repeated ids."""
+    from retriever.errors import InvalidInput
+
+    for point in points:
+        sparse = point.lexical
+        if not sparse:
+            continue
+        if len(sparse.indices) != len(sparse.values):
+            raise InvalidInput(f"point {point.id}: lexical vector has {len(sparse.indices)} indices and "
+                               f"{len(sparse.values)} values", param="lexical")
+        if min(sparse.indices) < 0 or max(sparse.indices) >= 2**32 or len(set(sparse.indices)) != len(sparse):
+            raise InvalidInput(f"point {point.id}: lexical vector indices must be distinct uint32",
+                               param="lexical")
+
+
+def lexical_order(hits: list[ScoredPoint]) -> list[ScoredPoint]:
+    """Best BM25 score first, ties by id: BM25 ties are common and the adapters order them differently."""
+    return sorted(hits, key=lambda hit: (-round(hit.score, 4), hit.id))
 
 
 def check_vectors(points: list[PointRecord], dim: int | None) -> None:

@@ -16,6 +16,10 @@ one thread: search is exact brute force, bound by memory bandwidth. Vectors are 
 as float16 (half the bytes: ~10 ms instead of ~15 ms at 100k x 512, half the RAM; scores within
 ~5e-5 of float32 at 512-d (at most ~1e-3), top-20 overlap with float32 99.9 %, see
 benchmarks/bench_search.py).
+
+New shards also have the sparse vector ``lexical`` (BM25 weights from retriever/lexical.py, IDF
+modifier). Edge cannot add it to an existing shard (its config must match the segments): an older
+shard keeps working, ``has_lexical()`` is False and ``search_lexical`` returns [].
 """
 
 from __future__ import annotations
@@ -35,12 +39,15 @@ import qdrant_edge as qe
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable, VlmragError
 from retriever.store.base import (
     KEYWORD_FIELDS,
+    LEXICAL_VECTOR,
     VECTOR_NAMES,
+    check_sparse,
     check_vectors,
     embedder_mismatch,
+    lexical_order,
     normalize_id,
 )
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, StoredPoint
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +140,20 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _upsert_sync(shard: qe.EdgeShard, points: list[PointRecord]) -> None:
+def _edge_vectors(point: PointRecord, lexical: bool) -> dict[str, Any]:
+    vectors: dict[str, Any] = {name: _vector(v) for name, v in point.vectors.items()}
+    if lexical and point.lexical:  # an empty sparse vector is simply absent: nothing to match
+        vectors[LEXICAL_VECTOR] = qe.SparseVector(list(point.lexical.indices), list(point.lexical.values))
+    return vectors
+
+
+def _upsert_sync(shard: qe.EdgeShard, points: list[PointRecord], lexical: bool) -> None:
     # Building qe.Point converts the payload and vectors into Rust under the GIL: done in the worker
     # thread with the update, so a large batch never stalls the event loop. The payload dominates
     # (~4 µs per string value, ~65 µs for an ingested snippet), not the floats (~10 µs per 512-d
     # list); 0.9.0 has no numpy, bytes or batch path (bytes are read as a list of ints!), see
     # benchmarks/bench_upsert.py.
-    edge_points = [
-        qe.Point(normalize_id(p.id), {name: _vector(v) for name, v in p.vectors.items()}, p.payload.to_dict())
-        for p in points
-    ]
+    edge_points = [qe.Point(normalize_id(p.id), _edge_vectors(p, lexical), p.payload.to_dict()) for p in points]
     shard.update(qe.UpdateOperation.upsert_points(edge_points))
 
 
@@ -156,6 +167,8 @@ class EdgeStore:
         self.description = f"qdrant-edge:{self.shard_dir}"
         self._shard: qe.EdgeShard | None = None
         self._meta: dict[str, Any] | None = None
+        self._lexical = False  # the shard has the ``lexical`` sparse vector (read from its config)
+        self._warned_no_lexical = False
         self._lock = asyncio.Lock()  # serialises create/load/close, not reads
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -169,6 +182,7 @@ class EdgeStore:
         if self._shard is None:
             self._shard = await self._call(qe.EdgeShard.load, str(self.shard_dir))
             self._meta = self._read_meta()
+            self._lexical = self._read_lexical()
 
     def _read_meta(self) -> dict[str, Any] | None:
         meta_path = self.shard_dir / META_FILE
@@ -178,6 +192,14 @@ class EdgeStore:
             return json.loads(meta_path.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise StoreUnavailable(f"embedded store meta file {meta_path} is corrupt: {exc}") from exc
+
+    def _read_lexical(self) -> bool:
+        # Edge has no config getter; the shard persists its config beside the segments.
+        try:
+            config = json.loads((self.shard_dir / _SHARD_MARKER).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        return LEXICAL_VECTOR in (config.get("sparse_vectors") or {})
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -202,6 +224,7 @@ class EdgeStore:
             if self._shard is None:
                 self._shard = await self._call(self._create, dim)
                 self._meta = None
+                self._lexical = self._read_lexical()
             if self._meta is None:
                 if await self.count() > 0:
                     raise Conflict(embedder_mismatch(self.collection, "an unknown embedder", embedder_id))
@@ -218,7 +241,9 @@ class EdgeStore:
             name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=VECTOR_DATATYPE)
             for name in VECTOR_NAMES
         }
-        shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors))
+        # BM25 term weights; the IDF modifier makes the shard weigh each term by its rarity at query time.
+        sparse = {LEXICAL_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
+        shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse))
         for field in KEYWORD_FIELDS:
             shard.update(qe.UpdateOperation.create_field_index(field, qe.PayloadSchemaType.Keyword))
         return shard
@@ -247,7 +272,12 @@ class EdgeStore:
             return
         shard = self._require()
         check_vectors(points, self._meta.get("dim") if self._meta else None)
-        await self._call(_upsert_sync, shard, points)
+        check_sparse(points)
+        if not self._lexical and not self._warned_no_lexical and any(p.lexical for p in points):
+            self._warned_no_lexical = True
+            log.warning("embedded store %s predates the lexical vector: BM25 vectors are not stored "
+                        "(dense search only); reindex to add them", self.shard_dir)
+        await self._call(_upsert_sync, shard, points, self._lexical)
 
     async def delete(self, ids: list[str]) -> int:
         if not ids or self._shard is None:
@@ -282,6 +312,25 @@ class EdgeStore:
         )
         hits = self._call_inline(self._shard.query, request)
         return [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
+
+    async def search_lexical(
+        self, query: SparseVector, limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]:
+        if self._shard is None or limit <= 0 or not query or not self._lexical:
+            return []
+        check_sparse([PointRecord("query", {}, SnippetPayload(kind="text"), query)])
+        request = qe.QueryRequest(
+            limit=limit, query=qe.Query.Nearest(qe.SparseVector(list(query.indices), list(query.values)),
+                                                using=LEXICAL_VECTOR),
+            filter=build_filter(filters), with_payload=True, with_vector=False,
+        )
+        hits = self._call_inline(self._shard.query, request)
+        return lexical_order(
+            [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
+        )
+
+    async def has_lexical(self) -> bool:
+        return self._shard is not None and self._lexical
 
     async def retrieve(self, ids: list[str]) -> list[StoredPoint]:
         if not ids or self._shard is None:

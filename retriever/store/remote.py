@@ -3,7 +3,9 @@
 The collection has named cosine vectors ``image`` and ``text``, keyword payload indexes on
 ``kind``, ``source``, ``tags``, ``content_hash``, and the embedder identity in the collection's
 ``metadata`` (``{"vlmrag_embedder_id": ..., "vlmrag_dim": ...}``; Qdrant >= 1.16 stores it). A
-server that drops the metadata leaves only the vector size to check, logged as a warning.
+server that drops the metadata leaves only the vector size to check, logged as a warning. New
+collections also get the sparse vector ``lexical`` (BM25 weights from retriever/lexical.py, IDF
+modifier: Qdrant >= 1.10); one made before it keeps working, with ``search_lexical`` returning [].
 
 Client errors are translated: unreachable -> ``StoreUnavailable`` naming the URL, 401/403 ->
 ``ConfigurationError``, 400/422 -> ``InvalidInput``, 404 -> ``NotFound``.
@@ -30,12 +32,15 @@ from retriever.errors import (
 )
 from retriever.store.base import (
     KEYWORD_FIELDS,
+    LEXICAL_VECTOR,
     VECTOR_NAMES,
+    check_sparse,
     check_vectors,
     embedder_mismatch,
+    lexical_order,
     normalize_id,
 )
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, StoredPoint
+from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +77,20 @@ def _vector(values: Any) -> list[float]:
     return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
 
 
-def _point_structs(points: list[PointRecord]) -> list[models.PointStruct]:
+def _sparse(vector: SparseVector) -> models.SparseVector:
+    return models.SparseVector(indices=list(vector.indices), values=list(vector.values))
+
+
+def _point_vectors(point: PointRecord, lexical: bool) -> dict[str, Any]:
+    vectors: dict[str, Any] = {name: _vector(v) for name, v in point.vectors.items()}
+    if lexical and point.lexical:  # an empty sparse vector is simply absent: nothing to match
+        vectors[LEXICAL_VECTOR] = _sparse(point.lexical)
+    return vectors
+
+
+def _point_structs(points: list[PointRecord], lexical: bool) -> list[models.PointStruct]:
     return [
-        models.PointStruct(
-            id=normalize_id(p.id), vector={name: _vector(v) for name, v in p.vectors.items()},
-            payload=p.payload.to_dict(),
-        )
+        models.PointStruct(id=normalize_id(p.id), vector=_point_vectors(p, lexical), payload=p.payload.to_dict())
         for p in points
     ]
 
@@ -103,6 +116,8 @@ class RemoteStore:
         self._exists: bool | None = None
         self._dim: int | None = None
         self._embedder: str | None = None
+        self._lexical = False  # the collection has the ``lexical`` sparse vector
+        self._warned_no_lexical = False
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         """Await a client call, translating its errors into retriever.errors."""
@@ -146,6 +161,7 @@ class RemoteStore:
         self._embedder = metadata.get(META_EMBEDDER)
         vectors = info.config.params.vectors
         self._dim = int(metadata.get(META_DIM) or (vectors["text"].size if isinstance(vectors, dict) else 0))
+        self._lexical = LEXICAL_VECTOR in (info.config.params.sparse_vectors or {})
 
     async def ensure_collection(self, dim: int, embedder_id: str) -> None:
         """Create the collection with payload indexes, or refuse a different embedder."""
@@ -156,6 +172,8 @@ class RemoteStore:
                 vectors_config={
                     name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES
                 },
+                # BM25 term weights; IDF applied by the server at query time (same as Edge's modifier).
+                sparse_vectors_config={LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
                 shard_number=self._shards, replication_factor=self._replicas,
                 write_consistency_factor=self._write_factor,
                 metadata={META_EMBEDDER: embedder_id, META_DIM: dim},
@@ -200,8 +218,13 @@ class RemoteStore:
             return
         await self._require()
         check_vectors(points, self._dim or None)
+        check_sparse(points)
+        if not self._lexical and not self._warned_no_lexical and any(p.lexical for p in points):
+            self._warned_no_lexical = True
+            log.warning("collection %r predates the lexical vector: BM25 vectors are not stored "
+                        "(dense search only); reindex to add them", self.collection)
         # pydantic validation of thousands of 512-d vectors takes a while: keep it off the loop.
-        structs = await asyncio.to_thread(_point_structs, points)
+        structs = await asyncio.to_thread(_point_structs, points, self._lexical)
         await self._call(self.client.upsert(self.collection, points=structs, wait=True))
 
     async def delete(self, ids: list[str]) -> int:
@@ -244,6 +267,26 @@ class RemoteStore:
             ScoredPoint(str(p.id), float(p.score), SnippetPayload.from_dict(p.payload or {}))
             for p in response.points
         ]
+
+    async def search_lexical(
+        self, query: SparseVector, limit: int, filters: SearchFilters | None = None
+    ) -> list[ScoredPoint]:
+        if limit <= 0 or not query or await self._missing() or not self._lexical:
+            return []
+        check_sparse([PointRecord("query", {}, SnippetPayload(kind="text"), query)])
+        response = await self._call(self.client.query_points(
+            self.collection, query=_sparse(query), using=LEXICAL_VECTOR, query_filter=build_filter(filters),
+            limit=limit, with_payload=True, with_vectors=False, **self._read_kwargs,
+        ))
+        return lexical_order([
+            ScoredPoint(str(p.id), float(p.score), SnippetPayload.from_dict(p.payload or {}))
+            for p in response.points
+        ])
+
+    async def has_lexical(self) -> bool:
+        if self._exists is None:
+            await self._refresh()
+        return bool(self._exists) and self._lexical
 
     async def retrieve(self, ids: list[str]) -> list[StoredPoint]:
         if not ids or await self._missing():

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from retriever.errors import InvalidInput
-from retriever.eval.coco import DEFAULT_THRESHOLDS, CocoEval, EvalConfig, kb_image_loader
+from retriever.eval.coco import (
+    DEFAULT_THRESHOLDS,
+    AnswerFn,
+    CocoEval,
+    EvalConfig,
+    SnippetImages,
+    kb_image_loader,
+)
 from retriever.eval.report import markdown_table
 from retriever.rerank import RerankService, image_data_url
 from retriever.types import Candidate
@@ -74,7 +81,7 @@ def eval_settings(settings: Settings, out: Path, kb_dir: Path | None) -> Setting
     return settings.model_copy(update=update)
 
 
-def build_answer_fn(kb: Any, generator: VLLMClient) -> Any:
+def build_answer_fn(kb: SnippetImages, generator: VLLMClient) -> AnswerFn:
     """question + kept snippets → the answering model's reply (our system and answer prompts)."""
     prompts = PromptBuilder()
     load = kb_image_loader(kb)

@@ -26,13 +26,15 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import httpx
 
 from retriever.errors import StoreUnavailable, Unauthorized, UpstreamUnavailable, VlmragError
 from retriever.ingest.pipeline import IngestReport
 from retriever.ingest.readers import IngestItem, read_paths
+from retriever.ingest.rules import IngestRules, snippet_tags
+from retriever.progress import ProgressBar
 from server.settings import Settings
 from server.wiring import build_knowledge_base
 
@@ -78,8 +80,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
               "ingesting through its API", file=sys.stderr)
         return _finish(await _remote(url, items, args, settings, show_bar), args, url)
     try:
-        with _Bar(len(items), show_bar) as bar:
-            report = await kb.ingest(items, tags=args.tag, progress=bar.update, total=len(items))
+        with ProgressBar("ingesting", len(items), enabled=show_bar) as bar:
+            report = await kb.ingest(items, tags=args.tag, progress=lambda r: _show(bar, r), total=len(items))
     finally:
         await kb.close()
     return _finish(report, args, "local")
@@ -102,6 +104,10 @@ def find_running_server(data_dir: Path) -> str | None:
     return url.rstrip("/")
 
 
+def _show(bar: ProgressBar, report: IngestReport) -> None:
+    bar.update(report.done, throughput=report.ingested)  # the rate counts snippets stored
+
+
 def _finish(report: IngestReport, args: argparse.Namespace, via: str) -> int:
     if args.json:
         print(json.dumps({**report.to_dict(), "via": via}, indent=2))
@@ -118,50 +124,6 @@ def _finish(report: IngestReport, args: argparse.Namespace, via: str) -> int:
     return 1 if nothing_landed and report.failed > 0 else 0
 
 
-class _Bar:
-    """A rich progress bar on a terminal; a no-op otherwise."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total = total
-        self.enabled = enabled
-        self._progress: Any = None
-        self._task: Any = None
-
-    def __enter__(self) -> Self:
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self._progress = Progress(
-                TextColumn("ingesting"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
-                TimeRemainingColumn(), console=Console(stderr=True),
-            )
-            self._progress.start()
-            self._task = self._progress.add_task("ingest", total=self.total, rate="")
-            self._started = time.perf_counter()
-        return self
-
-    def update(self, report: IngestReport) -> None:
-        if self._progress is None:
-            return
-        done = report.ingested + report.skipped_existing + report.failed
-        elapsed = max(time.perf_counter() - self._started, 1e-6)
-        self._progress.update(self._task, completed=min(done, self.total),
-                              rate=f"{report.ingested / elapsed:.1f}/s")
-
-    def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
 # --- through a running service ---------------------------------------------------------------------
 
 
@@ -173,15 +135,14 @@ async def _remote(
     started = time.perf_counter()
     headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(API_KEY_ENV)) else {}
     limit = asyncio.Semaphore(REMOTE_CONCURRENCY)
-    run_tags = [t for t in args.tag if t]
     async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers,
                                  timeout=httpx.Timeout(120.0, connect=5.0)) as client:
-        with _Bar(len(items), show_bar) as bar:
+        with ProgressBar("ingesting", len(items), enabled=show_bar) as bar:
 
             async def one(item: IngestItem) -> None:
                 async with limit:
-                    await _post_item(client, item, run_tags, settings, report)
-                    bar.update(report)
+                    await _post_item(client, item, args.tag, settings, report)
+                    _show(bar, report)
 
             report.seen = len(items)
             await asyncio.gather(*(one(item) for item in items))
@@ -192,12 +153,15 @@ async def _remote(
 async def _post_item(
     client: httpx.AsyncClient, item: IngestItem, tags: list[str], settings: Settings, report: IngestReport
 ) -> None:
-    if item.error:
-        report.fail(item, item.error)
+    """Check and read one item under the ingestion rules, POST it; its input errors go to ``report``."""
+    rules = IngestRules(max_image_bytes=settings.limit_image_bytes)
+    try:  # the checks of a local run, so a bad item is reported the same way (and never sent)
+        text, image = await asyncio.to_thread(rules.read, item)
+    except VlmragError as exc:
+        report.fail(item, exc.message, exc.status_code)
         return
     # tags as repeated form fields (FastAPI's list[str] Form); each value is one tag.
-    data: dict[str, Any] = {"text": item.text, "source": item.source,
-                            "tags": sorted(set(item.tags) | set(tags))}
+    data: dict[str, Any] = {"text": text, "source": item.source, "tags": snippet_tags(item.tags, tags)}
     if item.page is not None:
         data["page"] = str(item.page)
     if item.extra:
@@ -205,12 +169,7 @@ async def _post_item(
         # know the field ignores it, as FastAPI does with undeclared form fields).
         data["extra"] = json.dumps(item.extra, ensure_ascii=False, default=str)
     files = None
-    if item.has_image:
-        try:
-            image = await asyncio.to_thread(item.read_image, settings.limit_image_bytes)
-        except VlmragError as exc:  # the reader's own errors: report, continue
-            report.fail(item, exc.message, exc.status_code)
-            return
+    if image is not None:
         files = {"image": (item.image_name or "image", image, "application/octet-stream")}
     for attempt in range(5):
         try:

@@ -28,6 +28,7 @@ from retriever.images import DecodedImage, data_url, decode_image
 from retriever.knowledge_base import KnowledgeBase
 from retriever.plan import RetrievalPlan, Scorer
 from retriever.rerank import RerankService
+from retriever.search import OcrFn
 from retriever.types import Candidate
 from server.api_models import (
     RetrievalOptions,
@@ -112,6 +113,7 @@ class ChatService:
         self, settings: Settings, *, knowledge_bases: KnowledgeBases, answer_client: VLLMClient,
         reranker: RerankService, prompts: PromptBuilder | None = None, metrics: Metrics | None = None,
         gate: ModelCallGate | None = None, remote_images: httpx.AsyncClient | None = None,
+        ocr: OcrFn | None = None,
     ) -> None:
         self.settings = settings
         self.kbs = knowledge_bases
@@ -121,6 +123,7 @@ class ChatService:
         self.metrics = metrics
         self.gate = gate
         self.remote_images = remote_images  # only with settings.remote_images_enabled
+        self.ocr = ocr  # reads the text in the caller's images (query-time OCR); None when turned off
 
     # ------------------------------------------------------------------ images
     async def load_image_url(self, url: str, param: str) -> QueryImage:
@@ -172,7 +175,8 @@ class ChatService:
         if not text.strip() and not images:
             raise InvalidInput("nothing to search for: the question has no text and no image",
                                param="messages", code="empty_query")
-        found = await kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters)
+        found = await kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters,
+                                mode=plan.mode, ocr=self.ocr)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
@@ -180,8 +184,8 @@ class ChatService:
                                              load_image=kb.snippet_image)
         timings.update({name: round(ms, 3) for name, ms in outcome.timings.items() if name != "total"})
         timings.setdefault("rerank", 0.0)
-        return SelectedContext(list(outcome.kept), list(outcome.dropped), outcome.scorer, list(outcome.degraded),
-                               timings, kb=kb)
+        return SelectedContext(list(outcome.kept), list(outcome.dropped), outcome.scorer,
+                               [*found.degraded, *outcome.degraded], timings, kb=kb)
 
     async def _prompt_snippets(self, kb: KnowledgeBase, kept: list[Candidate], image_budget: int) -> list[PromptSnippet]:
         """Kept snippets numbered for citing; images attached in rank order while ``image_budget`` lasts."""

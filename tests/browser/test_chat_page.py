@@ -16,26 +16,15 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support.fixtures_browser import PHONE, noise_png
-from tests.support.fixtures_server import LiveServer, png_bytes
+from tests.support.fixtures_browser import PHONE
+from tests.support.fixtures_server import LiveServer
+from tests.support.media import noise_png, png_bytes, sse_body, sse_payloads
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 ANSWER_DONE = ".message.assistant .answer[aria-busy='false']"
 # The tiny model's context is 1024 tokens: one retrieved snippet plus the question's image fit.
 TINY_K = "1"
-
-
-def sse_payloads(body: str) -> list[dict[str, Any]]:
-    """The JSON payloads of an SSE body, in order, up to ``[DONE]``."""
-    payloads = []
-    for event in body.replace("\r\n", "\n").split("\n\n"):
-        data = "\n".join(line[5:].lstrip() for line in event.split("\n") if line.startswith("data:"))
-        if data == "[DONE]":
-            break
-        if data:
-            payloads.append(json.loads(data))
-    return payloads
 
 
 def streamed_text(payloads: list[dict[str, Any]]) -> str:
@@ -52,10 +41,6 @@ def final_sources(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def image_file(image: Image.Image, name: str) -> dict[str, Any]:
     return {"name": name, "mimeType": "image/png", "buffer": png_bytes(image)}
-
-
-def sse_body(events: list[dict[str, Any]]) -> str:
-    return "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
 
 
 def chunk(content: str | None = None, **extra: Any) -> dict[str, Any]:

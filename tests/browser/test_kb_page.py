@@ -3,7 +3,6 @@ embedded Qdrant, local blobs): upload several files, browse, search, delete, lim
 
 from __future__ import annotations
 
-import io
 import time
 from typing import Any
 
@@ -11,18 +10,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.support.fixtures_browser import noise_png
-from tests.support.fixtures_server import png_bytes
+from tests.support.media import noise_png, pdf_bytes, png_bytes
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 
 NOTES = "# Bike care\n\nOil the chain every month.\n\n# Warranty\n\nThe frame is covered for two years.\n"
-
-
-def pdf_bytes(pages: list[Image.Image]) -> bytes:
-    out = io.BytesIO()
-    pages[0].save(out, format="PDF", save_all=True, append_images=pages[1:])
-    return out.getvalue()
 
 
 def wait_uploads(page: Any, count: int) -> dict[str, tuple[str, str]]:

@@ -14,7 +14,8 @@ import pytest
 from openai import OpenAI
 
 from tests.support.fixtures_retriever import make_sample_images
-from tests.support.fixtures_server import LiveServer, data_url, png_bytes
+from tests.support.fixtures_server import LiveServer
+from tests.support.media import data_url, png_bytes
 
 pytestmark = pytest.mark.e2e
 

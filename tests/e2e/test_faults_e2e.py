@@ -22,7 +22,8 @@ import pytest
 
 from server.app import create_app
 from server.settings import Settings
-from tests.support.fixtures_server import UvicornThread, make_settings, running_client
+from tests.support.fixtures_server import UvicornThread, running_client
+from tests.support.settings import make_settings
 from tests.support.vllm_server import VLLMServer, free_port
 
 pytestmark = pytest.mark.e2e

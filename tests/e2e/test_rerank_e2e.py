@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +14,7 @@ from retriever.plan import RetrievalPlan
 from retriever.rerank import PATH_BOUND, PATH_PROMPT, PATH_TOP, RerankService, image_data_url
 from retriever.types import Candidate, SnippetPayload
 from server.vllm_client import VLLMClient
+from tests.support.media import png_bytes
 from tests.support.vllm_server import free_port
 from tests.test_eval import write_coco
 
@@ -23,9 +23,7 @@ VLM_PATHS = {PATH_TOP, PATH_BOUND, PATH_PROMPT}
 
 
 def png(colour: tuple[int, int, int]) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (64, 48), colour).save(buf, "PNG")
-    return buf.getvalue()
+    return png_bytes(Image.new("RGB", (64, 48), colour))
 
 
 class Recorder:
@@ -120,10 +118,10 @@ async def test_dead_vllm_degrades_to_clip() -> None:
 
 
 async def test_harness_end_to_end_with_the_vlm_scorer(tmp_path: Path, embedder: Any, client: VLLMClient) -> None:
-    from server.settings import Settings
     from server.wiring import build_knowledge_base
+    from tests.support.settings import bare_settings
 
-    kb = await build_knowledge_base(Settings(data_dir=tmp_path / "kb", collection="eval"), embedder=embedder)
+    kb = await build_knowledge_base(bare_settings(data_dir=tmp_path / "kb", collection="eval"), embedder=embedder)
     try:
         coco = write_coco(tmp_path / "coco", n=5, captions=1)
         config = EvalConfig(coco, pool=5, k=3, scorer="vlm", thresholds=(0.25, 0.5, 0.75), rerank_model="tiny-vlm")

@@ -19,21 +19,10 @@ import numpy as np
 from PIL import Image
 
 from retriever.errors import PayloadTooLarge, UnprocessableInput, UnsupportedMediaType
+from tests.support.media import encode_image, noise_image
 
 OK = 200
 STATUS_ERRORS = {413: PayloadTooLarge, 415: UnsupportedMediaType, 422: UnprocessableInput}
-
-
-def _save(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
-    out = io.BytesIO()
-    img.save(out, format=fmt, **kwargs)
-    return out.getvalue()
-
-
-def noise_image(width: int = 64, height: int = 48, seed: int = 0) -> Image.Image:
-    """A deterministic RGB noise image (incompressible, so truncation really cuts pixel data)."""
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), )
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -64,25 +53,25 @@ def exif_rotated_jpeg() -> bytes:
     img.paste((255, 0, 0), (0, 0, 20, 20))
     exif = Image.Exif()
     exif[0x0112] = 6
-    return _save(img, "JPEG", exif=exif, quality=95)
+    return encode_image(img, "JPEG", exif=exif, quality=95)
 
 
 def animated_gif() -> bytes:
     """Three 16x16 frames: red, green, blue; the first frame (red) is the one that counts."""
     frames = [Image.new("RGB", (16, 16), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
-    return _save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return encode_image(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
 def png16() -> bytes:
     """A 16-bit greyscale PNG, every pixel 40000 (→ 156 after keeping the top 8 bits)."""
     arr = np.full((12, 10), 40000, dtype=np.uint16)
-    return _save(Image.fromarray(arr), "PNG")  # uint16 → mode "I;16"
+    return encode_image(Image.fromarray(arr), "PNG")  # uint16 → mode "I;16"
 
 
 def bad_image_corpus() -> dict[str, tuple[bytes, int]]:
     """Every case: ``{filename: (bytes, expected_status)}`` (see module docstring)."""
-    jpeg = _save(noise_image(64, 48, seed=1), "JPEG", quality=90)
-    png = _save(noise_image(64, 48, seed=2), "PNG")
+    jpeg = encode_image(noise_image(64, 48, seed=1), "JPEG", quality=90)
+    png = encode_image(noise_image(64, 48, seed=2), "PNG")
     zip_buf = io.BytesIO()
     with zipfile.ZipFile(zip_buf, "w") as zf:
         zf.writestr("payload.html", "<html><script>alert(1)</script></html>")
@@ -92,25 +81,25 @@ def bad_image_corpus() -> dict[str, tuple[bytes, int]]:
         # --- fine, if odd -----------------------------------------------------------------------
         "good.jpg": (jpeg, OK),
         "good.png": (png, OK),
-        "good.webp": (_save(noise_image(32, 32, seed=3), "WEBP"), OK),
+        "good.webp": (encode_image(noise_image(32, 32, seed=3), "WEBP"), OK),
         "png_named.jpg": (png, OK),  # format comes from content, not the extension
-        "cmyk.jpg": (_save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"), OK),
+        "cmyk.jpg": (encode_image(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"), OK),
         "animated.gif": (animated_gif(), OK),
         "exif_rotated.jpg": (exif_rotated_jpeg(), OK),
         "grey16.png": (png16(), OK),
-        "palette_transparent.png": (_save(palette, "PNG", transparency=0), OK),
-        "grey_alpha.png": (_save(Image.new("LA", (8, 8), (10, 128)), "PNG"), OK),
+        "palette_transparent.png": (encode_image(palette, "PNG", transparency=0), OK),
+        "grey_alpha.png": (encode_image(Image.new("LA", (8, 8), (10, 128)), "PNG"), OK),
         "polyglot_jpeg_zip.jpg": (jpeg + zip_buf.getvalue(), OK),  # a valid JPEG with a ZIP appended
-        "gif_html_comment.gif": (_save(Image.new("RGB", (8, 8), (0, 0, 0)), "GIF",
-                                       comment=b"<html><script>alert(1)</script></html>"), OK),
+        "gif_html_comment.gif": (encode_image(Image.new("RGB", (8, 8), (0, 0, 0)), "GIF",
+                                              comment=b"<html><script>alert(1)</script></html>"), OK),
         # --- refused: too big -------------------------------------------------------------------
         "bomb_20000x20000.png": (bomb_png(20_000, 20_000), 413),
         "bomb_8000x8000.png": (bomb_png(8_000, 8_000), 413),  # under Pillow's own guard, over ours
         # --- refused: not a supported format ----------------------------------------------------
         "text_named.png": (b"hello, I am plain text pretending to be a PNG\n", 415),
         "html_named.gif": (b"<!doctype html><html><body>GIF89a</body></html>", 415),
-        "image.tiff": (_save(noise_image(16, 16, seed=4), "TIFF"), 415),
-        "image.bmp": (_save(noise_image(16, 16, seed=5), "BMP"), 415),
+        "image.tiff": (encode_image(noise_image(16, 16, seed=4), "TIFF"), 415),
+        "image.bmp": (encode_image(noise_image(16, 16, seed=5), "BMP"), 415),
         # --- refused: corrupt -------------------------------------------------------------------
         "zero_bytes.jpg": (b"", 422),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], 422),

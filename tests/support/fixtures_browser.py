@@ -13,17 +13,15 @@ missing browser is a failure: CI installs it (``make browser``).
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.support.fixtures_server import LiveServer, UvicornThread, make_settings
+from tests.support.fixtures_server import LiveServer, UvicornThread
+from tests.support.settings import make_settings
 from tests.support.vllm_server import VLLMServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -40,14 +38,6 @@ PHONE = (390, 844)
 
 OpenPage = Callable[..., "object"]
 StartServer = Callable[..., LiveServer]
-
-
-def noise_png(size: int, seed: int = 7) -> bytes:
-    """An incompressible PNG of about 3·size² bytes (for upload-limit tests)."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(out, format="PNG")
-    return out.getvalue()
 
 
 def find_chromium() -> str | None:

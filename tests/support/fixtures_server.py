@@ -3,14 +3,14 @@ an ASGI ``client`` (lifespan run), a ``live_server`` (real uvicorn on loopback, 
 and helpers that ingest sample snippets.
 
 Names are a contract for other test modules: ``settings``, ``fake_vllm``, ``knowledge_base``,
-``app``, ``client``, ``make_client``, ``live_server``, ``make_settings()``, ``sample_snippets()``,
-``ingest_samples(kb)``, ``png_bytes(image)``, ``data_url(bytes)``.
+``app``, ``client``, ``make_client``, ``live_server``, ``sample_snippets()``, ``ingest_samples(kb)``.
+Settings builders live in tests/support/settings.py, media helpers (PNG, PDF, data URLs, SSE) in
+tests/support/media.py.
 """
 
 from __future__ import annotations
 
-import base64
-import io
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,7 +24,6 @@ import pytest
 import pytest_asyncio
 import uvicorn
 from fastapi import FastAPI
-from PIL import Image
 
 from retriever.embedder import ClipEmbedder
 from retriever.knowledge_base import KnowledgeBase
@@ -33,34 +32,9 @@ from server.settings import Settings
 from server.wiring import build_knowledge_base
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_retriever import make_sample_images
+from tests.support.media import png_bytes
+from tests.support.settings import make_settings
 from tests.support.vllm_server import VLLMServer, free_port
-
-FAKE_VLLM_URL = "http://vllm.test:8000"
-
-
-def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settings:
-    """Settings for tests: tiny random CLIP, data under ``data_dir``, auth off, fast retries, no .env."""
-    values: dict[str, Any] = {
-        "data_dir": data_dir, "clip_model": str(clip_config), "clip_pretrained": "none", "clip_device": "cpu",
-        "auth_disabled": True, "vllm_url": [FAKE_VLLM_URL], "vllm_model": "tiny-vlm", "rerank_scorer": "clip",
-        "vllm_retry_attempts": 2, "vllm_deadline_s": 10.0, "vllm_unhealthy_for_s": 0.5, "retrieval_k": 3,
-        "retrieval_pool": 8, "retrieval_threshold": 0.0,
-        "vllm_max_images_per_prompt": 4,  # the tiny vLLM runs with --limit-mm-per-prompt {"image": 4}
-        # Tests make many quick requests; the ones that test rate limiting set their own values.
-        "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
-    }
-    values.update(overrides)
-    return Settings(_env_file=None, **values)  # type: ignore[call-arg]
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_url(data: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(data).decode()}"
 
 
 @dataclass(slots=True)
@@ -212,3 +186,17 @@ def live_server(
         yield LiveServer(url, settings, vllm_server, ids)
     finally:
         server.stop()
+
+
+@pytest.fixture
+def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_clip_config: Path, tmp_path: Path) -> Path:
+    """VLMRAG_* for the tiny CLIP and a fresh data dir; returns the data dir."""
+    data_dir = tmp_path / "data"
+    for key in [k for k in os.environ if k.startswith("VLMRAG_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
+    monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("VLMRAG_CLIP_DEVICE", "cpu")
+    monkeypatch.setenv("VLMRAG_DATA_DIR", str(data_dir))
+    monkeypatch.chdir(tmp_path)  # no stray .env is read
+    return data_dir
