@@ -5,10 +5,16 @@ open_clip cache first. A tag that is not cached is downloaded only when the hub 
 probe (bounded to a few seconds, DNS included) and ``HF_HUB_OFFLINE`` is not set; otherwise it
 fails at once with a ``ConfigurationError`` that names the model and tag and says how to supply a
 local file (offline hosts would otherwise wait ~46 s on DNS retries inside huggingface_hub).
+
+``backend="onnx"`` runs both towers on ONNX Runtime (``retriever/clip_onnx.py``: exported once,
+cached, parity-checked against torch) and drops the torch copy of the weights; the identity is the
+same. ``embed_query_text``/``embed_query_images`` go through an optional ``EmbedCache`` (queries
+only; ingestion batches use ``embed_texts``/``embed_images`` and bypass it).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -16,13 +22,20 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from retriever.embed_cache import EmbedCache, array_key, text_key
 from retriever.errors import ConfigurationError
+
+if TYPE_CHECKING:  # importing it pulls in onnxruntime
+    from retriever.clip_onnx import OnnxClip
+
+Backend = Literal["torch", "onnx"]
+BACKENDS: tuple[str, ...] = ("torch", "onnx")
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +69,20 @@ class _Resolved:
 
 
 class ClipEmbedder:
-    """A loaded open_clip model with its preprocess transform and tokenizer."""
+    """A loaded open_clip model (torch, or its ONNX Runtime export) with its preprocess and tokenizer."""
 
     def __init__(
-        self, model: torch.nn.Module, preprocess: Callable[[Image.Image], torch.Tensor],
+        self, model: torch.nn.Module | None, preprocess: Callable[[Image.Image], torch.Tensor],
         tokenizer: Callable[[list[str]], torch.Tensor], *, identity: str, dim: int, device: str,
-        batch_size: int = 16,
+        batch_size: int = 16, onnx: OnnxClip | None = None, cache: EmbedCache | None = None,
     ) -> None:
+        if model is None and onnx is None:
+            raise ValueError("ClipEmbedder needs a torch model or ONNX sessions")
         # open_clip models (CLIP, CustomTextCLIP) share encode_image/encode_text; Module hides them.
-        self.model: Any = model.eval()
+        # None with the ONNX backend: the sessions hold their own copy of the weights.
+        self.model: Any = model.eval() if model is not None else None
+        self.onnx = onnx
+        self.cache = cache
         self._preprocess = preprocess
         self._tokenizer = tokenizer
         self.identity = identity
@@ -72,8 +90,12 @@ class ClipEmbedder:
         self.device = device
         self.batch_size = max(1, batch_size)
 
+    @property
+    def backend(self) -> Backend:
+        return "onnx" if self.onnx is not None else "torch"
+
     def __repr__(self) -> str:
-        return f"ClipEmbedder({self.identity!r}, device={self.device!r})"
+        return f"ClipEmbedder({self.identity!r}, device={self.device!r}, backend={self.backend!r})"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """EXIF-orient, RGB-convert and transform one image to a CHW tensor (CPU, thread-safe)."""
@@ -83,6 +105,8 @@ class ClipEmbedder:
         """Encode an already preprocessed (N, C, H, W) batch; returns (N, dim) normalised float32."""
         if batch.shape[0] == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if self.onnx is not None:
+            return self.onnx.encode_image(batch.numpy())
         with torch.inference_mode():
             features = self.model.encode_image(batch.to(self.device), normalize=True)
         return _to_numpy(features)
@@ -100,10 +124,39 @@ class ClipEmbedder:
         out = [np.zeros((0, self.dim), dtype=np.float32)]
         for start in range(0, len(texts), self.batch_size):
             tokens = self._tokenizer(texts[start:start + self.batch_size])
+            if self.onnx is not None:
+                out.append(self.onnx.encode_text(tokens.numpy()))
+                continue
             with torch.inference_mode():
                 features = self.model.encode_text(tokens.to(self.device), normalize=True)
             out.append(_to_numpy(features))
         return np.concatenate(out, axis=0)
+
+    # --- query embedding, through the cache ---------------------------------------------------
+    def embed_query_text(self, text: str) -> np.ndarray:
+        """One text query's (dim,) vector, from the cache when it was asked before (read-only)."""
+        if self.cache is None:
+            return self.embed_texts([text])[0]
+        key = text_key(text)
+        cached = self.cache.get("text", key)
+        if cached is not None:
+            return cached
+        return self.cache.put("text", key, self.embed_texts([text])[0])
+
+    def embed_query_images(self, images: list[Image.Image]) -> np.ndarray:
+        """(N, dim) vectors of query images; each image hits the cache by its preprocessed pixels."""
+        if self.cache is None or not images:
+            return self.embed_images(images)
+        tensors = [self.preprocess(image) for image in images]
+        keys = [array_key(tensor.numpy()) for tensor in tensors]
+        rows: list[np.ndarray | None] = [self.cache.get("image", key) for key in keys]
+        missing = [i for i, row in enumerate(rows) if row is None]
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start:start + self.batch_size]
+            vectors = self.embed_preprocessed(torch.stack([tensors[i] for i in chunk]))
+            for i, vector in zip(chunk, vectors, strict=True):
+                rows[i] = self.cache.put("image", keys[i], vector)
+        return np.stack([row for row in rows if row is not None]).astype(np.float32, copy=False)
 
 
 def _to_numpy(features: torch.Tensor) -> np.ndarray:
@@ -278,11 +331,21 @@ def _pick_device(device: str) -> str:
 
 
 def load_embedder(
-    model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16,
+    model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16, *,
+    backend: Backend = "torch", onnx_cache_dir: Path | None = None, cache: EmbedCache | None = None,
 ) -> ClipEmbedder:
-    """Build a ClipEmbedder from settings; downloads a missing tag only if the hub answers fast."""
+    """Build a ClipEmbedder from settings; downloads a missing tag only if the hub answers fast.
+
+    Args:
+        backend: ``onnx`` exports (once, into ``onnx_cache_dir``) and runs ONNX Runtime on CPU; on a
+            CUDA device it falls back to torch (only the CPU execution provider is installed).
+        cache: the query-embedding cache used by ``embed_query_text``/``embed_query_images``.
+    """
     import open_clip
 
+    if backend not in BACKENDS:
+        raise ConfigurationError(f"unknown CLIP backend {backend!r}; expected one of {BACKENDS}",
+                                 param="clip_backend")
     if threads > 0:
         torch.set_num_threads(threads)
     resolved = _resolve(model, pretrained)
@@ -303,15 +366,40 @@ def load_embedder(
     if resolved.model_name.startswith(_LOCAL_DIR):
         folder = Path(resolved.model_name[len(_LOCAL_DIR):])
         config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
-        dim = int(config.get("model_cfg", config)["embed_dim"])
+        model_config = dict(config.get("model_cfg", config))
         arch = folder.name
     else:
-        dim = int(open_clip.get_model_config(resolved.model_name)["embed_dim"])
+        model_config = dict(open_clip.get_model_config(resolved.model_name))
         arch = resolved.model_name
+    dim = int(model_config["embed_dim"])
     identity = f"open_clip:{arch}:{resolved.weights_label}:{dim}"
-    log.info("loaded CLIP embedder %s on %s", identity, target)
+    onnx = None
+    if backend == "onnx" and target != "cpu":
+        log.warning("VLMRAG_CLIP_BACKEND=onnx runs on CPU only; CLIP device %s uses torch", target)
+    elif backend == "onnx":
+        onnx = _load_onnx(clip, preprocess, tokenizer, identity, model_config, onnx_cache_dir, threads)
+        clip = None  # the sessions hold the weights: drop torch's copy (else resident memory doubles)
+        gc.collect()
+        from retriever.clip_onnx import release_heap
+
+        release_heap()
+    log.info("loaded CLIP embedder %s on %s (%s)", identity, target, "onnxruntime" if onnx else "torch")
     return ClipEmbedder(clip, preprocess, tokenizer, identity=identity, dim=dim, device=target,
-                        batch_size=batch_size)
+                        batch_size=batch_size, onnx=onnx, cache=cache)
+
+
+def _load_onnx(
+    clip: Any, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
+    identity: str, model_config: dict[str, Any], cache_dir: Path | None, threads: int,
+) -> OnnxClip:
+    from retriever.clip_onnx import load_onnx_clip
+
+    if cache_dir is None:
+        raise ConfigurationError("the ONNX CLIP backend needs a cache folder for its export", param="clip_backend")
+    image_size = tuple(preprocess(Image.new("RGB", (8, 8))).shape[-2:])  # what the transform makes
+    return load_onnx_clip(clip.eval(), identity=identity, model_config=model_config,
+                          image_size=(int(image_size[0]), int(image_size[1])), tokenize=tokenizer,
+                          cache_dir=cache_dir, threads=threads)
 
 
 def check_embedder_available(model: str, pretrained: str, device: str = "auto") -> None:

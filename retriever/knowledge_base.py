@@ -117,8 +117,9 @@ class KnowledgeBase:
 
     async def stats(self) -> dict[str, Any]:
         """Snippet count, counts by kind and by source, embedder identity, store and blob backends."""
-        count, by_kind, by_source = await asyncio.gather(
+        count, by_kind, by_source, lexical = await asyncio.gather(
             self.store.count(), self.store.facet_counts("kind"), self.store.facet_counts("source"),
+            self.store.has_lexical(),
         )
         return {
             "count": count,
@@ -128,6 +129,8 @@ class KnowledgeBase:
             "store": self.store.description,
             "collection": self.collection,
             "blobs": getattr(self.blobs, "description", type(self.blobs).__name__),
+            # False: a collection made before BM25: dense search only until `vlmrag backfill-lexical`
+            "lexical": lexical,
         }
 
     # --- write -------------------------------------------------------------------------------------

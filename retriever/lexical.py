@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from retriever.types import SparseVector
+from retriever.types import SnippetPayload, SparseVector
 
 #: Expected document length in tokens for BM25's length normalisation: snippets range from a
 #: caption or a display's OCR text (~10 tokens) to a manual page (~400); the default 256 would
@@ -99,3 +99,9 @@ def query_vector(text: str) -> SparseVector:
     if not text or not text.strip():
         return SparseVector([], [])
     return _convert(_bm25().embed_query(expand_identifiers(text)))
+
+
+def snippet_lexical(payload: SnippetPayload) -> SparseVector | None:
+    """The ``lexical`` vector of a stored snippet: its text and the text read from its image; None if empty."""
+    vector = document_vector(f"{payload.text}\n{payload.ocr_text}".strip())
+    return vector if len(vector) else None

@@ -41,6 +41,7 @@ from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, VlmragError
 from retriever.ingest.rules import IngestRules, has_text
+from retriever.lexical import snippet_lexical
 from retriever.store.base import VectorStore
 from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore
 from retriever.store.remote import META_DIM, META_EMBEDDER, RemoteStore
@@ -284,7 +285,10 @@ class _PointRebuilder:
         if texts:
             for pid, vec in zip(text_ids, self.embedder.embed_texts(texts)):
                 vectors.setdefault(pid, {})["text"] = vec.tolist()
-        return [PointRecord(p.id, vectors[p.id], p.payload) for p in page if p.id in vectors]
+        # BM25 vectors are not copied over: recomputed from the stored text and OCR text, which is how a
+        # collection made before `lexical` gets it (Edge cannot add a vector to an existing shard)
+        return [PointRecord(p.id, vectors[p.id], p.payload, snippet_lexical(p.payload))
+                for p in page if p.id in vectors]
 
 
 async def _copy(
@@ -329,14 +333,15 @@ async def _remove_deleted(source: VectorStore, target: VectorStore, batch_size: 
 async def reindex(
     versions: Versions, embedder: ClipEmbedder, blobs: BlobStore, *, source: VectorStore | None = None,
     switch: bool = True, drop_old: bool = False, batch_size: int = 64, max_image_bytes: int = 50 << 20,
-    max_image_pixels: int = 40_000_000, progress: ProgressFn | None = None,
+    max_image_pixels: int = 40_000_000, progress: ProgressFn | None = None, same_model: bool = False,
 ) -> ReindexResult:
     """Build the next version with ``embedder`` from the served one, catch up, switch, drop old.
 
     ``source``: the open store of the served version when the caller already holds it (a server
     holding an embedded store); otherwise it is opened here and closed before returning. An
     interrupted run is resumed: a newer version built for the same embedder is completed, not
-    rebuilt.
+    rebuilt. ``same_model``: rebuild with the served model when the served version lacks the BM25
+    ``lexical`` vector (``vlmrag backfill-lexical``).
     """
     started = time.perf_counter()
     if batch_size < 1:
@@ -350,7 +355,7 @@ async def reindex(
     newest = max(numbers + [old_number])
     own_source = source is None
     source = source if source is not None else await versions.open(old)
-    if await source.embedder_id() == embedder.identity:
+    if await source.embedder_id() == embedder.identity and not (same_model and not await source.has_lexical()):
         if own_source:
             await versions.release(source)
         raise Conflict(f"{old} already uses {embedder.identity}; nothing to re-index")

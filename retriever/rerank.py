@@ -219,6 +219,7 @@ def build_relevancy_messages(
         query_text=query_text or "", query_images=len(query_image_urls),
         kind=candidate.payload.kind, has_image=candidate_image_url is not None,
         text=(candidate.payload.text or "")[:max_text_chars],
+        ocr_text=(candidate.payload.ocr_text or "")[:max_text_chars],
         image=lambda role, n: f"{_MARK}{role}:{n}{_MARK}",
     )
     urls = {f"query:{i}": url for i, url in enumerate(query_image_urls)}

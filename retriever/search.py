@@ -115,18 +115,19 @@ class Retriever:
         self.embedder = embedder
         self.store = store
         self.rrf_k = rrf_k
+        self._lexical_checked = False
 
     def _embed_sync(self, text: str | None, images: list[Image.Image]) -> QueryVectors:
         vectors = QueryVectors()
-        if text:
-            vectors.text = self.embedder.embed_texts([text])[0]
+        if text:  # the query methods go through the embedder's cache (a repeated question: no forward pass)
+            vectors.text = self.embedder.embed_query_text(text)
         if images:
-            mean = self.embedder.embed_images(images).sum(axis=0)
+            mean = self.embedder.embed_query_images(images).sum(axis=0)
             vectors.image = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
         return vectors
 
     async def embed_query(self, text: str | None, images: list[Image.Image] | None = None) -> QueryVectors:
-        """Embed the query in a worker thread (torch releases the GIL; the loop keeps serving)."""
+        """Embed the query in a worker thread (torch and ONNX Runtime release the GIL; the loop keeps serving)."""
         text = (text or "").strip() or None
         images = list(images or [])
         if text is None and not images:
@@ -136,8 +137,9 @@ class Retriever:
     async def search_vectors(
         self, query: QueryVectors, pool: int, filters: SearchFilters | None = None, *,
         mode: RetrievalMode = "hybrid", text: str | None = None, image_text: str | None = None,
+        exact: bool = False,
     ) -> list[Candidate]:
-        """Run every (query part x vector) search concurrently and fuse them.
+        """Run every (query part x vector) search concurrently and fuse them (``exact``: no HNSW).
 
         Dense lists (``image``, ``text``) unless ``mode`` is ``lexical``; BM25 lists (``text->lexical`` for
         the query text, ``image->lexical`` for the text read from the query images) unless it is ``dense``.
@@ -150,7 +152,12 @@ class Retriever:
             for kind, vector in query.items():
                 for vector_name in VECTOR_NAMES:
                     names.append(list_name(kind, vector_name))
-                    tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters))
+                    tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters, exact=exact))
+        if mode != "dense" and not self._lexical_checked:
+            self._lexical_checked = True
+            if not await self.store.has_lexical():
+                log.warning("collection %s has no lexical (BM25) vector: searching CLIP only; "
+                            "`vlmrag backfill-lexical` adds it", getattr(self.store, "collection", "?"))
         if mode != "dense":
             for kind, words in (("text", text), ("image", image_text)):
                 sparse = lexical.query_vector(words or "")
@@ -162,6 +169,7 @@ class Retriever:
     async def search(
         self, text: str | None, images: list[Image.Image] | None = None, pool: int = 20,
         filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
+        exact: bool = False,
     ) -> RetrievalResult:
         """Embed (and OCR the images, concurrently), search and fuse; the pool comes best first.
 
@@ -201,7 +209,7 @@ class Retriever:
         query, image_text = await asyncio.gather(embed(), read_images())
         searched = time.perf_counter()
         candidates = await self.search_vectors(query, pool, filters, mode=mode, text=text,
-                                                      image_text=image_text)
+                                                      image_text=image_text, exact=exact)
         done = time.perf_counter()
         timings.setdefault("embed", 0.0)
         timings.update({"search": (done - searched) * 1000, "total": (done - started) * 1000})

@@ -23,13 +23,18 @@ class SnippetPayload:
     page: int | None = None
     created_at: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    ocr_text: str = ""  # text read from the image (OCR at ingestion); feeds BM25 and both prompts
+    ocr_lines: list[dict[str, Any]] = field(default_factory=list)  # [{"text", "score", "box": 4 [x, y]}]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "kind": self.kind, "text": self.text, "source": self.source, "tags": list(self.tags),
             "content_hash": self.content_hash, "image_ref": self.image_ref, "thumb_ref": self.thumb_ref,
             "page": self.page, "created_at": self.created_at, "extra": dict(self.extra),
         }
+        if self.ocr_text or self.ocr_lines:  # absent, not empty, on snippets without: payloads stay as before
+            data["ocr_text"], data["ocr_lines"] = self.ocr_text, list(self.ocr_lines)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SnippetPayload:
@@ -38,6 +43,7 @@ class SnippetPayload:
             tags=list(data.get("tags") or []), content_hash=data.get("content_hash", "") or "",
             image_ref=data.get("image_ref"), thumb_ref=data.get("thumb_ref"), page=data.get("page"),
             created_at=data.get("created_at", "") or "", extra=dict(data.get("extra") or {}),
+            ocr_text=data.get("ocr_text", "") or "", ocr_lines=list(data.get("ocr_lines") or []),
         )
 
 

@@ -6,7 +6,7 @@ so one schema serves every deployment.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -168,6 +168,7 @@ class SourceItem(BaseModel):
 class AskResponse(BaseModel):
     answer: str
     model: str
+    id: str = Field("", description="The completion id: rate the answer with POST /v1/feedback.")
     sources: list[SourceItem] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     usage: dict[str, int] | None = None
@@ -237,6 +238,7 @@ class StatsResponse(BaseModel):
     store: str
     collection: str
     blobs: str
+    lexical: bool = Field(True, description="False: the collection predates BM25 (dense only; vlmrag backfill-lexical).")
 
 
 ReadinessChecks = dict[str, str | dict[str, str]]  # "store": "ok" | reason; "vllm": {replica url: "ok" | reason}
@@ -268,3 +270,61 @@ class IngestFilesResponse(BaseModel):
     """POST /v1/ingest/files: one report per uploaded file."""
 
     files: list[FileReport]
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: a rating of an answer this key received (rating again replaces it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str = Field(min_length=1, max_length=100, description="The `id` of the chat completion or ask.")
+    rating: Literal["up", "down"]
+    comment: str | None = Field(None, description="Free text (at most VLMRAG_LIMIT_FEEDBACK_COMMENT_CHARS).")
+    snippet_ids: list[Annotated[str, Field(max_length=100)]] | None = Field(
+        None, max_length=64, description="The answer's sources the rating is about (e.g. a wrong one).",
+    )
+
+
+class AnswerSource(BaseModel):
+    """A candidate behind a logged answer, with its scores; ``index`` is its citation number when kept."""
+
+    id: str
+    index: int | None = None
+    kind: str | None = None
+    source: str | None = None
+    page: int | None = None
+    clip_score: float | None = None
+    relevancy: float | None = None
+    kept: bool = False
+
+
+class AnswerInfo(BaseModel):
+    """The logged answer a rating is about: enough to replay it."""
+
+    completion_id: str
+    kb: str
+    question: str
+    answer: str = ""
+    search_query: str | None = None
+    sources: list[AnswerSource] = Field(default_factory=list)
+    model: str
+    settings: dict[str, Any] = Field(default_factory=dict, description="The resolved retrieval plan and more.")
+    created_at: float
+
+
+class FeedbackItem(BaseModel):
+    completion_id: str
+    kb: str
+    key_id: str = Field(description="The key that received the answer and rated it (a hash prefix).")
+    rating: Literal["up", "down"]
+    comment: str | None = None
+    snippet_ids: list[str] = Field(default_factory=list)
+    rated_at: float
+    answer: AnswerInfo
+
+
+class FeedbackList(BaseModel):
+    """``GET /v1/feedback``: newest ratings first; pass ``next_cursor`` as ``cursor`` for the next page."""
+
+    items: list[FeedbackItem]
+    next_cursor: str | None = None

@@ -7,28 +7,47 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
+from PIL import Image
 
 from retriever.errors import VlmragError
 from retriever.knowledge_base import KnowledgeBase
 from retriever.rerank import ChatBackend, RerankService
+from retriever.search import OcrFn
 from server.auth import build_access_control
 from server.errors import error_responses, install_error_handlers
+from server.feedback import AnswerLog
 from server.gate import ModelCallGate
 from server.knowledge_bases import KBCatalog, KnowledgeBases, OpenKB, database_url
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware, install_middleware
 from server.prompting import PromptBuilder
 from server.remote_images import build_remote_image_client
-from server.routes import ask, chat, health, ingest_files, knowledge_bases, models, pages, search, snippets
+from server.routes import (
+    ask,
+    chat,
+    feedback,
+    health,
+    ingest_files,
+    knowledge_bases,
+    models,
+    pages,
+    search,
+    snippets,
+)
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from retriever.ocr import OcrEngine
 from server.state import AppState
 from server.vllm_client import VLLMClient
 
@@ -42,14 +61,45 @@ def _http_client(settings: Settings, transport: httpx.AsyncBaseTransport | None)
     return httpx.AsyncClient(transport=transport, limits=limits, timeout=timeout, trust_env=False)
 
 
-def _kb_opener(settings: Settings, default: KnowledgeBase) -> OpenKB:
-    """How a named KB is opened: the same store and blob backends, the default KB's CLIP model."""
+def _ocr_engine(settings: Settings, stack: AsyncExitStack) -> OcrEngine | None:
+    """One OCR engine for ingestion and queries (its model loads in the background), or None when off."""
+    if not (settings.ocr_enabled or settings.ocr_query_enabled):
+        return None
+    from server.wiring import build_ocr_engine
+
+    engine = build_ocr_engine(settings)
+    stack.callback(engine.close)
+    warming = threading.Thread(target=_warm, args=(engine,), name="vlmrag-ocr-warm", daemon=True)
+    warming.start()  # ~1.5 s of imports and model load, not on the first photo's request
+    return engine
+
+
+def _query_ocr(settings: Settings, engine: OcrEngine | None) -> OcrFn | None:
+    """The reader of the caller's images, bounded by ``ocr_query_timeout_s``; None when turned off."""
+    if engine is None or not settings.ocr_query_enabled:
+        return None
+
+    def read_text(image: Image.Image) -> str:
+        return engine.read(image, timeout_s=settings.ocr_query_timeout_s).text
+
+    return read_text
+
+
+def _warm(engine: OcrEngine) -> None:
+    try:
+        engine.warm()
+    except VlmragError as exc:  # the first query reports it (degraded: ocr); startup goes on
+        log.warning("OCR could not be loaded: %s", exc.message)
+
+
+def _kb_opener(settings: Settings, default: KnowledgeBase, ocr: OcrEngine | None) -> OpenKB:
+    """How a named KB is opened: the same store and blob backends, the default KB's CLIP model and OCR."""
 
     async def open_kb(collection: str, namespace: str) -> KnowledgeBase:
         from server.wiring import build_knowledge_base  # heavy imports (torch) only when needed
 
         return await build_knowledge_base(settings, embedder=default.embedder, collection=collection,
-                                          blob_namespace=namespace)
+                                          blob_namespace=namespace, ocr=ocr if settings.ocr_enabled else None)
 
     return open_kb
 
@@ -101,14 +151,16 @@ def create_app(
         async with AsyncExitStack() as stack:
             http = _http_client(settings, vllm_transport)
             stack.push_async_callback(http.aclose)
+            engine = _ocr_engine(settings, stack)
             kb = knowledge_base
             if kb is None:
                 from server.wiring import build_knowledge_base  # heavy imports (torch) only when needed
 
-                kb = await build_knowledge_base(settings)
+                kb = await build_knowledge_base(settings, ocr=engine if settings.ocr_enabled else None)
                 stack.push_async_callback(kb.close)
+            metrics.watch_embed_cache(getattr(kb.embedder, "cache", None))  # every KB shares this embedder
             kbs = KnowledgeBases(settings, await asyncio.to_thread(KBCatalog, database_url(settings)),
-                                 _kb_opener(settings, kb), default=kb)
+                                 _kb_opener(settings, kb, engine), default=kb)
             stack.push_async_callback(kbs.close)
             gen = answer_client or VLLMClient.from_settings(settings, http=http)
             backend = rerank_backend
@@ -126,14 +178,19 @@ def create_app(
                 remote = build_remote_image_client(settings)
                 stack.push_async_callback(remote.aclose)
             gate = ModelCallGate.from_settings(settings)
+            answer_log = await asyncio.to_thread(AnswerLog.from_settings, settings)
+            stack.callback(answer_log.close)
+            ocr = _query_ocr(settings, engine)
             chat_service = ChatService(
                 settings, knowledge_bases=kbs, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
-                metrics=metrics, gate=gate, remote_images=remote,
+                metrics=metrics, gate=gate, remote_images=remote, ocr=ocr,
+                answer_log=answer_log,
             )
             app.state.vlmrag = AppState(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
+                answer_log=answer_log,
             )
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield
@@ -148,7 +205,7 @@ def create_app(
     install_error_handlers(app, on_error=metrics.observe_error)
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, models, health, pages):
+    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, models, health, pages):
         app.include_router(module.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

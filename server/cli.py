@@ -29,8 +29,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "delete": ("server.commands.delete", "Delete snippets by source or id."),
     "eval": ("server.commands.eval", "Evaluate CLIP vs re-ranked adaptive selection on a COCO-captions set."),
     "reindex": ("server.commands.reindex", "Re-embed the knowledge base with a new CLIP model, no downtime."),
+    "optimize": ("server.commands.optimize", "Build HNSW for the embedded store (offline: stop vlmrag serve first)."),
+    "backfill-lexical": ("server.commands.backfill_lexical", "Add BM25 (lexical) vectors to an older collection."),
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
     "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),
+    "feedback": ("server.commands.feedback", "Export the ratings of answers (JSON lines or CSV)."),
 }
 COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
 

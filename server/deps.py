@@ -12,6 +12,7 @@ from fastapi import Depends, Query, Request
 
 from retriever.knowledge_base import KnowledgeBase
 from server.auth import AccessControl, Principal, get_access_control
+from server.feedback import AnswerLog
 from server.knowledge_bases import KnowledgeBases, choose_kb
 from server.metrics import Metrics
 from server.services.chat import ChatService
@@ -67,6 +68,10 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
+def get_answer_log(request: Request) -> AnswerLog:
+    return get_state(request).answer_log
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
@@ -76,3 +81,4 @@ KBNameDep = Annotated[str, Depends(get_kb_name)]
 CallerDep = Annotated[Principal | None, Depends(get_principal)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]
+AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]

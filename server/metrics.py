@@ -1,15 +1,52 @@
 """Prometheus metrics of one app, on its own ``CollectorRegistry`` (tests build many apps per process).
 
 Stage latency (embed, search, rerank, generate, …), request latency by route template, tokens by
-kind, errors by type. ``GET /metrics`` renders ``Metrics.render()``.
+kind, errors by type, and the query-embedding cache (``vlmrag_embed_cache_*``, read from
+``EmbedCache.stats()`` at scrape time). ``GET /metrics`` renders ``Metrics.render()``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Protocol
+
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from retriever.embed_cache import KINDS, EmbedCacheStats
 
 # Stage and request latencies span ~1 ms (search) to minutes (long generations).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class CacheStatsSource(Protocol):
+    """Anything with the ``EmbedCache.stats()`` method."""
+
+    def stats(self) -> EmbedCacheStats: ...
+
+
+class EmbedCacheCollector(Collector):
+    """The embedding cache's own counters, read at scrape time (the cache keeps them; no double counting)."""
+
+    def __init__(self) -> None:
+        self.source: CacheStatsSource | None = None
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.source.stats() if self.source is not None else EmbedCacheStats()
+        hits = CounterMetricFamily("vlmrag_embed_cache_hits", "Query embeddings served from the cache.",
+                                   labels=["kind"])
+        misses = CounterMetricFamily("vlmrag_embed_cache_misses", "Query embeddings computed (not cached).",
+                                     labels=["kind"])
+        for kind in KINDS:
+            hits.add_metric([kind], stats.hits.get(kind, 0))
+            misses.add_metric([kind], stats.misses.get(kind, 0))
+        yield hits
+        yield misses
+        yield CounterMetricFamily("vlmrag_embed_cache_evictions", "Entries evicted by the LRU bounds.",
+                                  value=stats.evictions)
+        yield GaugeMetricFamily("vlmrag_embed_cache_entries", "Query embeddings cached now.", value=stats.entries)
+        yield GaugeMetricFamily("vlmrag_embed_cache_bytes", "Bytes the cached entries take.", value=stats.bytes)
 
 
 class Metrics:
@@ -48,6 +85,12 @@ class Metrics:
         self.kb_ingested = Counter(
             "vlmrag_kb_ingested_snippets", "Snippets added per knowledge base.", ["kb"], registry=self.registry,
         )
+        self.embed_cache = EmbedCacheCollector()
+        self.registry.register(self.embed_cache)
+
+    def watch_embed_cache(self, cache: CacheStatsSource | None) -> None:
+        """Export this cache's counters (the one CLIP embedder's, shared by every KB); None: zeros."""
+        self.embed_cache.source = cache
 
     def observe_kb(self, kb: str, kind: str, usage: dict[str, int] | None = None) -> None:
         """One ``kind`` (chat, search, ask) request against ``kb``, with its token usage."""

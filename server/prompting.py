@@ -31,6 +31,7 @@ class PromptSnippet:
     page: int | None = None
     image_url: str | None = None  # a data: URL, attached as an image part
     image_omitted: bool = False  # it has an image, left out to stay within the per-prompt image limit
+    ocr_text: str = ""  # text read from its image at ingestion (shown as such)
 
     @property
     def has_image(self) -> bool:
@@ -100,7 +101,7 @@ class PromptBuilder:
             return snippet
         text = snippet.text[: self.max_snippet_chars].rstrip() + " …"
         return PromptSnippet(snippet.index, snippet.kind, text, snippet.source, snippet.page, snippet.image_url,
-                             snippet.image_omitted)
+                             snippet.image_omitted, snippet.ocr_text[: self.max_snippet_chars])
 
 
 def _merge_text(parts: list[dict[str, Any]]) -> list[dict[str, Any]]:

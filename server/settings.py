@@ -58,6 +58,24 @@ class Settings(BaseSettings):
     clip_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default.")
     clip_batch_size: int = Field(16, ge=1)
 
+    # --- query path (ONNX backend, embedding cache, HNSW) --------------------------------------
+    clip_backend: Literal["torch", "onnx"] = Field(
+        "onnx", description="onnx: ONNX Runtime on CPU (exported once under data_dir/onnx, checked against torch; "
+        "~1.5-2x faster queries on CPU, see benchmarks/README.md); torch: open_clip as is (always on CUDA).",
+    )
+    embed_cache_entries: int = Field(2048, ge=0, description="Query embeddings kept in an LRU; 0 = no cache.")
+    embed_cache_bytes: int = Field(8 << 20, ge=0, description="Byte bound of that LRU (a 512-d vector: ~2.3 KB).")
+    hnsw_m: int = Field(16, ge=4, le=128, description="HNSW edges per node (`vlmrag optimize`, embedded store).")
+    hnsw_ef_construct: int = Field(128, ge=8, description="HNSW build candidates (`vlmrag optimize`).")
+    hnsw_ef: int = Field(
+        256, ge=1, description="HNSW search candidates of the embedded store (at least the limit); recall@20 "
+        "0.998 at 100k with 256, see benchmarks/README.md.",
+    )
+    hnsw_min_points: int = Field(
+        50_000, ge=0, description="`vlmrag optimize` builds HNSW from this many points on (below it the exact "
+        "scan takes ~2 ms or less); --force builds anyway.",
+    )
+
     # --- vLLM (answering model) ---------------------------------------------------------------
     vllm_url: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["http://127.0.0.1:8000"],
@@ -108,6 +126,13 @@ class Settings(BaseSettings):
     retrieval_on_tool_result: OnToolResult = Field(
         "skip", description="A turn whose last message is a tool result: skip the search, or search anyway.",
     )
+
+    # --- OCR (retriever/ocr.py, rapidocr PP-OCRv6 in its wheel) ---------------------------------
+    ocr_enabled: bool = Field(True, description="OCR images and scanned PDF pages at ingestion (--no-ocr turns it off).")
+    ocr_query_enabled: bool = Field(True, description="OCR the caller's images at query time (BM25 on their text).")
+    ocr_query_timeout_s: float = Field(2.0, gt=0, description="Longest query-time OCR wait; then degraded: [ocr].")
+    ocr_timeout_s: float = Field(30.0, gt=0, description="Longest OCR of one image at ingestion.")
+    ocr_detect_side: int = Field(960, ge=32, description="Long side (px) text detection runs at.")
 
     # --- knowledge bases (server/knowledge_bases.py) -------------------------------------------
     database_url: str = Field(

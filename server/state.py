@@ -9,6 +9,7 @@ import httpx
 from retriever.knowledge_base import KnowledgeBase
 from retriever.rerank import ChatBackend, RerankService
 from server.auth import AccessControl
+from server.feedback import AnswerLog
 from server.gate import ModelCallGate
 from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
@@ -32,3 +33,4 @@ class AppState:
     chat: ChatService
     gate: ModelCallGate  # the one ChatService holds too
     access: AccessControl  # API keys and rate limiters, read by server/auth.py's dependencies
+    answer_log: AnswerLog  # every answer's record and its feedback (server/feedback.py)

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from retriever.blobs import BlobStore, LocalBlobStore
+from retriever.embed_cache import EmbedCache
 from retriever.embedder import ClipEmbedder, load_embedder
 from retriever.errors import ConfigurationError
 from retriever.ingest.pipeline import IngestPipeline
 from retriever.knowledge_base import KnowledgeBase
 from retriever.search import Retriever
-from retriever.store import open_store
+from retriever.store import EdgeStore, open_store
 from retriever.store.base import VectorStore
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from retriever.ocr import OcrEngine
 
 
 def build_blob_store(settings: Settings, namespace: str = "") -> BlobStore:
@@ -38,40 +43,65 @@ def build_blob_store(settings: Settings, namespace: str = "") -> BlobStore:
     )
 
 
+def onnx_cache_dir(settings: Settings) -> Path:
+    """Where ONNX exports of CLIP models are kept (one folder per embedder identity)."""
+    return settings.data_dir / "onnx"
+
+
+def build_embed_cache(settings: Settings) -> EmbedCache | None:
+    """The query-embedding LRU of the ``embed_cache_*`` settings; None when either bound is 0."""
+    if settings.embed_cache_entries <= 0 or settings.embed_cache_bytes <= 0:
+        return None
+    return EmbedCache(settings.embed_cache_entries, settings.embed_cache_bytes)
+
+
 def build_embedder(settings: Settings) -> ClipEmbedder:
-    """Load the CLIP model named by the ``clip_*`` settings (blocking; seconds)."""
+    """Load the CLIP model named by the ``clip_*`` settings, on the configured backend (blocking; seconds)."""
     return load_embedder(
         settings.clip_model, settings.clip_pretrained, settings.clip_device, settings.clip_threads,
-        settings.clip_batch_size,
+        settings.clip_batch_size, backend=settings.clip_backend, onnx_cache_dir=onnx_cache_dir(settings),
+        cache=build_embed_cache(settings),
     )
 
 
 async def open_configured_store(settings: Settings, collection: str | None = None) -> VectorStore:
     """Open the embedded Edge store under ``data_dir`` or the Qdrant server at ``qdrant_url``."""
-    return await open_store(
+    store = await open_store(
         qdrant_url=settings.qdrant_url, api_key=settings.qdrant_api_key,
         path=Path(settings.embedded_store_path), collection=collection or settings.collection,
         shard_number=settings.qdrant_shard_number, replication_factor=settings.qdrant_replication_factor,
         write_consistency_factor=settings.qdrant_write_consistency_factor,
         read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
     )
+    if isinstance(store, EdgeStore):
+        store.hnsw_ef = settings.hnsw_ef  # used once `vlmrag optimize` has built HNSW
+    return store
 
 
 def build_pipeline(
     settings: Settings, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore,
-    batch_size: int | None = None, id_namespace: str = "",
+    batch_size: int | None = None, id_namespace: str = "", ocr: OcrEngine | None = None,
 ) -> IngestPipeline:
     """The ingestion pipeline with the settings' batch size and image limits."""
     return IngestPipeline(
         embedder, store, blobs, batch_size=batch_size or settings.clip_batch_size,
         max_image_bytes=settings.limit_image_bytes, max_image_pixels=settings.limit_image_pixels,
         id_namespace=id_namespace or settings.blob_namespace,
+        ocr=(lambda image: ocr.read(image, timeout_s=settings.ocr_timeout_s)) if ocr is not None else None,
     )
+
+
+def build_ocr_engine(settings: Settings) -> OcrEngine:
+    """The OCR reader (rapidocr, models inside its wheel; loaded on first use)."""
+    from retriever.ocr import OcrEngine
+
+    return OcrEngine(detect_side=settings.ocr_detect_side, timeout_s=settings.ocr_timeout_s)
 
 
 async def build_knowledge_base(
     settings: Settings, *, embedder: ClipEmbedder | None = None, batch_size: int | None = None,
     load_model: bool = True, collection: str | None = None, blob_namespace: str = "",
+    ocr: OcrEngine | None = None,
 ) -> KnowledgeBase:
     """Store, embedder (unless given), blobs, retriever and pipeline, ready to use; close() it after.
 
@@ -98,6 +128,7 @@ async def build_knowledge_base(
     return KnowledgeBase(
         embedder, store, blobs,
         retriever=Retriever(embedder, store, rrf_k=settings.retrieval_rrf_k),
-        pipeline=build_pipeline(settings, embedder, store, blobs, batch_size, blob_namespace),
+        pipeline=build_pipeline(settings, embedder, store, blobs, batch_size, blob_namespace,
+                                ocr if ocr is not None or not settings.ocr_enabled else build_ocr_engine(settings)),
         collection=collection,
     )

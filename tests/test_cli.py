@@ -40,7 +40,7 @@ def test_ingest_search_stats_delete(cli_env: Path, sample_images, tmp_path: Path
 
     code, stats = run_json(capsys, "stats", "--json")
     assert code == 0
-    assert set(stats) == {"count", "by_kind", "by_source", "embedder", "store", "collection", "blobs"}
+    assert set(stats) == {"count", "by_kind", "by_source", "embedder", "store", "collection", "blobs", "lexical"}
     assert stats["count"] == 5 and stats["by_kind"] == {"image": 3, "image_text": 1, "text": 1}
     assert stats["by_source"]["kb/notes.md"] == 1 and stats["embedder"].startswith("open_clip:")
 
@@ -212,7 +212,7 @@ def test_every_command_registers_and_help_lists_them() -> None:
 
 def _minimal_args(name: str) -> list[str]:
     return {"ingest": ["x"], "delete": ["--source", "s"], "eval": ["--coco", "a.json", "--out", "o"],
-            "reindex": ["--drop-old"], "kb": ["list"]}.get(name, [])
+            "reindex": ["--drop-old"], "kb": ["list"], "feedback": ["export"]}.get(name, [])
 
 
 @pytest.mark.subprocess

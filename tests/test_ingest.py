@@ -18,7 +18,8 @@ from PIL import Image
 from retriever.blobs import LocalBlobStore
 from retriever.errors import InvalidInput, NotFound, UnprocessableInput
 from retriever.ingest import IngestPipeline, read_folder, read_jsonl, read_paths, split_passages
-from retriever.ingest.readers import read_coco, read_pdf
+from retriever.ingest.readers import IngestItem, read_coco, read_pdf
+from retriever.ingest.rules import IngestRules, content_hash_of, point_id_for
 from retriever.knowledge_base import KnowledgeBase
 from retriever.types import SearchFilters, StoredPoint
 from tests.support.bad_images import OK, write_bad_images
@@ -243,6 +244,20 @@ def test_unrenderable_page_is_reported_not_raised(tmp_path: Path) -> None:
     item.image_loader = lambda: (_ for _ in ()).throw(RuntimeError("pdfium: bad page"))
     with pytest.raises(UnprocessableInput, match="bad page"):
         item.read_image(10**7)
+
+
+def test_ingestion_rules_keep_ids_stable() -> None:
+    """Ids are persisted: the identity rule must never change (these values predate ``rules.py``)."""
+    assert point_id_for(content_hash_of(b"img", "cap"), "cap", "a.png", None) == "22a53282-c84a-5509-8aea-c2530eed8914"
+    assert point_id_for(content_hash_of(None, "text"), "text", "t.md", 3) == "d5341c5b-e20c-5ced-b2f4-194d02d9b0e5"
+    assert point_id_for(content_hash_of(b"img", ""), "", "a.png", 2, "kb1") == "54adaf02-19cf-51a1-8795-926aa4c4cb2c"
+    found = IngestRules(id_namespace="kb1").identify(IngestItem(source="a.png", key="k", text=" ", image_bytes=b"img",
+                                                                 page=2))
+    assert (found.text, found.point_id) == ("", "54adaf02-19cf-51a1-8795-926aa4c4cb2c")
+    with pytest.raises(InvalidInput, match="no image and no text"):
+        IngestRules().read(IngestItem(source="s", key="k", text="  "))
+    with pytest.raises(InvalidInput, match="reader said no"):
+        IngestRules().read(IngestItem(source="s", key="k", text="t", error="reader said no"))
 
 
 def test_read_paths_dispatch(tmp_path: Path) -> None:

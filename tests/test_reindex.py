@@ -290,3 +290,58 @@ def test_cli_reindex_and_drop_old(
     assert json.loads(capsys.readouterr().out) == {"dropped": [COLLECTION]}
     assert cli_main(["reindex"]) == 2  # nothing asked: a usage error, not a crash
     assert "nothing to do" in capsys.readouterr().err
+
+
+def test_backfill_lexical_gives_an_old_edge_collection_bm25(
+    tmp_path: Path, embedder: ClipEmbedder, tiny_clip_config: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A shard made before `lexical` (no sparse vector): backfill-lexical rebuilds and switches to one with it."""
+    import asyncio
+
+    import qdrant_edge as qe
+
+    from retriever.search import Retriever
+    from retriever.store.edge import EdgeStore
+    from retriever.types import PointRecord, SnippetPayload
+
+    data = tmp_path / "data"
+    shard = data / "qdrant" / COLLECTION
+    dense = {name: qe.EdgeVectorParams(size=embedder.dim, distance=qe.Distance.Cosine) for name in ("image", "text")}
+    qe.EdgeShard.create(str(shard), qe.EdgeConfig(vectors=dense)).close()
+
+    async def seed() -> None:
+        store = EdgeStore(data / "qdrant", COLLECTION)
+        await store.open()
+        await store.ensure_collection(embedder.dim, embedder.identity)
+        texts = ["Error E-417: the pump overheated.", "Part P-100-B is the seal kit.", "Clean weekly."]
+        await store.upsert([PointRecord(f"00000000-0000-0000-0000-00000000000{i}",
+                                        {"text": embedder.embed_texts([t])[0].tolist()},
+                                        SnippetPayload(kind="text", text=t, content_hash=f"h{i}"))
+                            for i, t in enumerate(texts)])
+        assert not await store.has_lexical()
+        await store.close()
+
+    asyncio.run(seed())
+    for key in [k for k in os.environ if k.startswith("VLMRAG_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLMRAG_DATA_DIR", str(data))
+    monkeypatch.setenv("VLMRAG_COLLECTION", COLLECTION)
+    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
+    monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
+    assert cli_main(["backfill-lexical", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["switched"] and summary["copied"] == 3
+
+    async def check() -> None:
+        store = EdgeStore(data / "qdrant", COLLECTION)
+        await store.open()
+        try:
+            assert await store.has_lexical()
+            found = await Retriever(embedder, store).search("E-417", pool=3, mode="lexical")
+            assert found.candidates[0].payload.text.startswith("Error E-417")
+        finally:
+            await store.close()
+
+    asyncio.run(check())

@@ -24,10 +24,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
@@ -43,12 +44,17 @@ from retriever.ingest.rules import (
     snippet_kind,
     snippet_tags,
 )
+from retriever.lexical import snippet_lexical
 from retriever.store.base import VectorStore
 from retriever.types import PointRecord, SnippetPayload
+
+if TYPE_CHECKING:
+    from retriever.ocr import OcrResult
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[["IngestReport"], None]
+OcrReader = Callable[[Image.Image], "OcrResult"]  # retriever.ocr.OcrEngine.read, with its timeout
 
 
 @dataclass(slots=True)
@@ -74,6 +80,7 @@ class IngestReport:
     first_batch_s: float | None = None  # run start → first chunk embedded
     ids: list[str] = field(default_factory=list)  # ids of the points created by this run
     total: int | None = None  # items expected, when the caller knows
+    ocr_failed: int = 0  # snippets stored without the text of their image (OCR failed or timed out)
 
     @property
     def done(self) -> int:
@@ -110,6 +117,10 @@ class _Prepared:
     thumbnail: bytes | None = None
     image_info: dict[str, Any] = field(default_factory=dict)
     vectors: dict[str, list[float]] = field(default_factory=dict)
+    ocr_text: str = ""
+    ocr_lines: list[dict[str, Any]] = field(default_factory=list)
+    ocr_s: float = 0.0
+    ocr_failed: bool = False
 
 
 class IngestPipeline:
@@ -119,7 +130,7 @@ class IngestPipeline:
         self, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore, *, batch_size: int = 16,
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         thumbnail_size: int = 256, draft_size: int | None = 512, workers: int | None = None,
-        prefetch_batches: int = 2, id_namespace: str = "",
+        prefetch_batches: int = 2, id_namespace: str = "", ocr: OcrReader | None = None,
     ) -> None:
         self.embedder = embedder
         self.store = store
@@ -130,6 +141,7 @@ class IngestPipeline:
         self.rules = IngestRules(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                                  draft_size=draft_size, id_namespace=id_namespace)
         self.thumbnail_size = thumbnail_size
+        self.ocr = ocr  # reads the text in each image (and scanned page); None: no OCR
         self.workers = workers or max(2, os.cpu_count() or 2)
         self.prefetch_batches = max(1, prefetch_batches)
 
@@ -154,7 +166,21 @@ class IngestPipeline:
         prepared.thumbnail = make_thumbnail(decoded.image, self.thumbnail_size,
                                             comment=prepared.content_hash)
         prepared.tensor = self.embedder.preprocess(decoded.image)
+        if self.ocr is not None and not (item.kind == "page" and has_text(prepared.text)):
+            self._read_text(prepared, decoded.image)  # a page with a text layer has its text already
         return prepared
+
+    def _read_text(self, prepared: _Prepared, image: Image.Image) -> None:
+        """OCR (in this worker, beside the encoder): a failure costs the text read, never the snippet."""
+        assert self.ocr is not None
+        t0 = time.perf_counter()
+        try:
+            result = self.ocr(image)
+            prepared.ocr_text, prepared.ocr_lines = result.text, result.lines_payload()
+        except VlmragError as exc:
+            log.warning("OCR of %s failed, ingested without its text: %s", prepared.item.key, exc.message)
+            prepared.ocr_failed = True
+        prepared.ocr_s = time.perf_counter() - t0
 
     def _encode(self, batch: list[_Prepared]) -> None:
         """Run the model on one chunk (the single encoder thread)."""
@@ -189,8 +215,10 @@ class IngestPipeline:
             tags=snippet_tags(item.tags, tags), content_hash=prepared.content_hash,
             image_ref=refs[0] if refs else None, thumb_ref=refs[1] if refs else None, page=item.page,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"), extra=extra,
+            ocr_text=prepared.ocr_text, ocr_lines=prepared.ocr_lines,
         )
-        return PointRecord(id=prepared.point_id, vectors=prepared.vectors, payload=payload)
+        return PointRecord(id=prepared.point_id, vectors=prepared.vectors, payload=payload,
+                           lexical=snippet_lexical(payload))
 
     # --- batch run ---------------------------------------------------------------------------------
     async def run(
@@ -285,6 +313,8 @@ class IngestPipeline:
                         report.fail(p.item, result.message, result.status_code)
                     else:
                         ready.append(result)
+                        report.add_time("ocr", result.ocr_s)  # thread time, within "decode"
+                        report.ocr_failed += result.ocr_failed
                 await queue.put(ready)
         finally:
             queue.put_nowait(None)  # always unblock the consumer, also on failure or cancellation

@@ -25,8 +25,10 @@ class VectorStore(Protocol):
     async def upsert(self, points: list[PointRecord]) -> None: ...
 
     async def search(
-        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
-    ) -> list[ScoredPoint]: ...
+        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None,
+        *, exact: bool = False,
+    ) -> list[ScoredPoint]:
+        """Nearest points by cosine, best first; ``exact`` scans every point instead of the HNSW index."""
 
     async def search_lexical(
         self, query: SparseVector, limit: int, filters: SearchFilters | None = None

@@ -253,15 +253,19 @@ class RemoteStore:
         return not self._exists
 
     async def search(
-        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None
+        self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None,
+        *, exact: bool = False,
     ) -> list[ScoredPoint]:
         if vector_name not in VECTOR_NAMES:
             raise InvalidInput(f"unknown vector {vector_name!r}; expected one of {VECTOR_NAMES}")
         if limit <= 0 or await self._missing():
             return []
+        # The server builds HNSW on its own; ``exact`` asks it for a full scan instead (local mode
+        # always scans, and warns about search params).
+        params = models.SearchParams(exact=True) if exact and self._read_kwargs else None
         response = await self._call(self.client.query_points(
             self.collection, query=_vector(vector), using=vector_name, query_filter=build_filter(filters),
-            limit=limit, with_payload=True, with_vectors=False, **self._read_kwargs,
+            limit=limit, with_payload=True, with_vectors=False, search_params=params, **self._read_kwargs,
         ))
         return [
             ScoredPoint(str(p.id), float(p.score), SnippetPayload.from_dict(p.payload or {}))

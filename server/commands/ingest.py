@@ -55,6 +55,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--coco-images", type=Path, default=None, metavar="DIR",
                         help="Image folder for a COCO captions JSON (default: guessed next to it).")
     parser.add_argument("--json", action="store_true", help="Print the report as JSON (stable keys).")
+    parser.add_argument("--no-ocr", action="store_true",
+                        help="Do not read the text in images and scanned pages (VLMRAG_OCR_ENABLED=false).")
     parser.set_defaults(func=run)
 
 
@@ -63,6 +65,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    if args.no_ocr:
+        settings = settings.model_copy(update={"ocr_enabled": False})
     items = list(read_paths(args.paths, coco_images_dir=args.coco_images))  # cheap: no image is read
     show_bar = sys.stderr.isatty() and not args.json
     if args.server:
@@ -135,7 +139,9 @@ async def _remote(
     started = time.perf_counter()
     headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(API_KEY_ENV)) else {}
     limit = asyncio.Semaphore(REMOTE_CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers,
+    # `vlmrag --kb NAME`: the service is asked for that KB (its blob namespace is "kbs/NAME/")
+    kb = settings.blob_namespace.strip("/").rsplit("/", 1)[-1] if settings.blob_namespace else None
+    async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, params={"kb": kb} if kb else None,
                                  timeout=httpx.Timeout(120.0, connect=5.0)) as client:
         with ProgressBar("ingesting", len(items), enabled=show_bar) as bar:
 

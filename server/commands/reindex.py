@@ -110,6 +110,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             result = await reindex(
                 versions, embedder, blobs, switch=not args.no_switch, drop_old=args.drop_old,
+                same_model=getattr(args, "same_model", False),
                 batch_size=args.batch_size or settings.clip_batch_size,
                 max_image_bytes=max(settings.limit_image_bytes, 50 << 20),
                 max_image_pixels=settings.limit_image_pixels, progress=_progress_printer(),

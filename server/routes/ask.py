@@ -30,12 +30,13 @@ async def ask(
     prepared = await service.prepare_ask(form.question, uploads, form.retrieval_options(),
                                          max_tokens=form.max_tokens, temperature=form.temperature,
                                          kb_name=use_kb(http, choose_kb(caller, form.kb)))
+    prepared.owner = caller.key_id if caller is not None else ""  # only this key may rate the answer
     if form.stream:
         return sse_response(await service.open_stream(prepared), metrics)
     result = await service.complete(prepared)
     choice = result.choices[0]
     return AskResponse(
-        answer=choice.message.content or "", model=result.model, sources=result.sources, timings=result.timings,
-        usage=result.usage.model_dump() if result.usage else None, degraded=result.degraded,
+        answer=choice.message.content or "", model=result.model, id=result.id, sources=result.sources,
+        timings=result.timings, usage=result.usage.model_dump() if result.usage else None, degraded=result.degraded,
         finish_reason=choice.finish_reason,
     )

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -37,6 +37,7 @@ from server.api_models import (
     SearchResponse,
     SourceItem,
 )
+from server.feedback import AnswerLog, AnswerRecord
 from server.knowledge_bases import DEFAULT_KB, KBSpec, KnowledgeBases
 from server.limits import check_chat_request, check_image_count, check_text_chars
 from server.metrics import Metrics
@@ -95,6 +96,13 @@ class PreparedChat:
     search_query: str | None = None
     completion_id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
+    owner: str = ""  # the caller's key_id (set by the route): only it may rate the answer
+    question: str = ""  # the last user message's text, for the answer log
+    plan: dict[str, Any] = field(default_factory=dict)  # the resolved retrieval plan, for the answer log
+
+    @property
+    def kb(self) -> str:
+        return self.context.kb_name
 
 
 @dataclass(slots=True)
@@ -113,7 +121,7 @@ class ChatService:
         self, settings: Settings, *, knowledge_bases: KnowledgeBases, answer_client: VLLMClient,
         reranker: RerankService, prompts: PromptBuilder | None = None, metrics: Metrics | None = None,
         gate: ModelCallGate | None = None, remote_images: httpx.AsyncClient | None = None,
-        ocr: OcrFn | None = None,
+        ocr: OcrFn | None = None, answer_log: AnswerLog | None = None,
     ) -> None:
         self.settings = settings
         self.kbs = knowledge_bases
@@ -124,6 +132,7 @@ class ChatService:
         self.gate = gate
         self.remote_images = remote_images  # only with settings.remote_images_enabled
         self.ocr = ocr  # reads the text in the caller's images (query-time OCR); None when turned off
+        self.answer_log = answer_log  # where answers are recorded for feedback; None: not recorded
 
     # ------------------------------------------------------------------ images
     async def load_image_url(self, url: str, param: str) -> QueryImage:
@@ -198,7 +207,8 @@ class ChatService:
             data = loaded.get(cand.id)
             url = data_url(data) if data else None
             omitted = bool(p.image_ref) and cand.id not in loaded
-            snippets.append(PromptSnippet(n, p.kind, p.text, p.source, p.page, url, image_omitted=omitted))
+            snippets.append(PromptSnippet(n, p.kind, p.text, p.source, p.page, url, image_omitted=omitted,
+                                          ocr_text=p.ocr_text))
         return snippets
 
     # ------------------------------------------------------------------ preparing a chat
@@ -241,6 +251,7 @@ class ChatService:
         timings = {"decode": decode_ms, **context.timings}
         prepared = self._prepared(body, request.model, context, timings, started)
         prepared.search_query = query.text if query else None
+        prepared.question, prepared.plan = _last_user_text(messages), _plan_record(plan)
         return prepared
 
     async def _search_query(self, messages: list[dict[str, Any]], plan: RetrievalPlan) -> SearchQuery:
@@ -293,7 +304,9 @@ class ChatService:
         context.kb_name, context.instructions = kb_name, spec.system_prompt
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
-        return self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started)
+        prepared = self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started)
+        prepared.question, prepared.plan = question, _plan_record(plan)
+        return prepared
 
     async def _body(
         self, messages: list[dict[str, Any]], context: SelectedContext, enabled: bool,
@@ -340,6 +353,7 @@ class ChatService:
         choices = [_choice(c, n) for n, c in enumerate(data["choices"])]
         usage = _usage(data.get("usage"))
         self._finish(prepared, usage)
+        await self._log_answer(prepared, (choices[0].message.content or "") if choices else "")
         return ChatCompletionResponse(
             id=prepared.completion_id, created=prepared.created, model=prepared.model, choices=choices,
             usage=usage, sources=prepared.sources, degraded=prepared.context.degraded, timings=prepared.timings,
@@ -368,6 +382,7 @@ class ChatService:
                                        **kw)
 
         usage: UsageInfo | None = None
+        answer: list[str] = []  # the first choice's text, for the answer log
         n = int(prepared.body.get("n") or 1)
         try:
             yield chunk(choices=[ChunkChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
@@ -376,10 +391,12 @@ class ChatService:
                 if event.get("usage"):
                     usage = _usage(event["usage"])
                 relayed = [c for c in (_chunk_choice(raw) for raw in event.get("choices") or []) if c is not None]
+                answer.extend(c.delta.content for c in relayed if c.index == 0 and c.delta.content)
                 if relayed:
                     yield chunk(choices=relayed)
             prepared.timings["generate"] = _ms(t)
             self._finish(prepared, usage)
+            await self._log_answer(prepared, "".join(answer))  # before the last chunk: feedback may follow it
             yield chunk(choices=[], usage=usage, sources=prepared.sources, degraded=prepared.context.degraded,
                         timings=prepared.timings, search_query=prepared.search_query)
         finally:
@@ -394,6 +411,28 @@ class ChatService:
             self.metrics.observe_usage(usage.model_dump() if usage else None)
             self.metrics.observe_kb(prepared.context.kb_name, "answer", usage.model_dump() if usage else None)
             self.metrics.observe_degraded(prepared.context.degraded)
+
+    async def _log_answer(self, prepared: PreparedChat, answer: str = "") -> None:
+        """Record the answer for feedback; a failing database is logged and counted, never fails the chat."""
+        if self.answer_log is None:
+            return
+        context = prepared.context
+        observed = {"scorer_used": context.scorer, "degraded": list(context.degraded),
+                    "answer_model": getattr(self.answer_client, "model", None), "timings": dict(prepared.timings),
+                    "request": {k: v for k, v in prepared.body.items() if k != "messages"}}
+        record = AnswerRecord(
+            completion_id=prepared.completion_id, key_id=prepared.owner, kb=context.kb_name,
+            question=prepared.question, search_query=prepared.search_query,
+            sources=[s.model_dump(include=_LOGGED_SOURCE_FIELDS) for s in prepared.sources],
+            model=prepared.model, settings={**prepared.plan, **observed}, created_at=time.time(), answer=answer,
+        )
+        try:
+            await asyncio.wait_for(self.answer_log.record(record), self.settings.feedback_write_timeout_s)
+        except Exception as exc:  # noqa: BLE001 - the answer goes out whatever the log's trouble
+            log.warning("answer %s not recorded in the answer log: %s", prepared.completion_id,
+                        getattr(exc, "message", None) or type(exc).__name__)
+            if self.metrics is not None:
+                self.metrics.observe_degraded(["answer_log"])
 
     # ------------------------------------------------------------------ search only
     async def search(self, request: SearchRequest, kb_name: str = DEFAULT_KB) -> SearchResponse:
@@ -425,6 +464,27 @@ def _search_candidate(c: Candidate, base: str, kb_name: str) -> SearchCandidate:
         clip_score=c.clip_score, vector_scores=dict(c.vector_scores), relevancy=c.relevancy, kept=c.kept,
         reason=c.reason, image_url=image_url, thumbnail_url=thumbnail_url,
     )
+
+
+_LOGGED_SOURCE_FIELDS = {"id", "index", "relevancy", "clip_score", "kept", "kind", "source", "page"}
+
+
+def _last_user_text(messages: list[dict[str, Any]]) -> str:
+    """The text of the last user message (its text parts joined), the question an answer log keeps."""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, str):
+                return content
+            if isinstance(content, list):
+                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            return ""
+    return ""
+
+
+def _plan_record(plan: RetrievalPlan) -> dict[str, Any]:
+    """The resolved plan as JSON-ready data (filters included), for replaying the retrieval."""
+    return asdict(plan)
 
 
 def _image_count(messages: list[dict[str, Any]]) -> int:

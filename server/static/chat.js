@@ -1,10 +1,10 @@
 // Chat page: a multi-turn conversation over POST /v1/chat/completions (stream: true), with image
 // attachments (picker, drag-and-drop, paste), citations [n] linked to source cards, and the
-// retrieval controls sent as the `retrieval` extension. Untrusted text only ever goes through
-// textContent / text nodes.
+// retrieval controls sent as the `retrieval` extension, and thumbs up/down (POST /v1/feedback) under
+// each answer. Untrusted text only ever goes through textContent / text nodes.
 
 import {
-  ApiError, authHeaders, el, errorFromResponse, fileToDataURL, formatBytes, formatScore,
+  ApiError, apiFetch, authHeaders, el, errorFromResponse, fileToDataURL, formatBytes, formatScore,
   formatSource, formatTimings, friendlyMessage, getApiKey, loadImageInto, probeAuth, readSSE, setApiKey,
 } from "./api.js";
 
@@ -334,6 +334,7 @@ async function send() {
   setBusy(true);
   let answerText = "";
   let final = null;
+  let completionId = null; // the answer's id, for rating it (POST /v1/feedback)
   let frame = 0;
   const paint = () => {
     frame = 0;
@@ -353,6 +354,7 @@ async function send() {
     });
     if (!resp.ok) throw await errorFromResponse(resp);
     for await (const chunk of readSSE(resp)) {
+      if (chunk.id) completionId = chunk.id;
       const delta = chunk.choices && chunk.choices[0] && chunk.choices[0].delta;
       if (delta && delta.content) {
         if (!answerText) view.status.textContent = "Answering…";
@@ -366,6 +368,7 @@ async function send() {
     }
     cancelAnimationFrame(frame); // the final render (with citation links) replaces any pending one
     finishTurn(view, answerText, final, turn);
+    if (completionId && final) addFeedback(view, completionId, turn); // only a whole answer is logged
     state.history.push(userMessage, { role: "assistant", content: answerText });
   } catch (err) {
     cancelAnimationFrame(frame);
@@ -406,6 +409,67 @@ function finishTurn(view, answerText, final, turn) {
   if (final && final.degraded && final.degraded.length) notes.push(`degraded: ${final.degraded.join(", ")}`);
   view.meta.textContent = notes.join(" · ");
   if (follow) revealTurn(view.bubble);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Feedback: thumbs up/down and an optional comment on each answer
+
+const COMMENT_MAX = 2000; // the server's default VLMRAG_LIMIT_FEEDBACK_COMMENT_CHARS; it says so when lower
+
+async function sendFeedback(completionId, rating, comment) {
+  const body = { completion_id: completionId, rating };
+  if (comment) body.comment = comment;
+  return apiFetch("/v1/feedback", { method: "POST", json: body });
+}
+
+/** Thumbs under a finished answer; a rating is recorded at once, a comment can follow it. */
+function addFeedback(view, completionId, turn) {
+  const note = el("span", { class: "feedback-note", role: "status", id: `t${turn}-feedback-note` });
+  const commentId = `t${turn}-feedback-comment`;
+  const comment = el("textarea", {
+    id: commentId, rows: 2, maxlength: String(COMMENT_MAX), placeholder: "What was wrong or missing? (optional)",
+  });
+  const commentForm = el("form", { class: "feedback-comment", hidden: true },
+    el("label", { class: "visually-hidden", for: commentId }, "Comment on this answer"), comment,
+    el("button", { type: "submit", class: "secondary small" }, "Send comment"));
+  let rating = null;
+  const buttons = {};
+  const pick = async (chosen) => {
+    for (const [name, button] of Object.entries(buttons)) button.setAttribute("aria-pressed", String(name === chosen));
+    note.textContent = "Sending…";
+    try {
+      await sendFeedback(completionId, chosen, comment.value.trim());
+      rating = chosen;
+      view.bubble.dataset.rating = chosen;
+      note.textContent = chosen === "up" ? "Thanks, recorded." : "Thanks, recorded. Say what was missing?";
+      commentForm.hidden = false;
+    } catch (err) {
+      for (const [name, button] of Object.entries(buttons)) button.setAttribute("aria-pressed", String(name === rating));
+      note.textContent = `Not recorded: ${friendlyMessage(err)}`;
+    }
+  };
+  for (const [name, symbol, label] of [["up", "👍", "Good answer"], ["down", "👎", "Bad answer"]]) {
+    buttons[name] = el("button", {
+      type: "button", class: `thumb-button ${name}`, "aria-label": label, title: label, "aria-pressed": "false",
+      "data-rating": name, onclick: () => pick(name),
+    }, symbol);
+  }
+  commentForm.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    const text = comment.value.trim();
+    if (!text || !rating) return;
+    note.textContent = "Sending…";
+    try {
+      await sendFeedback(completionId, rating, text);
+      note.textContent = "Comment recorded. Thank you.";
+      commentForm.hidden = true;
+    } catch (err) {
+      note.textContent = `Comment not recorded: ${friendlyMessage(err)}`;
+    }
+  });
+  const bar = el("div", { class: "feedback", role: "group", "aria-label": "Rate this answer" },
+    el("span", { class: "feedback-label" }, "Was this helpful?"), buttons.up, buttons.down, note);
+  view.meta.before(bar, commentForm);
 }
 
 function failTurn(view, err, answerText, final, turn) {

@@ -1,5 +1,6 @@
 // Knowledge-base page: upload images, text files and PDFs with per-file progress and result,
-// browse (GET /v1/snippets, cursor pagination) and search (POST /v1/search) snippets, delete one.
+// browse (GET /v1/snippets, cursor pagination) and search (POST /v1/search) snippets, delete one;
+// list the answers rated down in the chat (GET /v1/feedback?rating=down) with the snippets they used.
 // Untrusted text only ever goes through textContent / text nodes.
 
 import {
@@ -35,6 +36,9 @@ const ui = {
   dialog: $("image-dialog"),
   dialogImg: $("image-dialog-img"),
   dialogTitle: $("image-dialog-title"),
+  downStatus: $("down-status"),
+  downList: $("down-list"),
+  downMore: $("down-more"),
 };
 
 const state = {
@@ -43,6 +47,7 @@ const state = {
   mode: "browse", // or "search"
   queue: Promise.resolve(), // uploads run one after another so progress stays readable
   uploadSeq: 0,
+  downCursor: null, // next_cursor of the answers rated down
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -69,6 +74,7 @@ ui.keyForm.addEventListener("submit", async (event) => {
   const auth = await probeAuth();
   ui.keyNote.textContent = auth.keyAccepted ? "Key saved in this browser." : "The server refused this key.";
   loadPage();
+  loadDownRated(true);
 });
 
 // ---------------------------------------------------------------------------------------------
@@ -335,5 +341,75 @@ ui.dialog.addEventListener("click", (event) => {
   if (event.target === ui.dialog) ui.dialog.close();
 });
 
+// ---------------------------------------------------------------------------------------------
+// Answers rated down (GET /v1/feedback?rating=down): what the knowledge base did not have
+
+const DOWN_PAGE = 10;
+
+function formatWhen(epochSeconds) {
+  const when = new Date(epochSeconds * 1000);
+  return Number.isNaN(when.getTime()) ? "" : when.toLocaleString();
+}
+
+function downRatedItem(item) {
+  const answer = item.answer || {};
+  const sources = answer.sources || [];
+  const kept = sources.filter((s) => s.kept).sort((a, b) => (a.index ?? 1e9) - (b.index ?? 1e9));
+  const meta = [answer.kb && `knowledge base ${answer.kb}`, formatWhen(item.rated_at),
+    `${plural(sources.length - kept.length, "candidate")} dropped`].filter(Boolean).join(" · ");
+  const excerpt = (answer.answer || "").trim();
+  const children = [
+    el("p", { class: "down-rated-question" }, answer.question || "(a question with images only)"),
+    el("p", { class: "down-rated-meta" }, meta),
+  ];
+  if (answer.search_query && answer.search_query !== answer.question) {
+    children.push(el("p", { class: "down-rated-query" }, `Searched for: ${answer.search_query}`));
+  }
+  if (item.comment) children.push(el("p", { class: "down-rated-comment" }, item.comment));
+  if (excerpt) {
+    children.push(el("p", { class: "down-rated-answer source-text" },
+      `Answer: ${excerpt.length > 300 ? `${excerpt.slice(0, 300)}…` : excerpt}`));
+  }
+  if (kept.length) {
+    const flagged = new Set(item.snippet_ids || []);
+    children.push(el("ol", { class: "down-rated-sources", "aria-label": "Snippets the answer used" },
+      kept.map((s) => el("li", { "data-id": s.id },
+        el("span", { class: "source-name" }, formatSource(s.source, s.page)), " ",
+        el("span", { class: "scores" }, `relevancy ${formatScore(s.relevancy)} · CLIP ${formatScore(s.clip_score)}`),
+        flagged.has(s.id) ? el("span", { class: "badge dropped" }, "flagged") : null))));
+  } else {
+    children.push(el("p", { class: "reason" }, "No snippet was kept: the knowledge base had nothing relevant enough."));
+  }
+  return el("li", { class: "down-rated-item", "data-completion-id": item.completion_id }, ...children);
+}
+
+async function loadDownRated(reset = false) {
+  if (reset) {
+    state.downCursor = null;
+    ui.downList.replaceChildren();
+  }
+  const params = new URLSearchParams({ rating: "down", limit: String(DOWN_PAGE) });
+  if (state.downCursor) params.set("cursor", state.downCursor);
+  ui.downStatus.textContent = "Loading…";
+  try {
+    const body = await apiFetch(`/v1/feedback?${params}`);
+    const items = (body && body.items) || [];
+    ui.downList.append(...items.map(downRatedItem));
+    state.downCursor = body && body.next_cursor ? body.next_cursor : null;
+    ui.downMore.hidden = !state.downCursor;
+    const shown = ui.downList.children.length;
+    ui.downStatus.textContent = shown ? `${plural(shown, "answer")} rated down, newest first.`
+      : "No answer has been rated down.";
+  } catch (err) {
+    ui.downMore.hidden = true;
+    ui.downStatus.textContent = err && (err.status === 401 || err.status === 403)
+      ? "Seeing the rated answers needs an API key with the admin scope."
+      : `Could not load the rated answers: ${friendlyMessage(err)}`;
+  }
+}
+
+ui.downMore.addEventListener("click", () => loadDownRated(false));
+
 ui.keyInput.value = getApiKey();
 loadPage();
+loadDownRated(true);

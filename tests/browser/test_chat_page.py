@@ -370,3 +370,42 @@ def test_phone_width_layout(live_server: LiveServer, open_page: Any, screenshot_
         box = page.locator(control).bounding_box()
         assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE[0], f"{control} is off screen"
     page.screenshot(path=str(screenshot_dir / "chat-phone.png"))
+
+
+def test_thumbs_record_a_rating_and_a_comment(live_server: LiveServer, open_page: Any) -> None:
+    page = open_page()
+    page.goto(live_server.url + "/")
+    set_k(page, TINY_K)
+    question = "Which thumb should I press? (feedback test)"
+    page.fill("#question", question)
+    with page.expect_response("**/v1/chat/completions") as response_info:
+        page.press("#question", "Enter")
+    wait_answered(page)
+    payloads = sse_payloads(response_info.value.text())
+    completion_id = payloads[0]["id"]
+
+    bar = page.get_by_role("group", name="Rate this answer")
+    down = bar.get_by_role("button", name="Bad answer")
+    assert down.get_attribute("aria-pressed") == "false"
+    with page.expect_response("**/v1/feedback") as rated:
+        down.click()
+    assert rated.value.status == 201
+    assert rated.value.request.post_data_json == {"completion_id": completion_id, "rating": "down"}
+    bar.get_by_text("Thanks, recorded.").wait_for()
+    assert down.get_attribute("aria-pressed") == "true"
+    assert bar.get_by_role("button", name="Good answer").get_attribute("aria-pressed") == "false"
+
+    page.get_by_label("Comment on this answer").fill("It should cite the manual.")
+    with page.expect_response("**/v1/feedback") as commented:
+        page.get_by_role("button", name="Send comment").click()
+    assert commented.value.status == 201
+    bar.get_by_text("Comment recorded").wait_for()
+
+    with httpx.Client(base_url=live_server.url, timeout=30) as http:  # auth is off: any caller is admin
+        items = http.get("/v1/feedback", params={"rating": "down"}).json()["items"]
+    mine = [i for i in items if i["completion_id"] == completion_id]
+    assert len(mine) == 1, items
+    assert mine[0]["comment"] == "It should cite the manual."
+    assert mine[0]["answer"]["question"] == question
+    assert mine[0]["answer"]["answer"] == streamed_text(payloads)
+    assert [s["id"] for s in mine[0]["answer"]["sources"]] == [s["id"] for s in final_sources(payloads)]

@@ -192,3 +192,36 @@ def test_admin_key_is_needed_to_upload(start_server: Any, open_page: Any, sample
     # With auth on, thumbnails are fetched with the key (a plain <img src> would get a 401).
     thumb = page.locator(".snippet-card button.thumb img")
     page.wait_for_function("img => img.complete && img.naturalWidth > 0", arg=thumb.element_handle())
+
+
+def test_answers_rated_down_are_listed_with_their_sources(start_server: Any, open_page: Any) -> None:
+    server = start_server()
+    evil = '<img src=x onerror="window.__pwned = 1">'
+    with httpx.Client(base_url=server.url, timeout=120) as http:
+        r = http.post("/v1/snippets", data={"text": "The frame is covered for two years.", "source": "warranty.txt"})
+        assert r.status_code == 201, r.text
+        answers = []
+        for question in ("How long is the frame covered?", f"Is the chain oiled? {evil}", "Any thumbs up?"):
+            r = http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": question}], "max_tokens": 8, "retrieval": {"k": 1}})
+            assert r.status_code == 200, r.text
+            answers.append(r.json())
+        for answer, rating, comment in zip(answers, ("down", "down", "up"), ("It missed the frame.", evil, None)):
+            body = {"completion_id": answer["id"], "rating": rating, **({"comment": comment} if comment else {})}
+            assert http.post("/v1/feedback", json=body).status_code == 201
+
+    page = open_page()
+    page.goto(server.url + "/kb")
+    page.wait_for_function("document.querySelectorAll('#down-list .down-rated-item').length === 2")
+    items = page.locator("#down-list .down-rated-item")
+    assert items.evaluate_all("els => els.map(e => e.dataset.completionId)") == [answers[1]["id"], answers[0]["id"]]
+    newest, oldest = items.nth(0), items.nth(1)
+    assert newest.locator(".down-rated-question").inner_text() == f"Is the chain oiled? {evil}"
+    assert newest.locator(".down-rated-comment").inner_text() == evil  # shown as text, never as markup
+    assert newest.locator("img").count() == 0 and page.evaluate("window.__pwned") is None
+    assert oldest.locator(".down-rated-comment").inner_text() == "It missed the frame."
+    kept = oldest.locator(".down-rated-sources li")
+    assert kept.count() == 1 and "warranty.txt" in kept.inner_text() and "relevancy" in kept.inner_text()
+    assert "knowledge base default" in oldest.locator(".down-rated-meta").inner_text()
+    assert page.locator("#down-status").inner_text().startswith("2 answers rated down")
+    assert page.locator("#down-more").is_hidden()

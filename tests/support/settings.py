@@ -29,6 +29,8 @@ def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settin
         "vllm_retry_attempts": 2, "vllm_deadline_s": 10.0, "vllm_unhealthy_for_s": 0.5, "retrieval_k": 3,
         "retrieval_pool": 8, "retrieval_threshold": 0.0,
         "vllm_max_images_per_prompt": 4,  # the tiny vLLM runs with --limit-mm-per-prompt {"image": 4}
+        # OCR costs ~0.4 s an image and ~1.5 s to load on 2 cores: the tests that test it turn it on.
+        "ocr_enabled": False, "ocr_query_enabled": False,
         # Tests make many quick requests; the ones that test rate limiting set their own values.
         "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
     }

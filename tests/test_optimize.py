@@ -1,0 +1,137 @@
+"""HNSW for the embedded store: EdgeStore.optimize(HnswParams), exact search, and `vlmrag optimize`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retriever.errors import StoreUnavailable
+from retriever.store import open_store
+from retriever.store.edge import EdgeStore, HnswParams
+from retriever.types import PointRecord, SnippetPayload
+from server.cli import COMMANDS, build_parser
+from server.commands import optimize
+from server.commands.optimize import optimize_store
+from server.settings import Settings
+from tests.support.fixtures_retriever import TEST_COLLECTION, MakeStore
+from tests.support.settings import bare_settings
+
+DIM = 32
+POINTS = 1500
+# Segments this small are normally scanned; a 1 KB threshold makes the tests walk the graph.
+SMALL = HnswParams(m=8, ef_construct=32, full_scan_threshold_kb=1)
+
+
+def _vectors(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(8, DIM))
+    vectors = centres[rng.integers(0, 8, n)] + 0.5 * rng.normal(size=(n, DIM))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+async def _fill(store, vectors: np.ndarray, start: int = 0) -> None:  # type: ignore[no-untyped-def]
+    await store.upsert([
+        PointRecord(str(uuid.UUID(int=start + i + 1)), {"image": v.tolist(), "text": v[::-1].tolist()},
+                    SnippetPayload(kind="image_text", text=f"snippet {start + i}", source=f"s{i % 3}"))
+        for i, v in enumerate(vectors)
+    ])
+
+
+def _ids(hits) -> list[str]:  # type: ignore[no-untyped-def]
+    return [hit.id for hit in hits]
+
+
+def _settings(tmp_path: Path, **overrides: object) -> Settings:
+    return bare_settings(data_dir=tmp_path, collection=TEST_COLLECTION, **overrides)
+
+
+async def test_exact_keyword_on_both_adapters(store, embedder) -> None:  # type: ignore[no-untyped-def]
+    assert embedder.dim == DIM  # the tiny CLIP's
+    vectors = _vectors(200)
+    await _fill(store, vectors)
+    query = vectors[5].tolist()
+    approximate = await store.search("image", query, 10)
+    exact = await store.search("image", query, 10, exact=True)
+    assert _ids(exact) == _ids(approximate) and exact[0].id == str(uuid.UUID(int=6))
+
+
+async def test_optimize_builds_hnsw_and_search_agrees_with_exact(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "qdrant", TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    vectors = _vectors(POINTS)
+    await _fill(store, vectors)
+    assert (await store.index_info())["indexed_vectors"] == 0
+    assert await store.optimize(SMALL)
+    info = await store.index_info()
+    assert info["points"] == POINTS and info["indexed_vectors"] == 2 * POINTS  # image and text
+    store.hnsw_ef = 64
+    queries = _vectors(20, seed=1)
+    overlap = []
+    for query in queries:
+        approximate = set(_ids(await store.search("image", query.tolist(), 20)))
+        exact = set(_ids(await store.search("image", query.tolist(), 20, exact=True)))
+        overlap.append(len(approximate & exact) / 20)
+    assert np.mean(overlap) >= 0.9
+    # points added after the build are found (they sit in a scanned appendable segment), and fast
+    started = time.perf_counter()
+    await _fill(store, _vectors(10, seed=2), start=POINTS)
+    assert time.perf_counter() - started < 2.0, "an upsert must not rebuild the graph"
+    newest = _vectors(10, seed=2)[3]
+    assert (await store.search("image", newest.tolist(), 5))[0].id == str(uuid.UUID(int=POINTS + 4))
+    await store.close()
+    # the HNSW config persists: a reopened store keeps the graph and the metadata
+    again = await open_store(qdrant_url="", api_key="", path=tmp_path / "qdrant", collection=TEST_COLLECTION)
+    assert isinstance(again, EdgeStore)
+    assert (await again.index_info())["indexed_vectors"] >= 2 * POINTS
+    assert await again.embedder_id() == "test-embedder" and await again.count() == POINTS + 10
+    hits = await again.search("image", vectors[0].tolist(), 3)
+    assert hits[0].id == str(uuid.UUID(int=1)) and hits[0].payload.text == "snippet 0"
+    await again.close()
+
+
+async def test_optimize_keeps_the_lexical_vector(tmp_path: Path) -> None:
+    store = EdgeStore(tmp_path / "qdrant", TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(100))
+    lexical = await store.has_lexical()
+    await store.optimize(SMALL)
+    assert await store.has_lexical() == lexical
+    await store.close()
+
+
+async def test_command_builds_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = _settings(tmp_path, hnsw_min_points=POINTS, hnsw_m=8, hnsw_ef_construct=32)
+    store = EdgeStore(settings.embedded_store_path, TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(POINTS - 1))
+    await store.close()
+    skipped = await optimize_store(settings)
+    assert not skipped["built"] and "VLMRAG_HNSW_MIN_POINTS" in skipped["reason"]
+    built = await optimize_store(settings, force=True)
+    assert built["built"] and built["points"] == POINTS - 1 and built["m"] == 8
+    assert built["indexed_vectors"] == 2 * (POINTS - 1) and built["seconds"] >= 0
+
+
+def test_command_output_and_registration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert COMMANDS["optimize"][0] == "server.commands.optimize"
+    args = build_parser("optimize").parse_args(["optimize", "--json", "--force"])
+    assert args.func is optimize.run and args.force
+    remote = _settings(tmp_path, qdrant_url="http://qdrant.test:6333")
+    assert optimize.run(argparse.Namespace(force=False, json=True), remote) == 0
+    assert json.loads(capsys.readouterr().out)["reason"] == "a Qdrant server builds HNSW itself"
+
+
+async def test_command_refuses_a_store_held_by_a_server(
+    tmp_path: Path, make_store: MakeStore, embedder,  # type: ignore[no-untyped-def]
+) -> None:
+    settings = _settings(tmp_path)
+    held = await make_store("edge", path=settings.embedded_store_path)  # the "server" holding the lock
+    await _fill(held, _vectors(5)[:, :embedder.dim])
+    with pytest.raises(StoreUnavailable, match="stop `vlmrag serve`"):
+        await optimize_store(settings, force=True)
