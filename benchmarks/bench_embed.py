@@ -1,13 +1,15 @@
 """Query embedding latency, torch vs ONNX Runtime, batch 1, and the query-embedding cache, in one run.
 
-Each backend runs in its own child process (so resident memory is that backend's alone), one after
-the other on the same inputs: ``torch``; ``onnx`` with an empty export cache (the export, its
-parity check and the first load are timed); ``onnx`` again from that cache (the steady state: its
-latencies are the ones compared). Per child: load seconds, RSS after load and peak RSS, text and
-image query p50/p95 at batch 1 (image = a 640x480 photo-like picture, CLIP preprocessing
-included, as a query pays it), the image rate at batch 16 (ingestion), and the repeated-question
-p50 through ``embed_query_text`` without and with the ``EmbedCache``. Goals (issue 14): ONNX
->= 1.6x faster for images and >= 1.3x for text.
+Memory: each backend loads in its own child process (so resident memory is that backend's alone):
+``torch``; ``onnx`` with an empty export cache (export, parity check and first load timed); ``onnx``
+again from that cache (the steady state). Each prints load seconds, RSS after load and peak RSS.
+
+Latency: one more child loads both (ONNX from that cache) and times them **alternately**, call by
+call, on the same inputs, so load from other processes hits both alike: text and image query
+p50/p95 at batch 1 (image = a 640x480 photo-like picture, CLIP preprocessing included, as a query
+pays it), the image rate at batch 16 (ingestion), and the repeated-question p50 through
+``embed_query_text`` without and with the ``EmbedCache``. Goals (issue 14): ONNX >= 1.6x faster
+for images and >= 1.3x for text.
 
     python benchmarks/bench_embed.py [--model ViT-B-32 --pretrained none] [--threads 2] [--queries 40]
 """
@@ -23,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,42 +68,64 @@ def photo(seed: int, size: tuple[int, int] = (640, 480)):  # type: ignore[no-unt
     return Image.fromarray(pixels, "RGB")
 
 
-def child(args: argparse.Namespace) -> None:
-    """Load one backend, measure, print one JSON line."""
-    import torch
-
-    from retriever.embed_cache import EmbedCache
+def memory_child(args: argparse.Namespace) -> None:
+    """Load one backend and print its load time and RSS as one JSON line."""
     from retriever.embedder import load_embedder
 
     started = time.perf_counter()
     embedder = load_embedder(args.model, args.pretrained, device="cpu", threads=args.threads, batch_size=16,
                              backend=args.child, onnx_cache_dir=Path(args.cache_dir))
     load_s = time.perf_counter() - started
+    embedder.embed_texts(["warm"])
     rss, peak = _rss_mib()
+    print(json.dumps({"backend": embedder.backend, "load_s": load_s, "rss_mib": rss, "peak_rss_mib": peak}))
+
+
+def latency_child(args: argparse.Namespace) -> None:
+    """Load both backends, time them alternately, print {backend: results} as one JSON line."""
+    import torch
+
+    from retriever.embed_cache import EmbedCache
+    from retriever.embedder import load_embedder
+
+    both = {name: load_embedder(args.model, args.pretrained, device="cpu", threads=args.threads, batch_size=16,
+                                backend=name, onnx_cache_dir=Path(args.cache_dir)) for name in ("torch", "onnx")}
     texts = [f"what does the warning light number {i} on the control panel of pump P-{i:03d} mean?"
              for i in range(args.queries + 3)]
     images = [photo(i) for i in range(max(8, args.queries // 2) + 2)]
-    for i in range(3):  # warm-up: thread pools, allocator, first-call graph work
-        embedder.embed_texts([texts[-1 - i]])
-        embedder.embed_images([images[-1 - (i % 2)]])
-    text_ms = _timed(lambda i: embedder.embed_texts([texts[i]]), args.queries)
-    image_ms = _timed(lambda i: embedder.embed_images([images[i % (len(images) - 2)]]), max(8, args.queries // 2))
-    batch = torch.stack([embedder.preprocess(images[i % 8]) for i in range(16)])
-    embedder.embed_preprocessed(batch)
-    batch_ms = _timed(lambda i: embedder.embed_preprocessed(batch), 3)
+    batch = torch.stack([both["torch"].preprocess(images[i % 8]) for i in range(16)])
     question = "how do I reset the pressure alarm?"
-    no_cache = _timed(lambda i: embedder.embed_query_text(question), max(5, args.queries // 4))
-    embedder.cache = EmbedCache()
-    with_cache = _timed(lambda i: embedder.embed_query_text(question), args.queries)  # 1 miss, then hits
-    print(json.dumps({
-        "backend": embedder.backend, "load_s": load_s, "rss_mib": rss, "peak_rss_mib": peak,
-        "text": _p50_p95(text_ms), "image": _p50_p95(image_ms), "batch16_img_s": 16000 / statistics.median(batch_ms),
-        "repeat_no_cache": statistics.median(no_cache), "repeat_cache": statistics.median(with_cache),
-        "onnx_max_diff": embedder.onnx.max_diff if embedder.onnx else None,
-    }))
+    for embedder in both.values():
+        for i in range(3):  # warm-up: thread pools, allocator, first-call graph work
+            embedder.embed_texts([texts[-1 - i]])
+            embedder.embed_images([images[-1 - (i % 2)]])
+        embedder.embed_preprocessed(batch)
+    samples: dict[str, dict[str, list[float]]] = {name: {} for name in both}
+
+    def alternate(key: str, reps: int, call) -> None:  # type: ignore[no-untyped-def]
+        for i in range(reps):
+            for name, embedder in both.items():
+                started = time.perf_counter()
+                call(embedder, i)
+                samples[name].setdefault(key, []).append((time.perf_counter() - started) * 1000)
+
+    n_images = max(8, args.queries // 2)
+    alternate("text", args.queries, lambda e, i: e.embed_texts([texts[i]]))
+    alternate("image", n_images, lambda e, i: e.embed_images([images[i % (len(images) - 2)]]))
+    alternate("batch", 3, lambda e, i: e.embed_preprocessed(batch))
+    alternate("no_cache", max(5, args.queries // 4), lambda e, i: e.embed_query_text(question))
+    for embedder in both.values():
+        embedder.cache = EmbedCache()
+    alternate("cache", args.queries, lambda e, i: e.embed_query_text(question))  # 1 miss, then hits
+    onnx = both["onnx"].onnx
+    print(json.dumps({name: {
+        "text": _p50_p95(s["text"]), "image": _p50_p95(s["image"]),
+        "batch16_img_s": 16000 / statistics.median(s["batch"]), "repeat_no_cache": statistics.median(s["no_cache"]),
+        "repeat_cache": statistics.median(s["cache"]), "onnx_max_diff": onnx.max_diff if onnx else None,
+    } for name, s in samples.items()}))
 
 
-def run_child(backend: str, args: argparse.Namespace, cache_dir: str) -> dict[str, object]:
+def run_child(backend: str, args: argparse.Namespace, cache_dir: str) -> dict[str, Any]:
     command = [sys.executable, __file__, "--child", backend, "--cache-dir", cache_dir, "--model", args.model,
                "--pretrained", args.pretrained, "--threads", str(args.threads), "--queries", str(args.queries)]
     done = subprocess.run(command, capture_output=True, text=True, check=False, cwd=ROOT,
@@ -116,32 +141,35 @@ def main() -> None:
     parser.add_argument("--pretrained", default="none", help="'none' = random weights (same architecture)")
     parser.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime intra-op threads")
     parser.add_argument("--queries", type=int, default=40, help="text queries timed (images: half as many)")
-    parser.add_argument("--child", choices=("torch", "onnx"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("torch", "onnx", "latency"), help=argparse.SUPPRESS)
     parser.add_argument("--cache-dir", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args)
+        latency_child(args) if args.child == "latency" else memory_child(args)
         return
     load = os.getloadavg()[0]
     print(f"query embedding, {args.model} pretrained={args.pretrained}, batch 1, {args.threads} threads; "
           f"{os.cpu_count()} CPUs, load average {load:.1f} at start")
     with tempfile.TemporaryDirectory() as cache_dir:
-        rows = [("torch", run_child("torch", args, cache_dir)),
-                ("onnx (export)", run_child("onnx", args, cache_dir)),
-                ("onnx (cached)", run_child("onnx", args, cache_dir))]
-    header = (f"{'backend':<14} | {'load s':>6} | {'RSS MiB':>7} | {'peak MiB':>8} | {'text p50/p95 ms':>15} | "
-              f"{'image p50/p95 ms':>16} | {'batch16 img/s':>13} | {'repeat p50 ms: no cache / cache':>31}")
+        memory = [("torch", run_child("torch", args, cache_dir)),
+                  ("onnx (export)", run_child("onnx", args, cache_dir)),
+                  ("onnx (cached)", run_child("onnx", args, cache_dir))]
+        latency = run_child("latency", args, cache_dir)
+    print(f"{'backend':<14} | {'load s':>6} | {'RSS MiB':>7} | {'peak MiB':>8}")
+    for name, r in memory:
+        print(f"{name:<14} | {r['load_s']:>6.1f} | {r['rss_mib']:>7.0f} | {r['peak_rss_mib']:>8.0f}")
+    header = (f"{'backend':<7} | {'text p50/p95 ms':>15} | {'image p50/p95 ms':>16} | {'batch16 img/s':>13} | "
+              f"{'repeated question p50 ms: no cache / cache':>42}")
     print(header)
     print("-" * len(header))
-    for name, r in rows:
+    for name, r in latency.items():
         text, image = r["text"], r["image"]
-        print(f"{name:<14} | {r['load_s']:>6.1f} | {r['rss_mib']:>7.0f} | {r['peak_rss_mib']:>8.0f} | "  # type: ignore[index]
-              f"{text[0]:>6.1f} / {text[1]:<6.1f} | {image[0]:>7.1f} / {image[1]:<6.1f} | "  # type: ignore[index]
-              f"{r['batch16_img_s']:>13.1f} | {r['repeat_no_cache']:>14.2f} / {r['repeat_cache']:<14.4f}")
-    torch_r, onnx_r = rows[0][1], rows[2][1]
-    print(f"speed-up torch/onnx p50: text {torch_r['text'][0] / onnx_r['text'][0]:.2f}x (goal 1.3x), "  # type: ignore[index]
-          f"image {torch_r['image'][0] / onnx_r['image'][0]:.2f}x (goal 1.6x), "  # type: ignore[index]
-          f"batch 16 {onnx_r['batch16_img_s'] / torch_r['batch16_img_s']:.2f}x; "  # type: ignore[operator]
+        print(f"{name:<7} | {text[0]:>6.1f} / {text[1]:<6.1f} | {image[0]:>7.1f} / {image[1]:<6.1f} | "
+              f"{r['batch16_img_s']:>13.1f} | {r['repeat_no_cache']:>20.2f} / {r['repeat_cache']:<19.4f}")
+    torch_r, onnx_r = latency["torch"], latency["onnx"]
+    print(f"speed-up torch/onnx p50: text {torch_r['text'][0] / onnx_r['text'][0]:.2f}x (goal 1.3x), "
+          f"image {torch_r['image'][0] / onnx_r['image'][0]:.2f}x (goal 1.6x), "
+          f"batch 16 {onnx_r['batch16_img_s'] / torch_r['batch16_img_s']:.2f}x; "
           f"onnx max abs diff vs torch {onnx_r['onnx_max_diff']:.1e}")
 
 

@@ -65,9 +65,10 @@ class KnowledgeBase:
     async def search(
         self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20,
         filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
+        exact: bool = False,
     ) -> RetrievalResult:
         """CLIP (both vectors) and BM25 retrieval, RRF-fused; see ``retriever.search.Retriever``."""
-        return await self.retriever.search(text, images, pool, filters, mode=mode, ocr=ocr)
+        return await self.retriever.search(text, images, pool, filters, mode=mode, ocr=ocr, exact=exact)
 
     async def get(self, point_id: str) -> StoredPoint:
         """One snippet by id; ``NotFound`` if absent (or not even a valid id)."""

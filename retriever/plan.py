@@ -32,6 +32,7 @@ class RetrievalPlan:
     pool: int = 20
     scorer: Scorer = "vlm"
     mode: RetrievalMode = "hybrid"
+    exact: bool = False  # exact vector search (the escape hatch from HNSW)
     filters: SearchFilters | None = None
     enabled: bool = True
     query: QueryMode = "recent"

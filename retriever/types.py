@@ -27,7 +27,7 @@ class SnippetPayload:
     ocr_lines: list[dict[str, Any]] = field(default_factory=list)  # [{"text", "score", "box": 4 [x, y]}]
 
     def to_dict(self) -> dict[str, Any]:
-        data = {
+        data: dict[str, Any] = {
             "kind": self.kind, "text": self.text, "source": self.source, "tags": list(self.tags),
             "content_hash": self.content_hash, "image_ref": self.image_ref, "thumb_ref": self.thumb_ref,
             "page": self.page, "created_at": self.created_at, "extra": dict(self.extra),

@@ -41,6 +41,7 @@ class RetrievalKnobs(BaseModel):
     mode: RetrievalMode | None = Field(
         None, description="`hybrid`: BM25 and CLIP lists fused (default); `dense`: CLIP only; `lexical`: BM25 only.",
     )
+    exact: bool | None = Field(None, description="Exact vector search, no HNSW (slower on large stores; default off).")
 
 
 class RetrievalOptions(RetrievalKnobs):

@@ -237,14 +237,15 @@ class AnswerLog:
                 if unknown:
                     raise InvalidInput(f"snippet_ids {unknown[:3]} are not among this answer's sources",
                                        param="snippet_ids")
+                rated_at = time.time()
                 values = {"key_id": key_id, "kb": answer.kb, "rating": rating, "comment": comment,
-                          "snippet_ids": json.dumps(ids), "rated_at": time.time()}
+                          "snippet_ids": json.dumps(ids), "rated_at": rated_at}
                 updated = conn.execute(
                     feedback.update().where(feedback.c.completion_id == completion_id).values(**values)
                 ).rowcount
                 if not updated:
                     conn.execute(feedback.insert().values(completion_id=completion_id, **values))
-            return FeedbackRecord(completion_id, key_id, answer.kb, rating, comment, ids, values["rated_at"], answer)
+            return FeedbackRecord(completion_id, key_id, answer.kb, rating, comment, ids, rated_at, answer)
 
         try:
             return await self._run(write)

@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     hnsw_ef_construct: int = Field(128, ge=8, description="HNSW build candidates (`vlmrag optimize`).")
     hnsw_ef: int = Field(
         256, ge=1, description="HNSW search candidates of the embedded store (at least the limit); recall@20 "
-        "0.998 at 100k with 256, see benchmarks/README.md.",
+        "0.997 at 100k with 256, see benchmarks/README.md.",
     )
     hnsw_min_points: int = Field(
         50_000, ge=0, description="`vlmrag optimize` builds HNSW from this many points on (below it the exact "

@@ -94,3 +94,26 @@ async def test_a_collection_without_lexical_still_serves(settings: Settings, kno
     async with running_client(app) as client:
         r = await client.post("/v1/search", json={"text": "old E-999", "scorer": "none"})
         assert r.status_code == 200 and r.json()["candidates"][0]["text"] == "old E-999"
+
+
+async def test_exact_reaches_the_store(settings: Settings, knowledge_base, fake_vllm: FakeVLLM,
+                                       monkeypatch) -> None:
+    """retrieval.exact (the HNSW escape hatch) is one request field that arrives where the store searches."""
+    seen: list[bool] = []
+    original = knowledge_base.store.search
+
+    async def spy(*args, exact: bool = False, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(exact)
+        return await original(*args, exact=exact, **kwargs)
+
+    monkeypatch.setattr(knowledge_base.store, "search", spy)
+    _, client_cm = await _client_with_notes(settings, knowledge_base, fake_vllm)
+    async with client_cm as client:
+        for body, expected in (({"text": "pump", "exact": True}, True), ({"text": "pump"}, False)):
+            seen.clear()
+            assert (await client.post("/v1/search", json={**body, "mode": "dense"})).status_code == 200
+            assert seen and set(seen) == {expected}
+        seen.clear()
+        r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "pump"}],
+                                                             "retrieval": {"exact": True, "mode": "dense"}})
+        assert r.status_code == 200 and set(seen) == {True}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from retriever.errors import ConfigurationError, InvalidInput, VlmragError
+from retriever.errors import ConfigurationError, InvalidInput
 from retriever.eval.metrics import (
     MethodResult,
     QueryRecord,
@@ -56,9 +56,9 @@ AnswerFn = Callable[[str, list[Candidate]], Awaitable[str]]
 
 
 class SnippetImages(Protocol):
-    """Where a snippet's image bytes come from (``KnowledgeBase.image_bytes``)."""
+    """Where a snippet's image bytes come from (``KnowledgeBase.snippet_image``)."""
 
-    async def image_bytes(self, point_id: str, thumbnail: bool = False) -> tuple[bytes, str]: ...
+    async def snippet_image(self, candidate: Candidate, *, thumbnail: bool = False) -> bytes | None: ...
 
 
 class _EmbedderIdentity(Protocol):
@@ -320,15 +320,10 @@ class CocoEval:
 
 
 def kb_image_loader(kb: SnippetImages, *, thumbnail: bool = False) -> ImageLoader:
-    """``load_image`` for RerankService: a snippet's image from the knowledge base, None if unavailable."""
+    """``load_image`` for RerankService: ``KnowledgeBase.snippet_image`` (None if unavailable), thumbnail or not."""
 
     async def load(candidate: Candidate) -> bytes | None:
-        try:
-            data, _ = await kb.image_bytes(candidate.id, thumbnail=thumbnail)
-        except VlmragError as exc:
-            log.warning("no image for %s: %s", candidate.id, exc.message)
-            return None
-        return data
+        return await kb.snippet_image(candidate, thumbnail=thumbnail)
 
     return load
 

@@ -18,10 +18,10 @@ as float16 (half the bytes: ~10 ms instead of ~15 ms at 100k x 512, half the RAM
 benchmarks/bench_search.py).
 
 HNSW (``vlmrag optimize``, server/commands/optimize.py): ``optimize(HnswParams(...))`` reloads the shard
-with an HNSW config and builds the graph of every dense vector (~18 s per vector at 100k x 512 on 2
-cores, m=16, ef_construct=128), GIL held: offline, by the CLI or in a child process. Searches then
-walk the graph (``hnsw_ef`` candidates: ~0.6 ms instead of ~5 ms at 100k, recall@20 0.998 on
-clustered data, see benchmarks/bench_hnsw.py); points added afterwards land in a new appendable
+with an HNSW config and builds the graph of every dense vector (18 s per vector at 100k x 512 on 2 idle
+cores, m=16, ef_construct=128; 101 s for both vectors on a loaded box), GIL held: offline, by the
+CLI. Searches then walk the graph (``hnsw_ef=256``: 0.8 ms instead of 6 ms at 100k, recall@20
+0.997 on clustered data, see benchmarks/bench_hnsw.py); points added afterwards land in a new appendable
 segment that is scanned exactly until the next optimize. ``search(..., exact=True)`` forces the scan.
 
 New shards also have the sparse vector ``lexical`` (BM25 weights from retriever/lexical.py, IDF

@@ -81,7 +81,7 @@ def eval_settings(settings: Settings, out: Path, kb_dir: Path | None) -> Setting
     return settings.model_copy(update=update)
 
 
-def build_answer_fn(kb: SnippetImages, generator: VLLMClient) -> AnswerFn:
+def build_answer_fn(kb: SnippetImages, answer_client: VLLMClient) -> AnswerFn:
     """question + kept snippets → the answering model's reply (our system and answer prompts)."""
     prompts = PromptBuilder()
     load = kb_image_loader(kb)
@@ -94,7 +94,7 @@ def build_answer_fn(kb: SnippetImages, generator: VLLMClient) -> AnswerFn:
             p = cand.payload
             snippets.append(PromptSnippet(n, p.kind, p.text, p.source, p.page, url))
         messages = prompts.build_messages([{"role": "user", "content": question}], snippets)
-        response = await generator.complete({"messages": messages, "max_tokens": ANSWER_MAX_TOKENS, "temperature": 0})
+        response = await answer_client.complete({"messages": messages, "max_tokens": ANSWER_MAX_TOKENS, "temperature": 0})
         return str(response["choices"][0].get("message", {}).get("content") or "")
 
     return answer
@@ -126,9 +126,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             clients.append(backend)
         answer_fn = None
         if args.answers:
-            generator = VLLMClient.from_settings(settings)
-            clients.append(generator)
-            answer_fn = build_answer_fn(kb, generator)
+            answer_client = VLLMClient.from_settings(settings)
+            clients.append(answer_client)
+            answer_fn = build_answer_fn(kb, answer_client)
         reranker = RerankService(backend, kb_image_loader(kb), concurrency=settings.rerank_concurrency,
                                  timeout_s=settings.rerank_timeout_s)
         show = not args.no_progress and sys.stderr.isatty()

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from pydantic import ValidationError
 
-from retriever.errors import InvalidInput, UpstreamError
+from retriever.errors import InvalidInput
 from retriever.images import DecodedImage, data_url, decode_image
 from retriever.knowledge_base import KnowledgeBase
 from retriever.plan import RetrievalPlan, Scorer
@@ -32,7 +32,6 @@ from retriever.search import OcrFn
 from retriever.types import Candidate
 from server.api_models import (
     RetrievalOptions,
-    SearchCandidate,
     SearchRequest,
     SearchResponse,
     SourceItem,
@@ -43,11 +42,9 @@ from server.limits import check_chat_request, check_image_count, check_text_char
 from server.metrics import Metrics
 from server.prompting import PromptBuilder, PromptSnippet
 from server.protocol import (
-    AssistantMessage,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    Choice,
     ChunkChoice,
     DeltaMessage,
     UsageInfo,
@@ -55,8 +52,9 @@ from server.protocol import (
 )
 from server.remote_images import image_bytes_from_url
 from server.services.followups import SearchQuery, last_query, recent_query, rewrite_query
-from server.services.links import snippet_links, source_item
+from server.services.links import source_item
 from server.services.planning import resolve_plan
+from server.services.responses import search_candidate, upstream_choice, upstream_chunk_choice, usage_of
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -64,6 +62,10 @@ if TYPE_CHECKING:
     from server.vllm_client import ChatStream, VLLMClient
 
 log = logging.getLogger(__name__)
+
+# What an answer record keeps of each source (server/feedback.py): enough to replay and judge it.
+_LOGGED_SOURCE_FIELDS = {"id", "index", "relevancy", "clip_score", "kept", "kind", "source", "page"}
+
 
 def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
@@ -185,7 +187,7 @@ class ChatService:
             raise InvalidInput("nothing to search for: the question has no text and no image",
                                param="messages", code="empty_query")
         found = await kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters,
-                                mode=plan.mode, ocr=self.ocr)
+                                mode=plan.mode, ocr=self.ocr, exact=plan.exact)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
@@ -251,7 +253,7 @@ class ChatService:
         timings = {"decode": decode_ms, **context.timings}
         prepared = self._prepared(body, request.model, context, timings, started)
         prepared.search_query = query.text if query else None
-        prepared.question, prepared.plan = _last_user_text(messages), _plan_record(plan)
+        prepared.question, prepared.plan = _last_user_text(messages), asdict(plan)
         return prepared
 
     async def _search_query(self, messages: list[dict[str, Any]], plan: RetrievalPlan) -> SearchQuery:
@@ -305,7 +307,7 @@ class ChatService:
         messages = [m.model_dump(exclude_none=True) for m in request.messages]
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
         prepared = self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started)
-        prepared.question, prepared.plan = question, _plan_record(plan)
+        prepared.question, prepared.plan = question, asdict(plan)
         return prepared
 
     async def _body(
@@ -350,8 +352,8 @@ class ChatService:
         else:
             data = await self.answer_client.complete(prepared.body)
         prepared.timings["generate"] = _ms(t)
-        choices = [_choice(c, n) for n, c in enumerate(data["choices"])]
-        usage = _usage(data.get("usage"))
+        choices = [upstream_choice(c, n) for n, c in enumerate(data["choices"])]
+        usage = usage_of(data.get("usage"))
         self._finish(prepared, usage)
         await self._log_answer(prepared, (choices[0].message.content or "") if choices else "")
         return ChatCompletionResponse(
@@ -389,8 +391,8 @@ class ChatService:
                                  for i in range(n)])
             async for event in upstream:
                 if event.get("usage"):
-                    usage = _usage(event["usage"])
-                relayed = [c for c in (_chunk_choice(raw) for raw in event.get("choices") or []) if c is not None]
+                    usage = usage_of(event["usage"])
+                relayed = [c for c in (upstream_chunk_choice(raw) for raw in event.get("choices") or []) if c is not None]
                 answer.extend(c.delta.content for c in relayed if c.index == 0 and c.delta.content)
                 if relayed:
                     yield chunk(choices=relayed)
@@ -451,22 +453,9 @@ class ChatService:
             self.metrics.observe_degraded(context.degraded)
             self.metrics.observe_kb(kb_name, "search")
         base = self.settings.public_url
-        candidates = [_search_candidate(c, base, kb_name) for c in context.kept + context.dropped]
+        candidates = [search_candidate(c, base, kb_name) for c in context.kept + context.dropped]
         return SearchResponse(candidates=candidates, scorer=context.scorer, degraded=context.degraded,
                               timings=timings)
-
-
-def _search_candidate(c: Candidate, base: str, kb_name: str) -> SearchCandidate:
-    image_url, thumbnail_url = snippet_links(c.id, c.payload, base, kb_name)
-    p = c.payload
-    return SearchCandidate(
-        id=c.id, rank=c.rank, kind=p.kind, source=p.source, text=p.text, page=p.page, tags=list(p.tags),
-        clip_score=c.clip_score, vector_scores=dict(c.vector_scores), relevancy=c.relevancy, kept=c.kept,
-        reason=c.reason, image_url=image_url, thumbnail_url=thumbnail_url,
-    )
-
-
-_LOGGED_SOURCE_FIELDS = {"id", "index", "relevancy", "clip_score", "kept", "kind", "source", "page"}
 
 
 def _last_user_text(messages: list[dict[str, Any]]) -> str:
@@ -482,51 +471,7 @@ def _last_user_text(messages: list[dict[str, Any]]) -> str:
     return ""
 
 
-def _plan_record(plan: RetrievalPlan) -> dict[str, Any]:
-    """The resolved plan as JSON-ready data (filters included), for replaying the retrieval."""
-    return asdict(plan)
-
-
 def _image_count(messages: list[dict[str, Any]]) -> int:
     """Image parts in the caller's messages (every one of them goes to the model)."""
     return sum(1 for m in messages if isinstance(m.get("content"), list)
                for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")
-
-
-def _choice(raw: Any, position: int) -> Choice:
-    """One upstream choice as ours: content, tool calls, reasoning and logprobs as the model server sent them."""
-    message = raw.get("message") if isinstance(raw, dict) else None
-    if not isinstance(message, dict):
-        raise UpstreamError("the model server answered without a message")
-    tool_calls = message.get("tool_calls") or None
-    content = message.get("content")
-    return Choice(
-        index=raw.get("index", position),
-        message=AssistantMessage(content="" if content is None and not tool_calls else content,
-                                 tool_calls=tool_calls, reasoning=message.get("reasoning") or None),
-        logprobs=raw.get("logprobs") or None, finish_reason=raw.get("finish_reason"),
-    )
-
-
-def _chunk_choice(raw: Any) -> ChunkChoice | None:
-    """One upstream stream choice as ours, or None when it carries nothing (an empty keep-alive delta)."""
-    if not isinstance(raw, dict):
-        return None
-    delta = raw.get("delta") or {}
-    text, tool_calls, reasoning = delta.get("content"), delta.get("tool_calls"), delta.get("reasoning")
-    logprobs, finish = raw.get("logprobs"), raw.get("finish_reason")
-    if not (text or tool_calls or reasoning or logprobs or finish):
-        return None
-    return ChunkChoice(
-        index=raw.get("index", 0), logprobs=logprobs or None, finish_reason=finish,
-        delta=DeltaMessage(content=text or None, tool_calls=tool_calls or None, reasoning=reasoning or None),
-    )
-
-
-def _usage(raw: Any) -> UsageInfo | None:
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return UsageInfo.model_validate(raw)
-    except ValueError as exc:
-        raise UpstreamError("the model server sent malformed usage counts") from exc

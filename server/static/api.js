@@ -318,3 +318,38 @@ export function el(tag, attrs = {}, ...children) {
   }
   return node;
 }
+
+/**
+ * Fill a <select> with the knowledge bases this key may use (GET /v1/models: the alias is the key's
+ * default KB, "<alias>/<kb>" the others). Option values are model ids; the field stays hidden when
+ * there is only one. Resolves to the selected model id.
+ */
+export async function loadKnowledgeBases(select, saved) {
+  let ids = [];
+  try {
+    const body = await apiFetch("/v1/models");
+    ids = ((body && body.data) || []).map((m) => m.id);
+  } catch {
+    ids = [];
+  }
+  const alias = ids[0] || "vlmrag";
+  const options = (ids.length ? ids : [alias]).map((id) =>
+    el("option", { value: id }, id === alias ? "default" : id.slice(alias.length + 1)));
+  select.replaceChildren(...options);
+  if (saved && ids.includes(saved)) select.value = saved;
+  const field = select.closest(".field");
+  if (field) field.hidden = ids.length < 2;
+  return select.value;
+}
+
+/** The knowledge-base name of a model id ("vlmrag/pumps" → "pumps"; the bare alias → ""). */
+export function kbOfModel(modelId) {
+  const slash = (modelId || "").indexOf("/");
+  return slash < 0 ? "" : modelId.slice(slash + 1);
+}
+
+/** `path` with `?kb=` (or `&kb=`) added when `kb` names one (the key's default KB otherwise). */
+export function withKb(path, kb) {
+  if (!kb) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}kb=${encodeURIComponent(kb)}`;
+}

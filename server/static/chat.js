@@ -5,7 +5,7 @@
 
 import {
   ApiError, apiFetch, authHeaders, el, errorFromResponse, fileToDataURL, formatBytes, formatScore,
-  formatSource, formatTimings, friendlyMessage, getApiKey, loadImageInto, probeAuth, readSSE, setApiKey,
+  formatSource, formatTimings, friendlyMessage, getApiKey, loadImageInto, probeAuth, readSSE, setApiKey, loadKnowledgeBases,
 } from "./api.js";
 
 const SETTINGS_STORAGE = "vlmrag.chatSettings";
@@ -26,6 +26,7 @@ const ui = {
   keyForm: $("api-key-form"),
   keyInput: $("api-key"),
   keyNote: $("api-key-note"),
+  kb: $("opt-kb"),
   k: $("opt-k"),
   threshold: $("opt-threshold"),
   reranker: $("opt-reranker"),
@@ -42,6 +43,7 @@ const state = {
   controller: null, // AbortController of the streaming request
   turn: 0,
   nextAttachmentId: 1,
+  savedModel: "", // the model id (knowledge base) picked last time
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -54,6 +56,7 @@ function loadSettings() {
     if (saved.threshold != null) ui.threshold.value = saved.threshold;
     if (typeof saved.reranker === "boolean") ui.reranker.checked = saved.reranker;
     if (typeof saved.enabled === "boolean") ui.enabled.checked = saved.enabled;
+    state.savedModel = typeof saved.model === "string" ? saved.model : "";
   } catch {
     /* unreadable settings: keep the defaults */
   }
@@ -63,6 +66,7 @@ function saveSettings() {
   try {
     localStorage.setItem(SETTINGS_STORAGE, JSON.stringify({
       k: ui.k.value, threshold: ui.threshold.value, reranker: ui.reranker.checked, enabled: ui.enabled.checked,
+      model: ui.kb.value,
     }));
   } catch {
     /* storage disabled */
@@ -88,6 +92,7 @@ function showKeyForm(message) {
 
 async function refreshAuth() {
   const auth = await probeAuth();
+  if (auth.keyAccepted) await loadKnowledgeBases(ui.kb, ui.kb.value || state.savedModel);
   if (auth.authRequired) {
     showKeyForm(auth.keyAccepted
       ? "Key accepted. It is kept in this browser only."
@@ -345,6 +350,7 @@ async function send() {
       method: "POST",
       headers: authHeaders({ "Content-Type": "application/json", Accept: "text/event-stream" }),
       body: JSON.stringify({
+        model: ui.kb.value || undefined, // "vlmrag/<kb>" picks the knowledge base
         messages: [...state.history, userMessage],
         stream: true,
         stream_options: { include_usage: true },
@@ -514,7 +520,8 @@ ui.newChat.addEventListener("click", () => {
   showError("");
   ui.question.focus();
 });
-for (const input of [ui.k, ui.threshold, ui.reranker, ui.enabled]) input.addEventListener("change", saveSettings);
+for (const input of [ui.kb, ui.k, ui.threshold, ui.reranker, ui.enabled]) input.addEventListener("change", saveSettings);
+ui.kb.addEventListener("change", () => ui.newChat.click()); // another KB: another conversation
 
 ui.keyForm.addEventListener("submit", async (event) => {
   event.preventDefault();
@@ -522,6 +529,7 @@ ui.keyForm.addEventListener("submit", async (event) => {
   ui.keyNote.textContent = "Checking the key…";
   const auth = await probeAuth();
   ui.keyNote.textContent = auth.keyAccepted ? "Key saved in this browser." : "The server refused this key.";
+  if (auth.keyAccepted) await loadKnowledgeBases(ui.kb, state.savedModel);
 });
 
 // Paste an image anywhere on the page (text pastes into the box as usual).

@@ -5,13 +5,16 @@
 
 import {
   apiFetch, el, fileToDataURL, formatBytes, formatScore, formatSource, friendlyMessage, getApiKey,
-  loadImageInto, probeAuth, setApiKey, uploadForm,
+  kbOfModel, loadImageInto, loadKnowledgeBases, probeAuth, setApiKey, uploadForm, withKb,
 } from "./api.js";
+
+const KB_STORAGE = "vlmrag.kbPage.model";
 
 const PAGE_SIZE = 24;
 
 const $ = (id) => document.getElementById(id);
 const ui = {
+  kb: $("kb-select"),
   keyForm: $("api-key-form"),
   keyInput: $("api-key"),
   keyNote: $("api-key-note"),
@@ -73,6 +76,33 @@ ui.keyForm.addEventListener("submit", async (event) => {
   ui.keyNote.textContent = "Checking the key…";
   const auth = await probeAuth();
   ui.keyNote.textContent = auth.keyAccepted ? "Key saved in this browser." : "The server refused this key.";
+  await pickKnowledgeBase();
+  loadPage();
+  loadDownRated(true);
+});
+
+/** The knowledge base the page works on ("" = the key's default one). */
+function currentKb() {
+  return kbOfModel(ui.kb.value);
+}
+
+async function pickKnowledgeBase() {
+  let saved = "";
+  try {
+    saved = localStorage.getItem(KB_STORAGE) || "";
+  } catch {
+    /* storage disabled */
+  }
+  await loadKnowledgeBases(ui.kb, saved);
+}
+
+ui.kb.addEventListener("change", () => {
+  try {
+    localStorage.setItem(KB_STORAGE, ui.kb.value);
+  } catch {
+    /* storage disabled */
+  }
+  state.cursors = [null];
   loadPage();
   loadDownRated(true);
 });
@@ -111,11 +141,11 @@ function buildForm(file, kind) {
   if (kind === "image") {
     form.append("image", file, file.name);
     form.append("source", file.name);
-    return { path: "/v1/snippets", form };
+    return { path: withKb("/v1/snippets", currentKb()), form };
   }
   // The server splits a PDF into pages (image + text) and a text file into passages.
   form.append("files", file, file.name);
-  return { path: "/v1/ingest/files", form };
+  return { path: withKb("/v1/ingest/files", currentKb()), form };
 }
 
 const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -203,7 +233,7 @@ async function deleteSnippet(item, card) {
   const where = formatSource(item.source, item.page);
   if (!window.confirm(`Delete this snippet (${where})? This cannot be undone.`)) return;
   try {
-    await apiFetch(`/v1/snippets/${encodeURIComponent(item.id)}`, { method: "DELETE" });
+    await apiFetch(withKb(`/v1/snippets/${encodeURIComponent(item.id)}`, currentKb()), { method: "DELETE" });
     card.remove();
     ui.status.textContent = `Deleted the snippet from ${where}.`;
   } catch (err) {
@@ -262,6 +292,7 @@ async function loadPage() {
   if (cursor != null) params.set("offset", cursor);
   const source = ui.filterSource.value.trim();
   if (source) params.set("source", source);
+  if (currentKb()) params.set("kb", currentKb());
   ui.status.textContent = "Loading…";
   try {
     const body = await apiFetch(`/v1/snippets?${params}`);
@@ -300,7 +331,7 @@ async function search() {
   }
   try {
     if (imageFile) body.image = await fileToDataURL(imageFile);
-    const result = await apiFetch("/v1/search", { method: "POST", json: body });
+    const result = await apiFetch(withKb("/v1/search", currentKb()), { method: "POST", json: body });
     const candidates = (result && result.candidates) || [];
     renderItems(candidates, "No snippet matched.");
     ui.status.textContent = `${candidates.length} result${candidates.length === 1 ? "" : "s"} for your search.`;
@@ -390,6 +421,7 @@ async function loadDownRated(reset = false) {
   }
   const params = new URLSearchParams({ rating: "down", limit: String(DOWN_PAGE) });
   if (state.downCursor) params.set("cursor", state.downCursor);
+  if (currentKb()) params.set("kb", currentKb());
   ui.downStatus.textContent = "Loading…";
   try {
     const body = await apiFetch(`/v1/feedback?${params}`);
@@ -411,5 +443,7 @@ async function loadDownRated(reset = false) {
 ui.downMore.addEventListener("click", () => loadDownRated(false));
 
 ui.keyInput.value = getApiKey();
-loadPage();
-loadDownRated(true);
+pickKnowledgeBase().finally(() => {
+  loadPage();
+  loadDownRated(true);
+});

@@ -409,3 +409,29 @@ def test_thumbs_record_a_rating_and_a_comment(live_server: LiveServer, open_page
     assert mine[0]["answer"]["question"] == question
     assert mine[0]["answer"]["answer"] == streamed_text(payloads)
     assert [s["id"] for s in mine[0]["answer"]["sources"]] == [s["id"] for s in final_sources(payloads)]
+
+
+def test_kb_picker_lists_the_keys_kbs_and_the_chat_uses_the_one_picked(start_server: Any, open_page: Any) -> None:
+    server = start_server()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/v1/knowledge-bases", json={"name": "pumps", "display_name": "Pumps"}).status_code == 201
+        r = http.post("/v1/snippets", params={"kb": "pumps"}, data={"text": "PUMPS ONLY seal kit", "source": "p.txt"})
+        assert r.status_code == 201
+        http.post("/v1/snippets", data={"text": "DEFAULT ONLY note", "source": "d.txt"})
+    page = open_page()
+    page.goto(server.url + "/")
+    page.click("#settings summary")
+    page.wait_for_function("document.querySelectorAll('#opt-kb option').length === 2")
+    assert page.locator("#opt-kb option").all_inner_texts() == ["default", "pumps"]
+    assert page.is_visible("#opt-kb")
+    page.select_option("#opt-kb", "vlmrag/pumps")
+    page.fill("#opt-k", TINY_K)
+    page.fill("#question", "which seal?")
+    with page.expect_response("**/v1/chat/completions") as info:
+        page.click("#send")
+    wait_answered(page)
+    assert info.value.request.post_data_json["model"] == "vlmrag/pumps"
+    sources = final_sources(sse_payloads(info.value.text()))
+    assert [s["text"] for s in sources] == ["PUMPS ONLY seal kit"]
+    page.reload()  # the pick is kept in the browser
+    page.wait_for_function("document.querySelector('#opt-kb').value === 'vlmrag/pumps'")

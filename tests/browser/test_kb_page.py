@@ -225,3 +225,23 @@ def test_answers_rated_down_are_listed_with_their_sources(start_server: Any, ope
     assert "knowledge base default" in oldest.locator(".down-rated-meta").inner_text()
     assert page.locator("#down-status").inner_text().startswith("2 answers rated down")
     assert page.locator("#down-more").is_hidden()
+
+
+def test_kb_picker_switches_what_the_page_shows_and_where_uploads_go(start_server: Any, open_page: Any) -> None:
+    server = start_server()
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.post("/v1/knowledge-bases", json={"name": "valves"}).status_code == 201
+        post_patiently(http, "/v1/snippets", data={"text": "default note", "source": "default.txt"})
+    page = open_page()
+    page.goto(server.url + "/kb")
+    page.wait_for_function("document.querySelectorAll('.snippet-card').length === 1")
+    assert card_sources(page) == ["default.txt"]
+    page.select_option("#kb-select", "vlmrag/valves")
+    page.wait_for_function("document.querySelectorAll('.snippet-card').length === 0")
+    page.set_input_files("#upload-input", files=[{"name": "valve.md", "mimeType": "text/markdown",
+                                                  "buffer": b"# Valve\n\nThe ball valve V-20."}])
+    page.wait_for_function("document.querySelector('.upload-row[data-outcome]') !== null")
+    page.wait_for_function("document.querySelectorAll('.snippet-card').length >= 1", timeout=20_000)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        assert http.get("/v1/stats", params={"kb": "valves"}).json()["count"] == 1
+        assert http.get("/v1/stats").json()["count"] == 1  # the default KB got nothing

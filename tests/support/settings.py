@@ -31,6 +31,8 @@ def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settin
         "vllm_max_images_per_prompt": 4,  # the tiny vLLM runs with --limit-mm-per-prompt {"image": 4}
         # OCR costs ~0.4 s an image and ~1.5 s to load on 2 cores: the tests that test it turn it on.
         "ocr_enabled": False, "ocr_query_enabled": False,
+        # The ONNX export costs ~1 s per data dir; tests/test_clip_onnx.py tests that backend.
+        "clip_backend": "torch",
         # Tests make many quick requests; the ones that test rate limiting set their own values.
         "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
     }

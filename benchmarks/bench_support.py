@@ -1,0 +1,418 @@
+"""Support knowledge base: pool recall, kept-context precision/recall and per-stage latency, per retrieval mode.
+
+    .venv/bin/python benchmarks/bench_support.py            # 12 devices: 172 snippets, 276 queries (~4-5 min)
+    .venv/bin/python benchmarks/bench_support.py --quick    # 4 devices (~1.5 min)
+
+The knowledge base of ``benchmarks/support_kb.py`` (ground truth by construction) is ingested twice
+into temporary data dirs, once with OCR (a real ``retriever.ocr.OcrEngine``: rapidocr PP-OCRv6 from
+its wheel) and once without, both with the tiny random-weights CLIP of ``tests/support/tiny_clip.py``
+(no weights can be downloaded here): **the dense half is noise**, BM25 and OCR are real, so the
+identifier and display-photo rows measure something and the paraphrase rows (no identifier, only
+words to share) mostly do not. Then every query runs, one at a time, for each ``retrieval.mode``
+(hybrid, dense, lexical) x OCR (on: the OCR'd KB and query-time OCR; off: the plain KB, no query OCR):
+``KnowledgeBase.search`` for the pool, then ``RerankService.rerank`` with the ``clip`` scorer and the
+plan the settings give (``resolve_plan``: k=5, pool 20, threshold 0.5, no margin), and again at a few
+stricter thresholds (the sweep). Numbers are measurements, not assertions; the goals of issue 12 are
+printed beside them.
+
+- pool recall@1 / @5: a relevant snippet (the code's page or a KB photo of it) among the first 1 / 5;
+  ``primary@5``: the page that answers it among the first 5;
+- kept precision / recall: relevant share of the kept context (mean over queries that kept any) and
+  share of the relevant snippets kept;
+- latency p50 per stage from ``RetrievalResult.timings`` and ``RerankOutcome.timings`` (ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# benchmarks/ itself is on sys.path when this runs as a script
+from support_kb import SupportQuery, SupportSnippet, build_support_kb
+
+from retriever.embedder import ClipEmbedder
+from retriever.images import decode_image
+from retriever.ingest.readers import IngestItem
+from retriever.knowledge_base import KnowledgeBase
+from retriever.ocr import OcrEngine
+from retriever.plan import RetrievalMode, RetrievalPlan
+from retriever.rerank import RerankService
+from retriever.search import OcrFn
+from retriever.types import Candidate
+from server.services.planning import resolve_plan
+from server.settings import Settings
+from server.wiring import build_embedder, build_knowledge_base
+from tests.support.settings import bare_settings
+from tests.support.tiny_clip import write_tiny_clip_config
+
+MODES: tuple[RetrievalMode, ...] = ("hybrid", "dense", "lexical")
+KINDS = ("identifier", "display_photo", "paraphrase")
+THRESHOLDS = (0.5, 0.9, 0.95, 0.97)  # 0.5 is the default; the others: the sweep
+STAGES = ("embed", "ocr", "search", "rerank")
+GOAL_RECALL = {"identifier": 0.95, "display_photo": 0.9}
+GOAL_PRECISION = 0.8
+GOAL_OCR_ADDS_MS = 500.0
+NOISE = "tiny random-weights CLIP: the dense half (CLIP lists) is noise here; BM25 and OCR are real"
+
+
+# ------------------------------------------------------------------------------------------- set-up
+def bench_settings(data_dir: Path, clip_config: Path, *, ocr: bool) -> Settings:
+    """Service defaults with the tiny CLIP, data under ``data_dir``, no query-embedding cache (honest embed times)."""
+    return bare_settings(
+        data_dir=data_dir, clip_model=str(clip_config), clip_pretrained="none", clip_device="cpu",
+        auth_disabled=True, embed_cache_entries=0, rerank_scorer="clip", retrieval_k=5,
+        ocr_enabled=ocr, ocr_query_enabled=ocr,
+    )
+
+
+def load_tiny_embedder(root: Path) -> tuple[ClipEmbedder, Path]:
+    """The tiny random CLIP (seeded: the same vectors in every run) and its config path."""
+    config = write_tiny_clip_config(root / "clip")
+    return build_embedder(bench_settings(root / "probe", config, ocr=False)), config
+
+
+def ingest_items(snippets: list[SupportSnippet]) -> list[IngestItem]:
+    """One item per snippet; ``source`` is the snippet key, so a candidate names its ground-truth key."""
+    items = []
+    for s in snippets:
+        if s.image is not None:
+            items.append(IngestItem(source=s.key, key=s.key, image_bytes=s.image, image_name=Path(s.key).name))
+        else:
+            items.append(IngestItem(source=s.key, key=s.key, text=s.text))
+    return items
+
+
+@dataclass(slots=True)
+class BuiltKB:
+    """An ingested knowledge base and what ingesting it cost."""
+
+    kb: KnowledgeBase
+    settings: Settings
+    seconds: float
+    report: Any
+    ocr_read: tuple[int, int, int] = (0, 0, 0)  # KB photos: read exactly, read by parts, total
+
+
+async def build_kb(
+    root: Path, name: str, clip_config: Path, embedder: ClipEmbedder, snippets: list[SupportSnippet],
+    engine: OcrEngine | None,
+) -> BuiltKB:
+    """Ingest ``snippets`` into a fresh data dir (with OCR when ``engine`` is given) and time it."""
+    settings = bench_settings(root / name, clip_config, ocr=engine is not None)
+    kb = await build_knowledge_base(settings, embedder=embedder, ocr=engine)
+    started = time.perf_counter()
+    report = await kb.ingest(ingest_items(snippets), total=len(snippets))
+    built = BuiltKB(kb, settings, time.perf_counter() - started, report)
+    if engine is not None:
+        shows = {s.key: s.shows for s in snippets if s.shows}
+        points, _ = await kb.list_snippets(len(snippets) + 10)
+        read = [(reads(p.payload.ocr_text or "", shows[p.payload.source][0]))
+                for p in points if p.payload.source in shows]
+        built.ocr_read = (sum(r == "exact" for r in read), sum(r != "no" for r in read), len(read))
+    return built
+
+
+def reads(text: str, identifier: str) -> str:
+    """'exact' if ``identifier`` is in ``text`` verbatim, 'parts' if its parts are (E 417, E417), else 'no'."""
+    if identifier.lower() in text.lower():
+        return "exact"
+    parts = re.findall(r"[A-Za-z]+|\d+", identifier)
+    pattern = r"(?<![A-Za-z0-9])" + r"[\s\-._]*".join(map(re.escape, parts)) + r"(?![0-9])"
+    return "parts" if re.search(pattern, text, re.IGNORECASE) else "no"
+
+
+def query_ocr_fn(engine: OcrEngine, settings: Settings) -> OcrFn:
+    """The reader the service passes to search (``server/app.py::_query_ocr``): text only, its timeout."""
+    def read_text(image: Image.Image) -> str:
+        return engine.read(image, timeout_s=settings.ocr_query_timeout_s).text
+    return read_text
+
+
+def decode(data: bytes, settings: Settings) -> Image.Image:
+    """A query photo decoded the way the service decodes the caller's images."""
+    return decode_image(data, max_bytes=settings.limit_image_bytes, max_pixels=settings.limit_image_pixels).image
+
+
+def key_of(candidate: Candidate) -> str:
+    return candidate.payload.source
+
+
+# ------------------------------------------------------------------------------------------ running
+@dataclass(slots=True)
+class Record:
+    """One query's outcome under one (mode, ocr) condition."""
+
+    kind: str
+    hit1: bool
+    hit5: bool
+    primary5: bool
+    kept: dict[float, tuple[int, int]]  # threshold -> (kept, relevant kept)
+    n_relevant: int
+    timings: dict[str, float] = field(default_factory=dict)
+    image_text: str = ""
+    identifier: str = ""
+    origins: Counter[str] = field(default_factory=Counter)  # kept at the default threshold, by which lists found them
+
+
+def plans(settings: Settings) -> dict[float, RetrievalPlan]:
+    """The settings' plan (k=5, pool, margin, min_k, clip scorer) at each threshold of the sweep."""
+    out = {}
+    for threshold in THRESHOLDS:
+        plan = resolve_plan(settings, None)
+        plan.threshold = threshold
+        out[threshold] = plan
+    return out
+
+
+async def run_query(
+    kb: KnowledgeBase, reranker: RerankService, query: SupportQuery, image: Image.Image | None,
+    mode: RetrievalMode, ocr: OcrFn | None, sweep: dict[float, RetrievalPlan],
+) -> Record:
+    """Search, then re-rank (clip) at every threshold; timings from the default-threshold run."""
+    default = sweep[THRESHOLDS[0]]
+    found = await kb.search(query.text, [image] if image is not None else None, default.pool, mode=mode, ocr=ocr)
+    keys = [key_of(c) for c in found.candidates]
+    relevant = set(query.relevant)
+    kept: dict[float, tuple[int, int]] = {}
+    timings = {name: ms for name, ms in found.timings.items()}
+    images = [query.image] if query.image is not None else []
+    origins: Counter[str] = Counter()
+    for threshold, plan in sweep.items():
+        outcome = await reranker.rerank(query.text, images, copy.deepcopy(found.candidates), plan)
+        kept[threshold] = (len(outcome.kept), sum(key_of(c) in relevant for c in outcome.kept))
+        if threshold == THRESHOLDS[0]:
+            timings["rerank"] = outcome.timings["rerank"]
+            origins.update(origin(c) for c in outcome.kept)
+    timings["total"] = timings.get("total", 0.0) + timings["rerank"]
+    return Record(query.kind, bool(relevant & set(keys[:1])), bool(relevant & set(keys[:5])),
+                  query.primary in keys[:5], kept, len(relevant), timings, found.image_text, query.identifier,
+                  origins)
+
+
+def origin(candidate: Candidate) -> str:
+    """Which lists found a candidate: 'clip', 'bm25' or 'both' (its clip relevancy is a cosine unless 'bm25')."""
+    lexical = any(name.endswith("->lexical") for name in candidate.vector_scores)
+    dense = any(not name.endswith("->lexical") for name in candidate.vector_scores)
+    return "both" if lexical and dense else ("bm25" if lexical else "clip")
+
+
+Condition = tuple[RetrievalMode, bool]  # (mode, OCR on)
+
+
+async def run_all(
+    kbs: dict[bool, BuiltKB], queries: list[SupportQuery], images: list[Image.Image | None], engine: OcrEngine,
+) -> dict[Condition, list[Record]]:
+    """Every query under every condition, interleaved per query so load drift on a shared box hits all alike."""
+    conditions: list[Condition] = [(mode, ocr) for mode in MODES for ocr in (True, False)]
+    rerankers = {ocr: RerankService(None, built.kb.snippet_image) for ocr, built in kbs.items()}
+    sweeps = {ocr: plans(built.settings) for ocr, built in kbs.items()}
+    readers = {True: query_ocr_fn(engine, kbs[True].settings), False: None}
+    records: dict[Condition, list[Record]] = {c: [] for c in conditions}
+    started = time.perf_counter()
+    for n, (query, image) in enumerate(zip(queries, images, strict=True), start=1):
+        for mode, ocr in conditions:
+            records[(mode, ocr)].append(
+                await run_query(kbs[ocr].kb, rerankers[ocr], query, image, mode, readers[ocr], sweeps[ocr]))
+        if n % 50 == 0:
+            print(f"  {n}/{len(queries)} queries x {len(conditions)} conditions, {time.perf_counter() - started:.0f} s",
+                  file=sys.stderr)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ reports
+def p50(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt_ms(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1f}"
+
+
+def kept_stats(records: list[Record], threshold: float) -> tuple[float | None, float, int]:
+    """(mean precision over queries that kept any, mean recall, queries that kept nothing)."""
+    precisions = [rel / n for r in records for n, rel in [r.kept[threshold]] if n]
+    recall = statistics.fmean(r.kept[threshold][1] / r.n_relevant for r in records)
+    return (statistics.fmean(precisions) if precisions else None), recall, sum(not r.kept[threshold][0] for r in records)
+
+
+def summary(records: list[Record]) -> dict[str, Any]:
+    """Aggregates of one (mode, ocr, kind) cell."""
+    out: dict[str, Any] = {
+        "n": len(records),
+        "r1": statistics.fmean(r.hit1 for r in records),
+        "r5": statistics.fmean(r.hit5 for r in records),
+        "p5": statistics.fmean(r.primary5 for r in records),
+        "kept": {t: kept_stats(records, t) for t in THRESHOLDS},
+        "origins": sum((r.origins for r in records), Counter()),
+    }
+    for stage in (*STAGES, "total"):
+        out[stage] = p50([r.timings[stage] for r in records if stage in r.timings])
+    return out
+
+
+def fmt_prec(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def print_mode_table(mode: str, cells: dict[tuple[str, bool, str], dict[str, Any]]) -> None:
+    t0 = THRESHOLDS[0]
+    print(f"\n### mode = {mode}" + ("  (dense half is noise: random CLIP)" if mode != "lexical" else ""))
+    print(f"| query kind | OCR | n | recall@1 | recall@5 | primary@5 | kept prec @{t0} | kept recall @{t0} "
+          "| embed p50 ms | ocr p50 ms | search p50 ms | rerank p50 ms | total p50 ms |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for kind in KINDS:
+        for ocr in (True, False):
+            s = cells[(mode, ocr, kind)]
+            precision, recall, empty = s["kept"][t0]
+            empty_note = f" ({empty} empty)" if empty else ""
+            print(f"| {kind} | {'on' if ocr else 'off'} | {s['n']} | {s['r1']:.3f} | {s['r5']:.3f} | {s['p5']:.3f} "
+                  f"| {fmt_prec(precision)}{empty_note} | {recall:.2f} | "
+                  + " | ".join(fmt_ms(s[stage]) for stage in (*STAGES, "total")) + " |")
+
+
+def print_goals(cells: dict[tuple[str, bool, str], dict[str, Any]], ocr_adds: float | None) -> None:
+    print("\n### goals (issue 12), hybrid + OCR with the dense-only row beside it")
+    print("| query kind | goal recall@5 | hybrid+OCR recall@5 | dense recall@5 | lexical+OCR recall@5 "
+          f"| goal kept prec | hybrid kept prec @{THRESHOLDS[0]} | dense kept prec @{THRESHOLDS[0]} | met? |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    t0 = THRESHOLDS[0]
+    for kind, goal in GOAL_RECALL.items():
+        h, d, lx = cells[("hybrid", True, kind)], cells[("dense", True, kind)], cells[("lexical", True, kind)]
+        precision = h["kept"][t0][0]
+        met_recall = h["r5"] >= goal
+        met_precision = precision is not None and precision >= GOAL_PRECISION
+        verdict = ("recall yes" if met_recall else "recall NO") + (", precision yes" if met_precision else ", precision NO")
+        print(f"| {kind} | >= {goal} | {h['r5']:.3f} | {d['r5']:.3f} | {lx['r5']:.3f} | >= {GOAL_PRECISION} "
+              f"| {fmt_prec(precision)} | {fmt_prec(d['kept'][t0][0])} | {verdict} |")
+    print(f"\nWhy hybrid keeps noise with the clip scorer: a candidate that any CLIP list returned gets "
+          f"(1 + its best cosine) / 2 as relevancy, its BM25 score ignored; one found by BM25 only gets the "
+          f"fused score. Kept at {t0}, by which lists found them:")
+    for kind in GOAL_RECALL:
+        o = cells[("hybrid", True, kind)]["origins"]
+        print(f"- hybrid+OCR {kind}: {o['clip']} from CLIP lists only, {o['both']} from CLIP and BM25 (judged by "
+              f"the cosine), {o['bm25']} from BM25 only (judged by the fused score)")
+    print("Ceiling without a threshold cut: an identifier or display-photo query has 1-2 relevant snippets (its "
+          "page and the KB photo of its code), so keeping k=5 caps precision at 0.2-0.4.")
+    verdict = "–" if ocr_adds is None else ("met" if ocr_adds <= GOAL_OCR_ADDS_MS else "NOT met")
+    print(f"\nquery-time OCR adds {fmt_ms(ocr_adds)} ms p50 to a display-photo query (hybrid, total with OCR "
+          f"minus total without; goal <= {GOAL_OCR_ADDS_MS:.0f} ms): {verdict}")
+
+
+def print_sweep(cells: dict[tuple[str, bool, str], dict[str, Any]]) -> None:
+    print("\n### kept context vs threshold (clip scorer, k=5; precision / recall / queries that kept nothing)")
+    print("A candidate found by BM25 only has no cosine: its clip relevancy is the fused RRF score scaled to "
+          "(0, 1] (rank 1 of every list = 1.0, rank 5 of one list of one part = 61/65 = 0.94), so on the "
+          "lexical rows the threshold cuts by fused rank, not by similarity; and for a query of two parts (a "
+          "photo and its text) a candidate only one part found scores at most 61/61/2 = 0.5: at the default "
+          "threshold 0.5 only rank 1 of the image->lexical list survives.")
+    print("| mode | OCR | query kind | " + " | ".join(f"@{t}" for t in THRESHOLDS) + " |")
+    print("|---|---|---|" + "---:|" * len(THRESHOLDS))
+    for mode in MODES:
+        for ocr in (True, False):
+            for kind in KINDS:
+                s = cells[(mode, ocr, kind)]
+                row = " | ".join(f"{fmt_prec(p)} / {r:.2f} / {e}" for p, r, e in (s["kept"][t] for t in THRESHOLDS))
+                print(f"| {mode} | {'on' if ocr else 'off'} | {kind} | {row} |")
+    for mode in ("hybrid", "lexical"):
+        for kind in GOAL_RECALL:
+            cell = cells[(mode, True, kind)]
+            meets = [f"{t} (recall {cell['kept'][t][1]:.2f}, {cell['kept'][t][2]}/{cell['n']} kept nothing)"
+                     for t in THRESHOLDS if (p := cell["kept"][t][0]) is not None and p >= GOAL_PRECISION]
+            print(f"- {mode}+OCR {kind}: kept precision >= {GOAL_PRECISION} at "
+                  f"{', '.join(meets) if meets else 'none of the thresholds swept'}")
+
+
+def print_ingest(with_ocr: BuiltKB, without: BuiltKB, load_s: float, n_images: int) -> None:
+    print("\n### ingestion (tiny CLIP, embedded Qdrant Edge, same snippets)")
+    print("| OCR | snippets | ingested | seconds | snippets/s | OCR thread s | OCR ms / image | OCR failed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, b in (("on", with_ocr), ("off", without)):
+        ocr_s = b.report.timings.get("ocr", 0.0)
+        per = f"{ocr_s / n_images * 1000:.0f}" if ocr_s and n_images else "–"
+        print(f"| {label} | {b.report.seen} | {b.report.ingested} | {b.seconds:.1f} | {b.report.ingested / b.seconds:.1f} "
+              f"| {ocr_s:.1f} | {per} | {b.report.ocr_failed} |")
+    exact, parts, total = with_ocr.ocr_read
+    print(f"OCR cost at ingestion: {with_ocr.seconds - without.seconds:+.1f} s for {n_images} photos "
+          f"(model load {load_s:.1f} s, before ingesting, not included); KB photos whose identifier OCR read: "
+          f"{exact}/{total} verbatim, {parts}/{total} verbatim or by parts")
+
+
+def print_query_reads(records: list[Record]) -> None:
+    photos = [r for r in records if r.kind == "display_photo"]
+    if photos:
+        verdicts = [reads(r.image_text, r.identifier) for r in photos]
+        print(f"query photos whose code query-time OCR read: {verdicts.count('exact')}/{len(photos)} verbatim, "
+              f"{len(photos) - verdicts.count('no')}/{len(photos)} verbatim or by parts")
+
+
+async def bench(devices: int, seed: int) -> int:
+    started = time.perf_counter()
+    snippets, queries = build_support_kb(devices, seed=seed)
+    n_images = sum(s.image is not None for s in snippets)
+    print(f"support KB: {devices} devices, {len(snippets)} snippets ({n_images} photos), {len(queries)} queries "
+          f"({', '.join(f'{k} {sum(q.kind == k for q in queries)}' for k in KINDS)}); generated in "
+          f"{time.perf_counter() - started:.1f} s")
+    print(f"NOTE: {NOISE}.")
+    print(f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start (a shared box: compare rows of one run)")
+    with tempfile.TemporaryDirectory(prefix="bench-support-") as tmp:
+        root = Path(tmp)
+        embedder, clip_config = load_tiny_embedder(root)
+        engine = OcrEngine()
+        t = time.perf_counter()
+        engine.warm()
+        load_s = time.perf_counter() - t
+        try:
+            kbs = {True: await build_kb(root, "ocr", clip_config, embedder, snippets, engine),
+                   False: await build_kb(root, "plain", clip_config, embedder, snippets, None)}
+            print_ingest(kbs[True], kbs[False], load_s, n_images)
+            images = [decode(q.image, kbs[True].settings) if q.image else None for q in queries]
+            warm_ocr = query_ocr_fn(engine, kbs[True].settings)
+            await kbs[True].kb.search(queries[0].text, [img for img in images if img][:1], ocr=warm_ocr)  # warm-up
+            t = time.perf_counter()
+            records = await run_all(kbs, queries, images, engine)
+            print(f"queries: {len(queries)} x {len(records)} conditions in {time.perf_counter() - t:.0f} s")
+            cells = {(mode, ocr, kind): summary([r for r in rs if r.kind == kind])
+                     for (mode, ocr), rs in records.items() for kind in KINDS}
+        finally:
+            for built in locals().get("kbs", {}).values():
+                await built.kb.close()
+            engine.close()
+    print_query_reads(records[("hybrid", True)])
+    print("\n## support KB retrieval (pool 20, clip scorer, k=5; latency in ms, p50)")
+    print(f"NOTE: {NOISE}; 'OCR on' = KB ingested with OCR + query-time OCR, 'off' = neither; "
+          "dense mode never reads query images (OCR p50 '–').")
+    for mode in MODES:
+        print_mode_table(mode, cells)
+    on, off = cells[("hybrid", True, "display_photo")]["total"], cells[("hybrid", False, "display_photo")]["total"]
+    print_goals(cells, None if on is None or off is None else on - off)
+    print_sweep(cells)
+    print(f"\nwhole run {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", type=int, default=12, help="product lines in the generated KB (default 12)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="4 devices (a smoke run for `make bench`)")
+    args = parser.parse_args()
+    return asyncio.run(bench(4 if args.quick else args.devices, args.seed))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
