@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_followups.py             # 12 devices, 192 conversations (~4 min)
     .venv/bin/python benchmarks/bench_followups.py --quick     # 3 devices
     .venv/bin/python benchmarks/bench_followups.py --no-rewrite
+    .venv/bin/python benchmarks/bench_followups.py --vllm-url http://gpu:8000 --vllm-model Qwen/Qwen2.5-VL-3B-Instruct
 
 Constructed two-turn conversations over the support KB of ``benchmarks/support_kb.py`` (ingested with
 OCR, tiny random CLIP: the dense half is noise, BM25 and OCR are real):
@@ -18,7 +19,7 @@ with ``retrieval_rewrite_max_tokens``), the query images are the turns it names,
 ``KnowledgeBase.search`` with ``mode=hybrid`` and query-time OCR. ``rewrite`` calls a real tiny vLLM
 (``start_tiny_vllm``: CPU, random weights) through ``VLLMClient.complete``: its rewrite is junk text,
 so its row measures the plumbing and the latency of one rewrite call, not what a real model would
-write. A reference row searches turn 1 alone (the question as if asked stand-alone).
+write; ``--vllm-url`` rewrites with a running (real) model instead. A reference row searches turn 1 alone (the question as if asked stand-alone).
 """
 
 from __future__ import annotations
@@ -158,9 +159,9 @@ async def run_cases(
             "recent": recent_query(case.messages, settings.retrieval_recent_chars),
             "rewrite": rewrite,
         }
-        for mode, query in queries.items():
-            if query is not None:
-                results[mode].append((case.kind, await search_with(kb, case, query, ocr, pool)))
+        for mode, searched in queries.items():
+            if searched is not None:
+                results[mode].append((case.kind, await search_with(kb, case, searched, ocr, pool)))
         if n % 40 == 0:
             print(f"  {n}/{len(cases)} conversations searched, {time.perf_counter() - started:.0f} s", file=sys.stderr)
     return results
@@ -203,19 +204,21 @@ def print_table(results: dict[str, list[tuple[str, Outcome]]], rewrite_note: str
             print(f"  {o.text[:100]!r}" + (f" (degraded: {o.degraded})" if o.degraded else ""))
 
 
-async def bench(devices: int, seed: int, rewrite: bool) -> int:
+async def bench(devices: int, seed: int, rewrite: bool, vllm_url: str | None, vllm_model: str) -> int:
     started = time.perf_counter()
     snippets, queries = build_support_kb(devices, seed=seed)
     print(f"support KB: {devices} devices, {len(snippets)} snippets; {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f} at start")
     venv_python = Path(os.environ.get("VLLM_PYTHON") or Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
-    if rewrite and not venv_python.exists():
+    skipped = "" if rewrite else "rewrite skipped (--no-rewrite)."
+    if rewrite and not vllm_url and not venv_python.exists():
         print(f"SKIPPING rewrite: no vLLM venv at {venv_python} (make vllm-venv creates it)")
-        rewrite = False
+        rewrite, skipped = False, f"rewrite skipped (no vLLM venv at {venv_python})."
+
     with tempfile.TemporaryDirectory(prefix="bench-followups-") as tmp:
         root = Path(tmp)
         server_task = None
-        if rewrite:
+        if rewrite and not vllm_url:
             from tests.support.vllm_server import start_tiny_vllm
 
             # vLLM starts (a child process, ~1-2 min on 2 cores) while the KB is OCR'd and ingested
@@ -230,7 +233,13 @@ async def bench(devices: int, seed: int, rewrite: bool) -> int:
             cases = build_cases(snippets, queries, built.settings, seed)
             ocr = query_ocr_fn(engine, built.settings)
             complete = None
-            rewrite_note = "rewrite skipped (no vLLM venv)." if not rewrite else ""
+            rewrite_note = skipped
+            if rewrite and vllm_url:
+                from server.vllm_client import VLLMClient
+
+                client = VLLMClient([vllm_url], vllm_model, deadline_s=120, read_timeout_s=60)
+                complete = client.complete
+                rewrite_note = f"rewrite = {vllm_model} at {vllm_url}."
             if server_task is not None:
                 try:
                     server = await server_task
@@ -271,8 +280,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="3 devices")
     parser.add_argument("--no-rewrite", action="store_true", help="skip the rewrite mode (no vLLM)")
+    parser.add_argument("--vllm-url", help="rewrite with this running vLLM (base URL) instead of the tiny one")
+    parser.add_argument("--vllm-model", default="tiny-vlm", help="its served model name")
     args = parser.parse_args()
-    return asyncio.run(bench(3 if args.quick else args.devices, args.seed, not args.no_rewrite))
+    return asyncio.run(bench(3 if args.quick else args.devices, args.seed, not args.no_rewrite, args.vllm_url,
+                             args.vllm_model))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ printed beside them.
   ``primary@5``: the page that answers it among the first 5;
 - kept precision / recall: relevant share of the kept context (mean over queries that kept any) and
   share of the relevant snippets kept;
-- latency p50 per stage from ``RetrievalResult.timings`` and ``RerankOutcome.timings`` (ms).
+- latency p50 per stage from ``CandidatePool.timings`` and ``RerankOutcome.timings`` (ms).
 """
 
 from __future__ import annotations
@@ -212,6 +212,7 @@ def origin(candidate: Candidate) -> str:
 
 
 Condition = tuple[RetrievalMode, bool]  # (mode, OCR on)
+Cells = dict[tuple[str, bool, str], dict[str, Any]]  # (mode, OCR on, query kind) -> summary
 
 
 async def run_all(
@@ -269,7 +270,7 @@ def fmt_prec(value: float | None) -> str:
     return "–" if value is None else f"{value:.2f}"
 
 
-def print_mode_table(mode: str, cells: dict[tuple[str, bool, str], dict[str, Any]]) -> None:
+def print_mode_table(mode: str, cells: Cells) -> None:
     t0 = THRESHOLDS[0]
     print(f"\n### mode = {mode}" + ("  (dense half is noise: random CLIP)" if mode != "lexical" else ""))
     print(f"| query kind | OCR | n | recall@1 | recall@5 | primary@5 | kept prec @{t0} | kept recall @{t0} "
@@ -285,7 +286,7 @@ def print_mode_table(mode: str, cells: dict[tuple[str, bool, str], dict[str, Any
                   + " | ".join(fmt_ms(s[stage]) for stage in (*STAGES, "total")) + " |")
 
 
-def print_goals(cells: dict[tuple[str, bool, str], dict[str, Any]], ocr_adds: float | None) -> None:
+def print_goals(cells: Cells, ocr_adds: float | None) -> None:
     print("\n### goals (issue 12), hybrid + OCR with the dense-only row beside it")
     print("| query kind | goal recall@5 | hybrid+OCR recall@5 | dense recall@5 | lexical+OCR recall@5 "
           f"| goal kept prec | hybrid kept prec @{THRESHOLDS[0]} | dense kept prec @{THRESHOLDS[0]} | met? |")
@@ -313,7 +314,7 @@ def print_goals(cells: dict[tuple[str, bool, str], dict[str, Any]], ocr_adds: fl
           f"minus total without; goal <= {GOAL_OCR_ADDS_MS:.0f} ms): {verdict}")
 
 
-def print_sweep(cells: dict[tuple[str, bool, str], dict[str, Any]]) -> None:
+def print_sweep(cells: Cells) -> None:
     print("\n### kept context vs threshold (clip scorer, k=5; precision / recall / queries that kept nothing)")
     print("A candidate found by BM25 only has no cosine: its clip relevancy is the fused RRF score scaled to "
           "(0, 1] (rank 1 of every list = 1.0, rank 5 of one list of one part = 61/65 = 0.94), so on the "
@@ -386,7 +387,7 @@ async def bench(devices: int, seed: int) -> int:
             t = time.perf_counter()
             records = await run_all(kbs, queries, images, engine)
             print(f"queries: {len(queries)} x {len(records)} conditions in {time.perf_counter() - t:.0f} s")
-            cells = {(mode, ocr, kind): summary([r for r in rs if r.kind == kind])
+            cells: Cells = {(mode, ocr, kind): summary([r for r in rs if r.kind == kind])
                      for (mode, ocr), rs in records.items() for kind in KINDS}
         finally:
             for built in locals().get("kbs", {}).values():

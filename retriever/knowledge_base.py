@@ -22,7 +22,7 @@ from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
 from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem
 from retriever.plan import RetrievalMode
-from retriever.search import OcrFn, RetrievalResult, Retriever
+from retriever.search import OcrFn, CandidatePool, Retriever
 from retriever.store.base import VectorStore, normalize_id
 from retriever.types import Candidate, SearchFilters, StoredPoint
 
@@ -66,7 +66,7 @@ class KnowledgeBase:
         self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20,
         filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
         exact: bool = False,
-    ) -> RetrievalResult:
+    ) -> CandidatePool:
         """CLIP (both vectors) and BM25 retrieval, RRF-fused; see ``retriever.search.Retriever``."""
         return await self.retriever.search(text, images, pool, filters, mode=mode, ocr=ocr, exact=exact)
 

@@ -68,7 +68,7 @@ class QueryVectors:
 
 
 @dataclass(slots=True)
-class RetrievalResult:
+class CandidatePool:
     """Fused candidates (best first) and stage timings in milliseconds (``embed``, ``search``)."""
 
     candidates: list[Candidate]
@@ -170,12 +170,12 @@ class Retriever:
         self, text: str | None, images: list[Image.Image] | None = None, pool: int = 20,
         filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
         exact: bool = False,
-    ) -> RetrievalResult:
+    ) -> CandidatePool:
         """Embed (and OCR the images, concurrently), search and fuse; the pool comes best first.
 
         ``ocr`` reads the text in one query image (blocking; run in a thread beside CLIP). It is only used
         when ``mode`` is not ``dense``; its failure costs the ``image->lexical`` list, never the search,
-        and is reported in ``RetrievalResult.degraded``.
+        and is reported in ``CandidatePool.degraded``.
         """
         started = time.perf_counter()
         images = list(images or [])
@@ -213,5 +213,5 @@ class Retriever:
         done = time.perf_counter()
         timings.setdefault("embed", 0.0)
         timings.update({"search": (done - searched) * 1000, "total": (done - started) * 1000})
-        return RetrievalResult(candidates=candidates, timings=timings, query=query, degraded=degraded,
+        return CandidatePool(candidates=candidates, timings=timings, query=query, degraded=degraded,
                                image_text=image_text)

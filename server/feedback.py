@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import sqlalchemy as sa
@@ -115,13 +114,7 @@ class FeedbackPage:
 
 def feedback_database_url(settings: Settings) -> str:
     """``feedback_database_url``, else ``database_url``, else SQLite under the data dir."""
-    if settings.feedback_database_url:
-        return settings.feedback_database_url
-    if settings.database_url:
-        return settings.database_url
-    path = Path(settings.data_dir).resolve() / "feedback.sqlite3"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return settings.feedback_database_url or settings.database_url or settings.sqlite_url("feedback.sqlite3")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

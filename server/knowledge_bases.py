@@ -24,7 +24,6 @@ import shutil
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,11 +75,7 @@ def check_name(name: str) -> str:
 
 def database_url(settings: Settings) -> str:
     """The configured database, or SQLite under the data dir."""
-    if settings.database_url:
-        return settings.database_url
-    path = Path(settings.data_dir).resolve() / "vlmrag.sqlite3"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path}"
+    return settings.database_url or settings.sqlite_url("vlmrag.sqlite3")
 
 
 def collection_for(settings: Settings, name: str) -> str:

@@ -225,6 +225,12 @@ class Settings(BaseSettings):
     def embedded_store_path(self) -> Path:
         return self.data_dir / "qdrant"
 
+    def sqlite_url(self, filename: str) -> str:
+        """``sqlite:///`` URL of a database file in the data dir (made if missing): the default databases."""
+        path = Path(self.data_dir).resolve() / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{path}"
+
     @property
     def blob_dir(self) -> Path:
         return self.data_dir / "blobs"

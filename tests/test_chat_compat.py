@@ -251,3 +251,11 @@ async def test_earlier_images_are_query_images_when_the_last_turn_has_none(
     assert r.status_code == 200, r.text
     counts = query_images_in_rerank(fake_vllm)
     assert counts and set(counts) == {images}
+
+
+async def test_a_junk_rewrite_falls_back_to_recent(client, ids, fake_vllm: FakeVLLM) -> None:
+    fake_vllm.rewrite_answer = "\x11\x07 \ufffd? \x1b"  # what a random-weight model writes
+    r = await client.post("/v1/chat/completions", json={"messages": FOLLOW_UP, "retrieval": {"query": "rewrite"}})
+    assert r.status_code == 200, r.text
+    assert r.json()["search_query"] == "and how do I replace it?\nThe P-100 pump shows error E-417."
+    assert "rewrite" in r.json()["degraded"]

@@ -26,6 +26,7 @@ from retriever.errors import VlmragError
 log = logging.getLogger(__name__)
 
 MAX_REWRITE_CHARS = 300  # a search query, not an essay: a longer answer is cut here
+MIN_REWRITE_ALNUM = 3  # fewer letters/digits than this (junk, "?"): fall back to `recent`
 
 
 @dataclass(slots=True)
@@ -109,7 +110,8 @@ async def rewrite_query(
         fallback.degraded.append("rewrite")
         return fallback
     line = next((ln.strip().strip('"').strip() for ln in text.splitlines() if ln.strip()), "")
-    if not line:
+    line = " ".join("".join(ch for ch in line if ch.isprintable()).split())  # no control characters
+    if sum(ch.isalnum() for ch in line) < MIN_REWRITE_ALNUM:  # nothing a search could use
         fallback.degraded.append("rewrite")
         return fallback
     return SearchQuery(line[:MAX_REWRITE_CHARS], fallback.image_turns, "rewrite")
