@@ -143,8 +143,10 @@ class Settings(BaseSettings):
     blob_namespace: str = Field(
         "", description="Blob sub-folder (S3: sub-prefix) of the collection's KB; set by the CLI's --kb, not by hand.",
     )
-    rate_limit_kb_rps: float = Field(50.0, gt=0, description="Per knowledge base requests/s, all keys together.")
-    rate_limit_kb_burst: int = Field(100, ge=1)
+    rate_limit_kb_rps: float = Field(
+        200.0, gt=0, description="Per knowledge base requests/s, all keys together (image GETs included)."
+    )
+    rate_limit_kb_burst: int = Field(400, ge=1)
 
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"

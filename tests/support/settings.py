@@ -35,6 +35,7 @@ def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settin
         "clip_backend": "torch",
         # Tests make many quick requests; the ones that test rate limiting set their own values.
         "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
+        "rate_limit_kb_rps": 10_000.0, "rate_limit_kb_burst": 10_000,
     }
     values.update(overrides)
     return bare_settings(**values)
