@@ -22,7 +22,7 @@ from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
 from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem
 from retriever.plan import RetrievalMode
-from retriever.search import OcrFn, CandidatePool, Retriever
+from retriever.search import CandidatePool, OcrFn, Retriever
 from retriever.store.base import VectorStore, normalize_id
 from retriever.types import Candidate, SearchFilters, StoredPoint
 

@@ -46,9 +46,9 @@ async def test_photos_and_scanned_pages_are_read_and_searchable(settings: Settin
         photo = points["display.jpg"]
         assert "E-417" in photo.ocr_text and photo.ocr_lines
         assert {"text", "score", "box"} <= set(photo.ocr_lines[0]) and len(photo.ocr_lines[0]["box"]) == 4
-        scanned = [p for name, p in points.items() if name.startswith("scan.pdf")][0]
+        scanned = next(p for name, p in points.items() if name.startswith("scan.pdf"))
         assert "P-220-C" in scanned.ocr_text  # a page without a text layer is read
-        typed = [p for name, p in points.items() if name.startswith("typed.pdf")][0]
+        typed = next(p for name, p in points.items() if name.startswith("typed.pdf"))
         assert typed.ocr_text == "" and "v2.3.1" in typed.text  # a text layer needs no OCR
         for query, expected in (("E-417", photo), ("P-220-C", scanned), ("e417", photo)):
             found = await kb.search(query, pool=3, mode="lexical")
