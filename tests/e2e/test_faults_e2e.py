@@ -168,7 +168,9 @@ def test_vllm_killed_mid_stream_ends_with_one_error_event_and_done(rig: FaultRig
                     if not line.startswith("data: "):
                         continue
                     events.append(line[6:])
-                    if len(events) == 2 and not killed_at:  # the model is streaming: kill it
+                    # Our first chunk goes out once vLLM's stream is open (its first event read): kill it
+                    # then, not a chunk later, so the fast tiny model cannot finish 2000 tokens first.
+                    if len(events) == 1 and not killed_at:
                         rig.vllm.kill()
                         killed_at = time.monotonic()
         ended_after = time.monotonic() - killed_at
