@@ -157,7 +157,10 @@ def test_vllm_paused_is_bounded_by_the_deadline(rig: FaultRig) -> None:
 
 def test_vllm_killed_mid_stream_ends_with_one_error_event_and_done(rig: FaultRig) -> None:
     _wait_ready(rig.url)
-    body = {**CHAT, "max_tokens": 2000, "stream": True, "temperature": 1.0, "seed": 7}
+    # top logprobs make every token cost vLLM more (20 detokenised alternatives): the stream must still be
+    # running when the kill lands, and the tiny model alone can stream 2000 tokens in well under a second
+    body = {**CHAT, "max_tokens": 2000, "stream": True, "temperature": 1.0, "seed": 7,
+            "logprobs": True, "top_logprobs": 20}
     events: list[str] = []
     killed_at = 0.0
     try:
@@ -168,9 +171,7 @@ def test_vllm_killed_mid_stream_ends_with_one_error_event_and_done(rig: FaultRig
                     if not line.startswith("data: "):
                         continue
                     events.append(line[6:])
-                    # Our first chunk goes out once vLLM's stream is open (its first event read): kill it
-                    # then, not a chunk later, so the fast tiny model cannot finish 2000 tokens first.
-                    if len(events) == 1 and not killed_at:
+                    if len(events) == 2 and not killed_at:  # the model is streaming: kill it
                         rig.vllm.kill()
                         killed_at = time.monotonic()
         ended_after = time.monotonic() - killed_at
