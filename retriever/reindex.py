@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from retriever.errors import Conflict, InvalidInput, NotFound, VlmragError
 from retriever.ingest.rules import IngestRules, has_text
 from retriever.lexical import snippet_lexical
 from retriever.store.base import VectorStore
-from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore
+from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore, point_current_at
 from retriever.store.remote import META_DIM, META_EMBEDDER, RemoteStore
 from retriever.types import PointRecord, StoredPoint
 
@@ -113,23 +112,12 @@ class EdgeVersions:
     async def switch(self, name: str) -> None:
         if not (self.path / name / _SHARD_MARKER).is_file():
             raise NotFound(f"no shard {self.path / name} to switch to")
-        tmp = self.path / f".{self.pointer.name}.{uuid.uuid4().hex[:8]}"
-        os.symlink(name, tmp)  # relative: the data dir can move
-        os.replace(tmp, self.pointer)  # atomic: readers see the old or the new target, never neither
-        _fsync_dir(self.path)
+        point_current_at(self.path, self.collection, name)
 
     async def drop(self, name: str) -> None:
         if name == await self.current():
             raise Conflict(f"{name} is the served version; switch away from it first")
         shutil.rmtree(self.path / name)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- Qdrant server: a collection alias ----------------------------------------------------------

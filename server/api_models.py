@@ -149,6 +149,33 @@ class KnowledgeBaseDeleted(BaseModel):
     snippets: int
 
 
+class OptimizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    force: bool = Field(False, description="Build even below VLMRAG_HNSW_MIN_POINTS points.")
+
+
+class IndexInfo(BaseModel):
+    points: int
+    segments: int
+    indexed_vectors: int = Field(description="HNSW-indexed vectors, summed over the dense vectors.")
+
+
+class HnswBuildInfo(BaseModel):
+    """The last HNSW build of a KB's embedded store (``state`` ``idle``: none since the server started)."""
+
+    kb: str
+    state: Literal["idle", "running", "done", "failed", "not_needed"]
+    trigger: Literal["api", "auto"] | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    points: int = 0
+    reason: str = ""
+    result: dict[str, Any] = Field(default_factory=dict, description="points, segments, indexed_vectors, "
+                                   "seconds, build_seconds, replayed_writes, shard (once done)")
+    index: IndexInfo | None = Field(None, description="The store now (embedded store only).")
+
+
 class SourceItem(BaseModel):
     """One candidate snippet behind an answer; ``index`` is the ``[n]`` it is cited as (kept only)."""
 

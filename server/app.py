@@ -44,6 +44,7 @@ from server.routes import (
 )
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
+from server.services.hnsw_builds import HnswBuilds
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -162,6 +163,8 @@ def create_app(
             kbs = KnowledgeBases(settings, await asyncio.to_thread(KBCatalog, database_url(settings)),
                                  _kb_opener(settings, kb, engine), default=kb)
             stack.push_async_callback(kbs.close)
+            hnsw_builds = HnswBuilds(settings, metrics)
+            stack.push_async_callback(hnsw_builds.close)  # before the stores close: a running child is killed
             gen = answer_client or VLLMClient.from_settings(settings, http=http)
             backend = rerank_backend
             if backend is None:
@@ -190,7 +193,7 @@ def create_app(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
-                answer_log=answer_log,
+                answer_log=answer_log, hnsw_builds=hnsw_builds,
             )
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield

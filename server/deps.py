@@ -16,6 +16,7 @@ from server.feedback import AnswerLog
 from server.knowledge_bases import KnowledgeBases, choose_kb
 from server.metrics import Metrics
 from server.services.chat import ChatService
+from server.services.hnsw_builds import HnswBuilds
 from server.settings import Settings
 from server.state import AppState
 
@@ -72,6 +73,10 @@ def get_answer_log(request: Request) -> AnswerLog:
     return get_state(request).answer_log
 
 
+def get_hnsw_builds(request: Request) -> HnswBuilds:
+    return get_state(request).hnsw_builds
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
@@ -82,3 +87,4 @@ CallerDep = Annotated[Principal | None, Depends(get_principal)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]
 AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]
+HnswBuildsDep = Annotated[HnswBuilds, Depends(get_hnsw_builds)]

@@ -82,6 +82,10 @@ class Metrics:
         self.kb_tokens = Counter(
             "vlmrag_kb_tokens", "Answering-model tokens per knowledge base.", ["kb", "kind"], registry=self.registry,
         )
+        self.hnsw_builds = Counter(
+            "vlmrag_hnsw_builds", "HNSW builds of the embedded store beside the server, by outcome.", ["state"],
+            registry=self.registry,
+        )
         self.kb_ingested = Counter(
             "vlmrag_kb_ingested_snippets", "Snippets added per knowledge base.", ["kb"], registry=self.registry,
         )

@@ -75,6 +75,14 @@ class Settings(BaseSettings):
         50_000, ge=0, description="`vlmrag optimize` builds HNSW from this many points on (below it the exact "
         "scan takes ~2 ms or less); --force builds anyway.",
     )
+    hnsw_auto: bool = Field(
+        True, description="The server builds HNSW itself, in a child process beside the serving one, after an "
+        "ingestion leaves a knowledge base with at least hnsw_min_points points of which 20 % or more are not "
+        "indexed yet (retriever/store/hnsw.py).",
+    )
+    hnsw_build_threads: int = Field(
+        0, ge=0, description="Indexing threads of a build beside the server; 0 = every core but one.",
+    )
 
     # --- vLLM (answering model) ---------------------------------------------------------------
     vllm_url: Annotated[list[str], NoDecode] = Field(

@@ -14,6 +14,7 @@ from server.gate import ModelCallGate
 from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
 from server.services.chat import ChatService
+from server.services.hnsw_builds import HnswBuilds
 from server.settings import Settings
 from server.vllm_client import VLLMClient
 
@@ -34,3 +35,4 @@ class AppState:
     gate: ModelCallGate  # the one ChatService holds too
     access: AccessControl  # API keys and rate limiters, read by server/auth.py's dependencies
     answer_log: AnswerLog  # every answer's record and its feedback (server/feedback.py)
+    hnsw_builds: HnswBuilds  # HNSW builds of embedded stores beside the server (server/services/hnsw_builds.py)

@@ -140,6 +140,10 @@ def test_ingest_goes_through_the_running_service(cli_env: Path, sample_images, t
         assert report["failures"][0]["status"] == 422
         code, report = run_json(capsys, "ingest", str(folder), "--json", "--server", f"http://127.0.0.1:{port}")
         assert (report["ingested"], report["skipped_existing"]) == (0, 3)
+        # optimize too: the server builds HNSW on a copy in a child process and swaps it in
+        code, built = run_json(capsys, "optimize", "--force", "--json")
+        assert code == 0 and built["via"] == f"http://127.0.0.1:{port}", built
+        assert built["built"] and built["points"] == 3 and built["indexed_vectors"] > 0  # 0 before
     finally:
         server.should_exit = True
         thread.join(30)

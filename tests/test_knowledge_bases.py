@@ -92,6 +92,8 @@ def routes(kb: str | None, target: str) -> list[tuple[str, str, dict[str, Any], 
     ]
     if kb:
         listed.insert(-1, ("GET", f"/v1/knowledge-bases/{kb}", {}, "admin"))
+        listed.insert(-1, ("GET", f"/v1/knowledge-bases/{kb}/optimize", {}, "admin"))
+        listed.insert(-1, ("POST", f"/v1/knowledge-bases/{kb}/optimize", {"json": {}}, "admin"))  # not_needed: 200
     return listed
 
 

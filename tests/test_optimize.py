@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import os
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +16,8 @@ import pytest
 from retriever.errors import StoreUnavailable
 from retriever.store import open_store
 from retriever.store.edge import EdgeStore, HnswParams
-from retriever.types import PointRecord, SnippetPayload
+from retriever.store.hnsw import build_while_serving
+from retriever.types import PointRecord, SearchFilters, SnippetPayload
 from server.cli import COMMANDS, build_parser
 from server.commands import optimize
 from server.commands.optimize import optimize_store
@@ -133,5 +136,85 @@ async def test_command_refuses_a_store_held_by_a_server(
     settings = _settings(tmp_path)
     held = await make_store("edge", path=settings.embedded_store_path)  # the "server" holding the lock
     await _fill(held, _vectors(5)[:, :embedder.dim])
-    with pytest.raises(StoreUnavailable, match="stop `vlmrag serve`"):
+    with pytest.raises(StoreUnavailable, match="optimize through the vlmrag server"):
         await optimize_store(settings, force=True)
+
+
+# --- building beside a serving process (retriever/store/hnsw.py) ----------------------------------
+async def _wait_for_snapshot(store: EdgeStore, task: asyncio.Task) -> None:  # type: ignore[type-arg]
+    for _ in range(500):
+        if store._journal is not None or task.done():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the build never took its snapshot")
+
+
+async def test_build_while_serving_swaps_in_the_graph_and_keeps_concurrent_writes(tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    store = EdgeStore(path, TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    vectors = _vectors(POINTS)
+    await _fill(store, vectors)
+    task = asyncio.create_task(build_while_serving(store, SMALL))
+    await _wait_for_snapshot(store, task)
+    assert not task.done(), "the child cannot have finished: it has not even imported yet"
+    # the old shard keeps serving reads and writes while the child builds
+    assert (await store.search("image", vectors[7].tolist(), 1))[0].id == str(uuid.UUID(int=8))
+    added = _vectors(10, seed=2)
+    await _fill(store, added, start=POINTS)
+    assert await store.delete([str(uuid.UUID(int=i)) for i in (1, 2, 3)]) == 3
+    assert await store.delete_by_filter(SearchFilters(source="s2")) > 0  # every third snippet
+    result = await task
+    assert result.replayed_writes == 3 and result.shard == f"{TEST_COLLECTION}__v2"
+    assert result.build_seconds > 0 and result.seconds >= result.build_seconds
+    expected = await store.count()
+    assert result.points == expected and result.indexed_vectors > 0
+    # the writes made during the build are in the new shard, the deleted points are not
+    assert (await store.search("image", added[3].tolist(), 1))[0].id == str(uuid.UUID(int=POINTS + 4))
+    assert await store.retrieve([str(uuid.UUID(int=1)), str(uuid.UUID(int=6))]) == []  # id 1 deleted, id 6 (i=5) is s2
+    assert await store.count(SearchFilters(source="s2")) == 0
+    await store.close()  # waits for the old shard's retirement
+    assert sorted(p.name for p in path.iterdir()) == [f"{TEST_COLLECTION}__current", f"{TEST_COLLECTION}__v2"]
+    again = EdgeStore(path, TEST_COLLECTION)  # a restart opens what the pointer names
+    await again.open()
+    assert again.shard_dir.name == f"{TEST_COLLECTION}__v2" and await again.count() == expected
+    assert (await again.index_info())["indexed_vectors"] >= 2 * (POINTS - 3) * 2 // 3
+    assert await again.embedder_id() == "test-embedder"
+    await again.close()
+
+
+async def test_a_failed_build_leaves_the_served_shard_alone(tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    store = EdgeStore(path, TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(50))
+    with pytest.raises(StoreUnavailable, match="HNSW build of .* failed"):
+        await build_while_serving(store, SMALL, python="/bin/false")
+    assert store._journal is None and sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION]
+    await _fill(store, _vectors(5, seed=3), start=50)
+    assert await store.count() == 55
+    await store.close()
+
+
+async def test_a_cancelled_build_kills_the_child_and_removes_the_copy(tmp_path: Path) -> None:
+    path = tmp_path / "qdrant"
+    store = EdgeStore(path, TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(50))
+    sleeper = tmp_path / "slow-python"
+    sleeper.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'child.pid'}\nexec sleep 60\n")
+    sleeper.chmod(0o755)
+    task = asyncio.create_task(build_while_serving(store, SMALL, python=str(sleeper)))
+    for _ in range(500):
+        if (tmp_path / "child.pid").is_file() and (tmp_path / "child.pid").read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    pid = int((tmp_path / "child.pid").read_text())
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert store._journal is None and sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION]
+    assert await store.count() == 50
+    await store.close()

@@ -36,9 +36,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,6 +55,7 @@ from retriever.store.base import (
     lexical_order,
     normalize_id,
 )
+from retriever.store.hnsw import SHARD_CONFIG_FILE, HnswParams, hnsw_shard_config
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
 
 log = logging.getLogger(__name__)
@@ -64,53 +65,13 @@ META_FILE = "vlmrag_meta.json"
 #: replacing the symlink ``<path>/<collection>__current`` (-> ``<collection>__vN``); without it the
 #: shard is ``<path>/<collection>``.
 CURRENT_POINTER_SUFFIX = "__current"
-_SHARD_MARKER = "edge_config.json"
+_SHARD_MARKER = SHARD_CONFIG_FILE
 _FACET_LIMIT = 100_000
 #: Storage type of new shards' vectors. The exact scan is memory-bound, so float16 makes it ~1.5x
 #: faster; CLIP cosine scores need no more than its ~3 significant digits. Only creation reads
 #: it: a shard keeps the datatype it was created with (float32 shards still load and work).
 VECTOR_DATATYPE = qe.VectorStorageDatatype.Float16
 T = TypeVar("T")
-_DISTANCES = {"Cosine": qe.Distance.Cosine, "Dot": qe.Distance.Dot, "Euclid": qe.Distance.Euclid,
-              "Manhattan": qe.Distance.Manhattan}
-_DATATYPES = {"float16": qe.VectorStorageDatatype.Float16, "float32": qe.VectorStorageDatatype.Float32,
-              "uint8": qe.VectorStorageDatatype.Uint8}
-
-
-@dataclass(frozen=True, slots=True)
-class HnswParams:
-    """How ``EdgeStore.optimize`` builds HNSW (Qdrant's names; sizes in KB as Qdrant counts them)."""
-
-    m: int = 16  # edges per node
-    ef_construct: int = 128  # candidates while building
-    full_scan_threshold_kb: int = 10_000  # a segment smaller than this is scanned, not walked
-    max_indexing_threads: int = 0  # 0 = every core
-
-    def config(self) -> qe.HnswIndexConfig:
-        return qe.HnswIndexConfig(m=self.m, ef_construct=self.ef_construct,
-                                  full_scan_threshold=self.full_scan_threshold_kb,
-                                  max_indexing_threads=self.max_indexing_threads)
-
-
-def hnsw_shard_config(shard_dir: Path, hnsw: HnswParams) -> qe.EdgeConfig:
-    """The shard's persisted vectors plus an HNSW config and an indexing threshold that indexes every segment.
-
-    Edge has no config getter and refuses a config without vectors, so the persisted
-    ``edge_config.json`` is read back into the same parameters.
-    """
-    persisted = json.loads((shard_dir / _SHARD_MARKER).read_text(encoding="utf-8"))
-    vectors = {
-        name: qe.EdgeVectorParams(size=int(v["size"]), distance=_DISTANCES[v.get("distance", "Cosine")],
-                                  datatype=_DATATYPES.get(str(v.get("datatype", "float32")).lower()))
-        for name, v in (persisted.get("vectors") or {}).items()
-    }
-    sparse = {
-        name: qe.EdgeSparseVectorParams(
-            modifier=qe.Modifier.Idf if str(v.get("modifier", "")).lower() == "idf" else None)
-        for name, v in (persisted.get("sparse_vectors") or {}).items()
-    }
-    return qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse or None, hnsw_config=hnsw.config(),
-                         optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1))
 
 
 def resolve_shard_dir(path: Path, collection: str) -> Path:
@@ -178,6 +139,19 @@ def _vector(values: Any) -> list[float]:
     return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
 
 
+def point_current_at(path: Path, collection: str, name: str) -> None:
+    """Atomically point ``<path>/<collection>__current`` at the shard directory ``name`` (relative link)."""
+    pointer = path / f"{collection}{CURRENT_POINTER_SUFFIX}"
+    tmp = path / f".{pointer.name}.{os.urandom(4).hex()}"
+    os.symlink(name, tmp)  # relative: the data dir can move
+    os.replace(tmp, pointer)  # atomic: a reader sees the old or the new target, never neither
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     # Write-then-rename so a crash never leaves a half-written meta file.
     fd, tmp = tempfile.mkstemp(prefix=".meta-", dir=path.parent)
@@ -218,6 +192,11 @@ class EdgeStore:
         self._lexical = False  # the shard has the ``lexical`` sparse vector (read from its config)
         self._warned_no_lexical = False
         self._lock = asyncio.Lock()  # serialises create/load/close, not reads
+        #: serialises writes; held while the shard is copied or another is swapped in (retriever/store/hnsw.py)
+        self._writes = asyncio.Lock()
+        #: writes applied since ``snapshot_to``, replayed by ``adopt`` on the copy; None = not journalling
+        self._journal: list[Callable[[qe.EdgeShard], Any]] | None = None
+        self._retiring: set[asyncio.Task[None]] = set()
         #: HNSW search beam (``VLMRAG_HNSW_EF``); None = Edge's default (the build's ef_construct)
         self.hnsw_ef: int | None = None
 
@@ -302,10 +281,77 @@ class EdgeStore:
         return None if self._meta is None else self._meta.get("embedder_id")
 
     async def close(self) -> None:
+        if self._retiring:
+            await asyncio.gather(*self._retiring, return_exceptions=True)
         async with self._lock:
             shard, self._shard = self._shard, None
             if shard is not None:
                 await self._call(shard.close)
+
+    # --- swapping in a rebuilt copy (HNSW built beside the server: retriever/store/hnsw.py) ---------
+    async def _write(self, op: Callable[[qe.EdgeShard], T]) -> T:
+        """Apply one write to the served shard; journal it while a copy is being rebuilt."""
+        async with self._writes:
+            result = await self._call(op, self._require())
+            if self._journal is not None:
+                self._journal.append(op)
+            return result
+
+    async def snapshot_to(self, target: Path) -> None:
+        """Copy the served shard to ``target`` and journal every write from then on (reads go on)."""
+        async with self._lock, self._writes:
+            shard = self._require()
+            await self._call(shard.flush)
+            copy = asyncio.ensure_future(asyncio.to_thread(shutil.copytree, self.shard_dir, target, symlinks=True))
+            try:
+                await asyncio.shield(copy)
+            except asyncio.CancelledError:  # the thread copies on: wait for it, then remove what it wrote
+                await asyncio.gather(copy, return_exceptions=True)
+                await asyncio.to_thread(shutil.rmtree, target, True)
+                raise
+            self._journal = []
+
+    def discard_journal(self) -> None:
+        self._journal = None
+
+    async def adopt(self, shard_dir: Path, retire_after_s: float = 2.0) -> int:
+        """Serve ``shard_dir`` (a rebuilt copy from ``snapshot_to``) instead; returns the writes replayed.
+
+        Under the write lock: load the copy, replay the journal on it, point ``<collection>__current``
+        at it (atomic; what a restart opens), then swap it in. The old shard is closed
+        ``retire_after_s`` later, once reads that already hold it are done, and its directory removed.
+        """
+        if self._journal is None:
+            raise StoreUnavailable(f"embedded store {self.shard_dir}: adopt without a snapshot")
+        async with self._lock, self._writes:
+            journal, self._journal = self._journal, None
+            new = await self._call(qe.EdgeShard.load, str(shard_dir))
+            try:
+                for op in journal:
+                    await self._call(op, new)
+                await self._call(new.flush)
+                await asyncio.to_thread(point_current_at, self.path, self.collection, shard_dir.name)
+            except BaseException:
+                await self._call(new.close)
+                raise
+            old, old_dir = self._shard, self.shard_dir
+            self._shard, self.shard_dir = new, shard_dir
+            self.description = f"qdrant-edge:{shard_dir}"
+            self._meta, self._lexical = self._read_meta(), self._read_lexical()
+        task = asyncio.create_task(self._retire(old, old_dir, retire_after_s))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        return len(journal)
+
+    async def _retire(self, shard: qe.EdgeShard | None, shard_dir: Path, delay_s: float) -> None:
+        await asyncio.sleep(delay_s)
+        try:
+            if shard is not None:
+                await self._call(shard.close)
+            if shard_dir != self.shard_dir:
+                await asyncio.to_thread(shutil.rmtree, shard_dir, True)
+        except Exception:  # the new shard serves; a leftover directory only costs disk
+            log.warning("could not remove the replaced shard %s", shard_dir, exc_info=True)
 
     async def optimize(self, hnsw: HnswParams | None = None) -> bool:
         """Run Edge's optimizers; with ``hnsw``, first reload the shard so they build HNSW graphs.
@@ -339,21 +385,23 @@ class EdgeStore:
     async def upsert(self, points: list[PointRecord]) -> None:
         if not points:
             return
-        shard = self._require()
+        self._require()
         check_vectors(points, self._meta.get("dim") if self._meta else None)
         check_sparse(points)
         if not self._lexical and not self._warned_no_lexical and any(p.lexical for p in points):
             self._warned_no_lexical = True
             log.warning("embedded store %s predates the lexical vector: BM25 vectors are not stored "
                         "(dense search only); reindex to add them", self.shard_dir)
-        await self._call(_upsert_sync, shard, points, self._lexical)
+        lexical = self._lexical
+        await self._write(lambda target: _upsert_sync(target, points, lexical))
 
     async def delete(self, ids: list[str]) -> int:
         if not ids or self._shard is None:
             return 0
         present = await self.existing_ids(ids)
         if present:
-            await self._call(self._shard.update, qe.UpdateOperation.delete_points(sorted(present)))
+            operation = qe.UpdateOperation.delete_points(sorted(present))  # reusable: replayed as is
+            await self._write(lambda target: target.update(operation))
         return len(present)
 
     async def delete_by_filter(self, filters: SearchFilters) -> int:
@@ -364,7 +412,8 @@ class EdgeStore:
             return 0
         matched = await self.count(filters)
         if matched:
-            await self._call(self._shard.update, qe.UpdateOperation.delete_points_by_filter(edge_filter))
+            operation = qe.UpdateOperation.delete_points_by_filter(edge_filter)
+            await self._write(lambda target: target.update(operation))
         return matched
 
     # --- reads ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from retriever.ingest.readers import (
 )
 from server.api_models import FileFailure, FileReport, IngestFilesResponse
 from server.auth import AdminAuth
-from server.deps import KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
+from server.deps import HnswBuildsDep, KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
 from server.limits import check_upload_count
 
 router = APIRouter(tags=["snippets"], dependencies=[AdminAuth])
@@ -75,7 +75,7 @@ def _save(upload: UploadFile, target: Path) -> None:
 
 @router.post("/v1/ingest/files", response_model=IngestFilesResponse)
 async def ingest_files(
-    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep,
+    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep, builds: HnswBuildsDep,
     files: Annotated[list[UploadFile], File(description="PDF, text/Markdown or image files.")],
     tags: Annotated[list[str] | None, Form(description="Tags for every snippet created.")] = None,
 ) -> IngestFilesResponse:
@@ -97,4 +97,6 @@ async def ingest_files(
                 failed=report.failed, ids=list(report.ids),
                 failures=[FileFailure(key=f.key, reason=f.reason, status=f.status) for f in report.failures],
             ))
+    if any(r.ingested for r in reports):
+        await builds.maybe_start(kb_name, kb)
     return IngestFilesResponse(files=reports)

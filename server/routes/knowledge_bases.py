@@ -2,22 +2,28 @@
 
 An admin key bound to some KBs sees and updates only those; creating and deleting KBs takes an admin key
 bound to every KB (an entry without ``@``). A KB the key is not bound to is a 404, like a missing one.
+``/v1/knowledge-bases/{name}/optimize`` starts (POST) and shows (GET) an HNSW build of the KB's embedded
+store beside the server (server/services/hnsw_builds.py).
 """
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from retriever.errors import Forbidden, NotFound
+from retriever.store.edge import EdgeStore
 from server.api_models import (
+    HnswBuildInfo,
+    IndexInfo,
     KnowledgeBaseCreate,
     KnowledgeBaseDeleted,
     KnowledgeBaseInfo,
     KnowledgeBaseList,
     KnowledgeBaseUpdate,
+    OptimizeRequest,
 )
 from server.auth import AdminAuth, Principal
-from server.deps import CallerDep, KnowledgeBasesDep, SettingsDep
+from server.deps import CallerDep, HnswBuildsDep, KnowledgeBasesDep, SettingsDep
 from server.knowledge_bases import DEFAULT_KB, KBSpec
 
 router = APIRouter(tags=["knowledge bases"], dependencies=[AdminAuth])
@@ -75,7 +81,42 @@ async def update_knowledge_base(
 
 
 @router.delete("/v1/knowledge-bases/{name}", response_model=KnowledgeBaseDeleted)
-async def delete_knowledge_base(name: str, kbs: KnowledgeBasesDep, caller: CallerDep) -> KnowledgeBaseDeleted:
+async def delete_knowledge_base(name: str, kbs: KnowledgeBasesDep, caller: CallerDep,
+                                builds: HnswBuildsDep) -> KnowledgeBaseDeleted:
     _bound(caller, name)
     _unbound(caller)
+    await kbs.spec(name)
+    await builds.cancel(name)  # its child would otherwise build a copy of a deleted store
     return KnowledgeBaseDeleted(**await kbs.delete(name))
+
+
+async def _build_info(name: str, kbs: KnowledgeBasesDep, builds: HnswBuildsDep) -> HnswBuildInfo:
+    build = builds.status(name)
+    info = HnswBuildInfo(**build.to_dict()) if build is not None else HnswBuildInfo(kb=name, state="idle")
+    store = (await kbs.get(name)).store
+    if isinstance(store, EdgeStore):
+        info.index = IndexInfo(**await store.index_info())
+    return info
+
+
+@router.post("/v1/knowledge-bases/{name}/optimize", response_model=HnswBuildInfo, status_code=202,
+             responses={200: {"model": HnswBuildInfo, "description": "Nothing to build (state not_needed)."},
+                        409: {"description": "A build of this knowledge base is already running."}})
+async def optimize_knowledge_base(
+    name: str, kbs: KnowledgeBasesDep, caller: CallerDep, builds: HnswBuildsDep, response: Response,
+    body: OptimizeRequest | None = None,
+) -> HnswBuildInfo:
+    """Build HNSW for the KB's embedded store in a child process, swapping it in when done (202: started)."""
+    _bound(caller, name)
+    build = await builds.start(name, await kbs.get(name), force=body.force if body is not None else False)
+    if build.state != "running":
+        response.status_code = 200
+    return await _build_info(name, kbs, builds)
+
+
+@router.get("/v1/knowledge-bases/{name}/optimize", response_model=HnswBuildInfo)
+async def optimize_status(name: str, kbs: KnowledgeBasesDep, caller: CallerDep, builds: HnswBuildsDep) -> HnswBuildInfo:
+    """The KB's last HNSW build since the server started (``idle``: none) and its store's index now."""
+    _bound(caller, name)
+    await kbs.spec(name)
+    return await _build_info(name, kbs, builds)

@@ -12,7 +12,7 @@ from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
 from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList, StatsResponse
 from server.auth import AdminAuth, ChatAuth, ChatMediaAuth
-from server.deps import KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
+from server.deps import HnswBuildsDep, KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
 from server.limits import check_text_chars
 from server.services.links import snippet_info
 
@@ -24,7 +24,7 @@ _IMAGE_CACHE = "private, max-age=86400"
 @router.post("/v1/snippets", response_model=SnippetCreated, status_code=201, dependencies=[AdminAuth],
              responses={200: {"model": SnippetCreated, "description": "Identical snippet already stored."}})
 async def add_snippet(
-    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep,
+    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep, builds: HnswBuildsDep,
     image: Annotated[UploadFile | None, File(description="The snippet's image.")] = None,
     text: Annotated[str | None, Form(description="Text or caption.")] = None,
     source: Annotated[str, Form(max_length=1024)] = "",
@@ -43,6 +43,7 @@ async def add_snippet(
     snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename, page=page, extra=extra)
     if created:
         metrics.kb_ingested.labels(kb_name).inc()
+        await builds.maybe_start(kb_name, kb)
     point = await kb.get(snippet_id)
     body = SnippetCreated(id=snippet_id, created=created,
                           snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url, kb_name)))
