@@ -10,7 +10,7 @@ under uvicorn on loopback (``make_settings``: auth off, no OCR, limits out of th
 ``clip`` needs no vLLM) and 100 distinct support questions are sent one at a time (5 warm-up).
 
 * encode floor: ``embed_query_text`` of the same questions on an embedder built like the server's
-  (``server.wiring.build_embedder``, same backend), in this process, with the server idle;
+  (``server.wiring.build_embedder``, same backend), in this process, server idle, right before each row;
 * ``POST /v1/search {"text": q, "scorer": "clip", "mode": hybrid|dense}``, client-side, plus the
   server's own stage timings (``embed``, ``search`` = store queries + fusion, ``total``);
 * the same after ``vlmrag optimize`` (``optimize_store(settings, force=True)``, server stopped and
@@ -19,10 +19,12 @@ under uvicorn on loopback (``make_settings``: auth off, no OCR, limits out of th
 The query-embedding cache is disabled (``embed_cache_entries=0``), so every request pays its encode.
 CLIP is open_clip ViT-B-32 with random weights (``pretrained=none``: real 512-d architecture, so a real
 encode cost) or, with ``--tiny``, the tiny config of tests/support/tiny_clip.py. Goal (issue 14):
-search p50 <= encode p50 + 5 ms.
+search p50 <= encode p50 + 5 ms. ``--ort-spin off`` makes this process's ONNX Runtime threads sleep
+instead of spin after each run (a session option the service does not set), to see what the spinning
+costs the query path on a small, busy box.
 
     .venv/bin/python benchmarks/bench_search_scale.py [--sizes 10000,100000] [--backend onnx|torch]
-        [--tiny] [--queries 100] [--hnsw auto|all|none]
+        [--tiny] [--queries 100] [--hnsw auto|all|none] [--ort-spin on|off]
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -121,14 +124,12 @@ def pct(values: list[float], q: float) -> float:
 
 
 def encode_floor(embedder: ClipEmbedder, queries: list[str]) -> list[float]:
-    for q in queries[:5]:
-        embedder.embed_query_text(q)
     times = []
-    for q in queries:
+    for q in [*queries[:5], *queries]:  # 5 warm-up
         t = time.perf_counter()
         embedder.embed_query_text(q)
         times.append((time.perf_counter() - t) * 1000)
-    return times
+    return times[5:]
 
 
 def measure(url: str, queries: list[str], mode: str) -> tuple[list[float], dict[str, list[float]], int]:
@@ -144,13 +145,12 @@ def measure(url: str, queries: list[str], mode: str) -> tuple[list[float], dict[
             r.raise_for_status()
             if i < 5:
                 continue
-            body = r.json()
-            times.append(elapsed)
-            for name, ms in body["timings"].items():
-                stages.setdefault(name, []).append(ms)
+            body, times = r.json(), [*times, elapsed]
             tm = body["timings"]
-            stages.setdefault("http", []).append(elapsed - tm["total"])
-            stages.setdefault("other", []).append(tm["total"] - sum(v for k, v in tm.items() if k != "total"))
+            own = sum(v for k, v in tm.items() if k != "total")  # decode, embed, search, rerank
+            tm.update(http=elapsed - tm["total"], other=tm["total"] - own)
+            for name, ms in tm.items():
+                stages.setdefault(name, []).append(ms)
             lexical_hits += any("text->lexical" in c["vector_scores"] for c in body["candidates"])
     return times, stages, lexical_hits
 
@@ -162,13 +162,25 @@ def serve_and_measure(settings: Settings, queries: list[str], embedder: ClipEmbe
     url = f"http://127.0.0.1:{server.server.config.port}"
     rows = []
     try:
-        floor = encode_floor(embedder, queries)  # server idle, same process, same backend
         for mode in ("hybrid", "dense"):
+            floor = encode_floor(embedder, queries)  # right before the row: server idle, same backend
             times, stages, lexical_hits = measure(url, queries, mode)
             rows.append((size, mode, index, times, floor, stages, lexical_hits, os.getloadavg()[0]))
     finally:
         server.stop()
     return rows
+
+
+def disable_ort_spinning() -> None:
+    """ONNX Runtime sessions made after this (in this process) sleep between runs instead of spinning."""
+    import onnxruntime as ort
+
+    class NoSpin(ort.SessionOptions):
+        def __init__(self) -> None:
+            super().__init__()
+            self.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    ort.SessionOptions = NoSpin  # type: ignore[misc]  # retriever/clip_onnx.py looks it up at each session
 
 
 def print_table(rows: list[tuple], n_queries: int) -> None:
@@ -195,7 +207,11 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--hnsw", choices=["auto", "all", "none"], default="auto",
                         help="auto: optimize sizes >= hnsw_min_points (50000); all / none")
+    parser.add_argument("--ort-spin", choices=["on", "off"], default="on",
+                        help="ONNX Runtime intra-op thread spinning (on: ORT's and the service's default)")
     args = parser.parse_args()
+    if args.ort_spin == "off":
+        disable_ort_spinning()
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-scale-"))
     onnx_dir = tmp / "onnx"  # one export shared by every data dir (data_dir/onnx is a link to it)
@@ -203,22 +219,20 @@ def main() -> int:
     model = str(write_tiny_clip_config(tmp)) if args.tiny else "ViT-B-32"
     rng = np.random.default_rng(0)
     queries = questions(args.queries, rng)
+    load = "/".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"/v1/search vs CLIP text encode: {model} (random weights), backend {args.backend}, {args.queries} "
-          f"distinct queries (+5 warm-up), embed cache off, pool 20, scorer clip; {os.cpu_count()} CPUs, "
-          f"load average {'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start; data in {tmp}")
+          f"distinct queries (+5 warm-up), embed cache off, pool 20, scorer clip, ORT spinning "
+          f"{args.ort_spin}; {os.cpu_count()} CPUs, load average {load} at start")
 
     def settings_for(size: int) -> Settings:
-        data = tmp / f"data-{size}"
-        data.mkdir(exist_ok=True)
-        if not (data / "onnx").exists():
-            (data / "onnx").symlink_to(onnx_dir)
+        (data := tmp / f"data-{size}").mkdir()
+        (data / "onnx").symlink_to(onnx_dir)
         return make_settings(data, Path(model), clip_model=model, clip_backend=args.backend,
                              embed_cache_entries=0, retrieval_pool=20, retrieval_k=5,
                              rate_limit_rps=1e6, rate_limit_burst=1_000_000)
 
-    t = time.perf_counter()
     embedder = build_embedder(settings_for(0))  # the floor's embedder; also makes the shared ONNX export
-    print(f"embedder {embedder.identity} ({embedder.backend}) loaded in {time.perf_counter() - t:.1f} s")
+    print(f"{embedder.identity} ({embedder.backend}) loaded in {time.perf_counter() - started:.1f} s")
     rows: list[tuple] = []
     try:
         for size in args.sizes:
@@ -234,6 +248,7 @@ def main() -> int:
                 rows += serve_and_measure(settings, queries, embedder, size, "hnsw")
     finally:
         print_table(rows, args.queries)
+        shutil.rmtree(tmp, ignore_errors=True)
     print("\nms; srv columns: p50 of the response's timings (search = store queries + RRF fusion; other = "
           "total - its stages: KB lookup, plan, candidates); http+json: p50 of client - server total per "
           f"request (ASGI, validation, JSON, loopback). Wall time {time.perf_counter() - started:.0f} s, "

@@ -159,6 +159,11 @@ class Settings(BaseSettings):
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    workers: int = Field(
+        1, ge=1, le=64, description="`vlmrag serve` processes sharing the port (more than 1 needs a Qdrant "
+        "server: the embedded store belongs to one process). Rate limits and the model-call bounds are "
+        "divided among them.",
+    )
     public_url: str = Field("", description="Base URL used in image links; empty = relative links.")
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     log_level: str = "info"

@@ -74,6 +74,75 @@ def test_serve_announces_serves_and_cleans_up(tmp_path: Path, tiny_clip_config: 
     assert rc in (0, -signal.SIGTERM) and not run_file.exists()
 
 
+def _children(pid: int) -> list[str]:
+    """Command lines of ``pid``'s child processes (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+    return found
+
+
+@pytest.mark.subprocess
+def test_serve_workers_runs_n_processes_on_one_port_and_stops_them(tmp_path: Path, tiny_clip_config: Path) -> None:
+    data = tmp_path / "data"
+    env = serve_env(tiny_clip_config, VLMRAG_AUTH_DISABLED="true", VLMRAG_CLIP_BACKEND="torch",
+                    VLMRAG_QDRANT_URL=":memory:")  # each worker its own empty store: enough to see them serve
+    proc = subprocess.Popen([*SERVE, "--data-dir", str(data), "serve", "--port", "0", "--workers", "2"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_file = data / "server.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not run_file.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "server.json never appeared"
+            time.sleep(0.2)
+        info = json.loads(run_file.read_text())
+        assert info["pid"] == proc.pid and info["workers"] == 2
+        while True:  # the socket is bound before the workers have loaded CLIP
+            try:
+                assert httpx.get(f"{info['url']}/healthz", timeout=5).json() == {"status": "ok"}
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, "no worker answered"
+                time.sleep(0.3)
+        workers = [c for c in _children(proc.pid) if "spawn_main" in c]
+        assert len(workers) == 2, _children(proc.pid)
+        for _ in range(6):  # connections land on either worker; each answers the API
+            assert httpx.post(f"{info['url']}/v1/search", json={"text": "x", "scorer": "none"},
+                              timeout=10).status_code == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(60)
+    assert rc == 0 and not run_file.exists() and not [c for c in _children(proc.pid) if "spawn_main" in c]
+
+
+def test_serve_workers_needs_a_qdrant_server(
+    tmp_path: Path, tiny_clip_config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    use_env(monkeypatch, tmp_path, serve_env(tiny_clip_config, VLMRAG_AUTH_DISABLED="true"))
+    assert main(["--data-dir", str(tmp_path / "data"), "serve", "--port", "0", "--workers", "2"]) == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert "--workers 2 needs a Qdrant server" in line and "embedded store belongs to one process" in line
+
+
+def test_worker_settings_divide_the_per_process_bounds() -> None:
+    from server.commands.serve import worker_settings
+    from tests.support.settings import bare_settings
+
+    settings = bare_settings(rate_limit_rps=10.0, rate_limit_burst=20, rate_limit_kb_rps=200.0,
+                             rate_limit_kb_burst=401, max_concurrent_model_calls=16, max_queued_model_calls=0,
+                             clip_threads=0, workers=4)
+    share = worker_settings(settings, 4)
+    assert (share.rate_limit_rps, share.rate_limit_burst) == (2.5, 5)
+    assert (share.rate_limit_kb_rps, share.rate_limit_kb_burst) == (50.0, 101)  # rounded up: never below the total
+    assert (share.max_concurrent_model_calls, share.max_queued_model_calls) == (4, 0)
+    assert share.clip_threads == max(1, (os.cpu_count() or 1) // 4) and share.workers == 1
+    assert worker_settings(settings.model_copy(update={"clip_threads": 3}), 4).clip_threads == 3  # set: kept
+
+
 # --- startup failures: one line, before uvicorn starts ------------------------------------------
 @pytest.mark.subprocess
 def test_serve_without_api_keys_fails_fast_in_one_line(tmp_path: Path, tiny_clip_config: Path) -> None:

@@ -10,19 +10,19 @@ the loop and only added ~0.5 ms: ``search`` calls it inline.
 
 Edge raises plain ``Exception``; ``_translate`` maps them onto ``retriever.errors``. One process
 per path: a second opener fails on the WAL lock, reported as ``StoreUnavailable`` naming the path.
-``optimize()`` (HNSW build) holds the GIL for its whole run (~90 s at 100k): CLI only, never in
-the serving path. Without it every point sits in the shard's one appendable segment, scanned by
-one thread: search is exact brute force, bound by memory bandwidth. Vectors are therefore stored
-as float16 (half the bytes: ~10 ms instead of ~15 ms at 100k x 512, half the RAM; scores within
-~5e-5 of float32 at 512-d (at most ~1e-3), top-20 overlap with float32 99.9 %, see
-benchmarks/bench_search.py).
+``optimize()`` (HNSW build) holds the GIL for its whole run (~90 s at 100k): never in the serving
+process. Without it every point sits in the shard's one appendable segment, scanned by one thread:
+search is exact brute force, bound by memory bandwidth. Vectors are therefore stored as float16 (half
+the bytes: ~10 ms instead of ~15 ms at 100k x 512, half the RAM; scores within ~5e-5 of float32 at
+512-d (at most ~1e-3), top-20 overlap with float32 99.9 %, see benchmarks/bench_search.py).
 
-HNSW (``vlmrag optimize``, server/commands/optimize.py): ``optimize(HnswParams(...))`` reloads the shard
-with an HNSW config and builds the graph of every dense vector (18 s per vector at 100k x 512 on 2 idle
-cores, m=16, ef_construct=128; 101 s for both vectors on a loaded box), GIL held: offline, by the
-CLI. Searches then walk the graph (``hnsw_ef=256``: 0.8 ms instead of 6 ms at 100k, recall@20
-0.997 on clustered data, see benchmarks/bench_hnsw.py); points added afterwards land in a new appendable
-segment that is scanned exactly until the next optimize. ``search(..., exact=True)`` forces the scan.
+HNSW: ``optimize(HnswParams(...))`` reloads the shard with an HNSW config and builds the graph of every
+dense vector in place (offline ``vlmrag optimize``); beside a server, retriever/store/hnsw.py builds a
+copy in a child process, and ``snapshot_to`` / ``adopt`` here copy the shard, journal the writes made
+meanwhile (every write goes through ``_write``) and swap the rebuilt copy in with them replayed.
+Searches then walk the graph (``hnsw_ef=256``: 0.8 ms instead of 6 ms at 100k, recall@20 0.997 on
+clustered data, see benchmarks/bench_hnsw.py); points added afterwards land in a new appendable
+segment that is scanned exactly until the next build. ``search(..., exact=True)`` forces the scan.
 
 New shards also have the sparse vector ``lexical`` (BM25 weights from retriever/lexical.py, IDF
 modifier). Edge cannot add it to an existing shard (its config must match the segments): an older

@@ -1,4 +1,12 @@
-"""``vlmrag serve [--host HOST] [--port PORT]``: run the API with uvicorn (default 127.0.0.1:8080).
+"""``vlmrag serve [--host HOST] [--port PORT] [--workers N]``: run the API with uvicorn (default 127.0.0.1:8080).
+
+``--workers N`` (``VLMRAG_WORKERS``) runs N processes on one socket under uvicorn's supervisor (it restarts
+a dead one; SIGHUP replaces them one by one). One process runs CLIP on threads but its event loop,
+JSON and SSE work on one core; N processes use N. The embedded store belongs to one process, so this
+needs a Qdrant server (``VLMRAG_QDRANT_URL``). Each worker gets the parent's settings (passed in
+``VLMRAG_SERVE_WORKER_SETTINGS``) with the per-process bounds divided by N, so the service as a whole
+keeps the configured totals: rate limits, the model-call gate and queue, and CLIP threads
+(``worker_settings``).
 
 While it serves, ``DATA_DIR/server.json`` holds ``{"url", "pid"}``: other commands (``vlmrag ingest``)
 find the running server there and go through its API when the embedded store is locked by it. The
@@ -15,13 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
 from retriever.errors import InvalidInput, StoreUnavailable, VlmragError
 from server.settings import Settings
@@ -29,6 +40,7 @@ from server.settings import Settings
 log = logging.getLogger(__name__)
 
 RUN_FILE_NAME = "server.json"
+WORKER_SETTINGS_ENV = "VLMRAG_SERVE_WORKER_SETTINGS"
 
 
 def run_file_path(settings: Settings) -> Path:
@@ -137,10 +149,54 @@ class BriefStartupFailure:
         await self.app(scope, receive, brief_send)
 
 
+def worker_settings(settings: Settings, workers: int) -> Settings:
+    """One worker's share of the per-process bounds, so ``workers`` processes keep the configured totals.
+
+    Requests spread over the workers as the kernel hands out connections, so a per-key limit holds on
+    average, not exactly.
+    """
+    def share(value: int, floor: int = 1) -> int:
+        return max(floor, math.ceil(value / workers))
+
+    return settings.model_copy(update={
+        "rate_limit_rps": settings.rate_limit_rps / workers, "rate_limit_burst": share(settings.rate_limit_burst),
+        "rate_limit_kb_rps": settings.rate_limit_kb_rps / workers,
+        "rate_limit_kb_burst": share(settings.rate_limit_kb_burst),
+        "rate_limit_media_rps": settings.rate_limit_media_rps / workers,
+        "rate_limit_media_burst": share(settings.rate_limit_media_burst),
+        "max_concurrent_model_calls": share(settings.max_concurrent_model_calls),
+        "max_queued_model_calls": share(settings.max_queued_model_calls, 0),
+        "clip_threads": settings.clip_threads or max(1, (os.cpu_count() or 1) // workers),
+        "workers": 1,
+    })
+
+
+def worker_app() -> ASGIApp:
+    """App factory of a ``--workers`` process (``server.commands.serve:worker_app``): the parent's settings."""
+    from server.app import create_app
+
+    try:
+        settings = Settings.model_validate_json(os.environ[WORKER_SETTINGS_ENV])
+    except (KeyError, ValueError) as exc:  # a startup failure: the supervisor stops instead of restarting it
+        log.error("worker settings unreadable from %s: %s", WORKER_SETTINGS_ENV, exc)
+        sys.exit(STARTUP_FAILURE)
+    return BriefStartupFailure(create_app(settings))
+
+
+def check_workers(settings: Settings, workers: int) -> None:
+    url = settings.qdrant_url.strip()
+    if workers > 1 and (not url or url.startswith("local:")):
+        raise InvalidInput(
+            f"--workers {workers} needs a Qdrant server (VLMRAG_QDRANT_URL): the "
+            f"{'embedded store' if not url else 'qdrant-client local store'} belongs to one process. "
+            "Run one process, or point VLMRAG_QDRANT_URL at a Qdrant server", param="workers")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("serve", help="Run the HTTP API (OpenAI-compatible chat, search, snippets).")
     parser.add_argument("--host", help="Bind address (default: VLMRAG_HOST or 127.0.0.1).")
     parser.add_argument("--port", type=int, help="Port (default: VLMRAG_PORT or 8080; 0 picks a free one).")
+    parser.add_argument("--workers", type=int, help="Processes (default: VLMRAG_WORKERS or 1; >1 needs a Qdrant server).")
     parser.set_defaults(func=run)
 
 
@@ -149,9 +205,15 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     re-raises the signal, so the exit status is the signal's)."""
     from server.app import create_app  # imported late: `vlmrag --help` stays fast
 
-    updates = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    updates = {k: v for k, v in (("host", args.host), ("port", args.port), ("workers", getattr(args, "workers", None)))
+               if v is not None}
     settings = settings.model_copy(update=updates)
+    if settings.workers < 1:
+        raise InvalidInput("--workers must be at least 1", param="workers")
+    check_workers(settings, settings.workers)
     preflight(settings)
+    if settings.workers > 1:
+        return _run_workers(settings)
     app = create_app(settings)
     config = uvicorn.Config(
         BriefStartupFailure(app), host=settings.host, port=settings.port, lifespan="on",
@@ -169,3 +231,37 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         server.remove_run_file()
     return 0 if server.started else 1
+
+
+def _run_workers(settings: Settings) -> int:
+    """N uvicorn workers on one socket under uvicorn's supervisor; the run file names the parent."""
+    config = uvicorn.Config(
+        "server.commands.serve:worker_app", factory=True, host=settings.host, port=settings.port, lifespan="on",
+        workers=settings.workers, log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s), proxy_headers=False,
+    )
+    sock = config.bind_socket()
+    host, port = sock.getsockname()[:2]
+    shared = worker_settings(settings, settings.workers).model_copy(update={"port": port})  # port 0: the bound one
+    os.environ[WORKER_SETTINGS_ENV] = shared.model_dump_json()
+    shown = _client_host(str(host))
+    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    run_file = run_file_path(settings)
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), encoding="utf-8")
+    tmp.replace(run_file)
+    log.info("vlmrag serving at %s with %d workers", url, settings.workers)
+    supervisor = Multiprocess(config, sockets=[sock])
+    try:
+        supervisor.run()
+    finally:
+        sock.close()
+        try:
+            if json.loads(run_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                run_file.unlink()
+        except (OSError, ValueError):
+            pass
+    # the supervisor stops early when a worker failed before it served (STARTUP_FAILURE)
+    failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
+    return 1 if failed else 0
