@@ -148,7 +148,7 @@ def measure(url: str, queries: list[str], mode: str) -> tuple[list[float], dict[
             body, times = r.json(), [*times, elapsed]
             tm = body["timings"]
             own = sum(v for k, v in tm.items() if k != "total")  # decode, embed, search, rerank
-            tm.update(http=elapsed - tm["total"], other=tm["total"] - own)
+            tm.update(http=elapsed - tm["total"], other=tm["total"] - own, rest=elapsed - tm.get("embed", 0))
             for name, ms in tm.items():
                 stages.setdefault(name, []).append(ms)
             lexical_hits += any("text->lexical" in c["vector_scores"] for c in body["candidates"])
@@ -186,7 +186,8 @@ def disable_ort_spinning() -> None:
 def print_table(rows: list[tuple], n_queries: int) -> None:
     cols = [("points", 7), ("mode", 6), ("index", 5), ("search p50", 10), ("p95", 6), ("encode p50", 10),
             ("p95", 5), ("search-enc", 10), ("goal", 4), ("srv embed", 9), ("srv search", 10),
-            ("srv other", 9), ("srv total", 9), ("http+json", 9), ("bm25 hit", 8), ("load", 4)]
+            ("srv other", 9), ("srv total", 9), ("http+json", 9), ("e2e-embed", 9), ("bm25 hit", 8),
+            ("load", 4)]
     head = " | ".join(f"{name:>{width}}" for name, width in cols)
     print("\n" + head + "\n" + "-" * len(head))
     for size, mode, index, times, floor, stages, lex, load in rows:
@@ -194,7 +195,7 @@ def print_table(rows: list[tuple], n_queries: int) -> None:
         med = {k: statistics.median(v) for k, v in stages.items()}
         cells = [size, mode, index, f"{s50:.2f}", f"{pct(times, 95):.2f}", f"{e50:.2f}",
                  f"{pct(floor, 95):.1f}", f"{s50 - e50:+.2f}", "yes" if s50 - e50 <= 5 else "NO",
-                 *(f"{med.get(k, 0):.2f}" for k in ("embed", "search", "other", "total", "http")),
+                 *(f"{med.get(k, 0):.2f}" for k in ("embed", "search", "other", "total", "http", "rest")),
                  f"{lex}/{n_queries}", f"{load:.1f}"]
         print(" | ".join(f"{cell:>{width}}" for cell, (_, width) in zip(cells, cols, strict=True)))
 
@@ -251,8 +252,9 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print("\nms; srv columns: p50 of the response's timings (search = store queries + RRF fusion; other = "
           "total - its stages: KB lookup, plan, candidates); http+json: p50 of client - server total per "
-          f"request (ASGI, validation, JSON, loopback). Wall time {time.perf_counter() - started:.0f} s, "
-          f"load average {os.getloadavg()[0]:.2f} at end")
+          "request (ASGI, validation, JSON, loopback); e2e-embed: p50 of client - server embed per request "
+          "(all but the encode, paired: steadier than search-enc on a busy box). Wall time "
+          f"{time.perf_counter() - started:.0f} s, load average {os.getloadavg()[0]:.2f} at end")
     return 0
 
 

@@ -22,7 +22,7 @@ from retriever.knowledge_base import KnowledgeBase
 from retriever.store.edge import EdgeStore
 from retriever.types import PointRecord, SnippetPayload
 from server.app import create_app
-from server.services.hnsw_builds import HnswBuilds, unindexed_points
+from server.services.hnsw_builds import AUTO_RETRY_AFTER_S, HnswBuild, HnswBuilds, unindexed_points
 from server.settings import Settings
 from tests.support.fake_vllm import FakeVLLM
 from tests.support.fixtures_server import running_client
@@ -151,3 +151,15 @@ def test_unindexed_points_counts_points_outside_the_graphs() -> None:
     assert unindexed_points({"points": 100, "segments": 2, "indexed_vectors": 160}) == 20  # 80 points x 2 vectors
     assert unindexed_points({"points": 100, "segments": 1, "indexed_vectors": 0}) == 100
     assert unindexed_points({"points": 5, "segments": 1, "indexed_vectors": 20}) == 0
+
+
+async def test_auto_build_waits_after_a_failure(settings: Settings, filled: KnowledgeBase) -> None:
+    builds = HnswBuilds(settings.model_copy(update={"hnsw_min_points": 10}))
+    builds._builds["default"] = HnswBuild("default", "failed", "auto", finished_at=time.time() - 5)
+    assert await builds.maybe_start("default", filled) is None  # failed 5 s ago: not again yet
+    builds._builds["default"].finished_at = time.time() - AUTO_RETRY_AFTER_S - 1
+    started = await builds.maybe_start("default", filled)
+    assert started is not None and started.state == "running" and started.trigger == "auto"
+    await builds.close()  # cancels it: the child is killed, the copy removed
+    assert builds.status("default").state == "failed"
+    assert sorted(p.name for p in filled.store.path.iterdir()) == [filled.store.collection]  # type: ignore[attr-defined]

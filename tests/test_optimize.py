@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retriever.errors import StoreUnavailable
+from retriever.errors import Conflict, StoreUnavailable
 from retriever.store import open_store
 from retriever.store.edge import EdgeStore, HnswParams
 from retriever.store.hnsw import build_while_serving
@@ -217,4 +217,23 @@ async def test_a_cancelled_build_kills_the_child_and_removes_the_copy(tmp_path: 
         os.kill(pid, 0)
     assert store._journal is None and sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION]
     assert await store.count() == 50
+    await store.close()
+
+
+async def test_a_build_gives_up_when_too_much_is_written_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import retriever.store.edge as edge
+
+    monkeypatch.setattr(edge, "JOURNAL_MAX_POINTS", 5)  # the journal keeps the points: it is bounded
+    path = tmp_path / "qdrant"
+    store = EdgeStore(path, TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(100))
+    task = asyncio.create_task(build_while_serving(store, SMALL))
+    await _wait_for_snapshot(store, task)
+    await _fill(store, _vectors(6, seed=4), start=100)  # one write of 6 points: over the bound
+    with pytest.raises(Conflict, match="more than 5 points were written"):
+        await task
+    assert sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION] and await store.count() == 106
     await store.close()

@@ -72,6 +72,9 @@ _FACET_LIMIT = 100_000
 #: it: a shard keeps the datatype it was created with (float32 shards still load and work).
 VECTOR_DATATYPE = qe.VectorStorageDatatype.Float16
 T = TypeVar("T")
+#: Writes journalled during a rebuild beside the server are kept in memory (~4 KB a point at 512-d):
+#: past this many points the rebuild is given up rather than holding gigabytes.
+JOURNAL_MAX_POINTS = 100_000
 
 
 def resolve_shard_dir(path: Path, collection: str) -> Path:
@@ -196,6 +199,8 @@ class EdgeStore:
         self._writes = asyncio.Lock()
         #: writes applied since ``snapshot_to``, replayed by ``adopt`` on the copy; None = not journalling
         self._journal: list[Callable[[qe.EdgeShard], Any]] | None = None
+        self._journaled_points = 0  # the journal keeps the points themselves: bounded by JOURNAL_MAX_POINTS
+        self._journal_overflowed = False
         self._retiring: set[asyncio.Task[None]] = set()
         #: HNSW search beam (``VLMRAG_HNSW_EF``); None = Edge's default (the build's ef_construct)
         self.hnsw_ef: int | None = None
@@ -289,12 +294,15 @@ class EdgeStore:
                 await self._call(shard.close)
 
     # --- swapping in a rebuilt copy (HNSW built beside the server: retriever/store/hnsw.py) ---------
-    async def _write(self, op: Callable[[qe.EdgeShard], T]) -> T:
+    async def _write(self, op: Callable[[qe.EdgeShard], T], points: int = 1) -> T:
         """Apply one write to the served shard; journal it while a copy is being rebuilt."""
         async with self._writes:
             result = await self._call(op, self._require())
             if self._journal is not None:
                 self._journal.append(op)
+                self._journaled_points += points
+                if self._journaled_points > JOURNAL_MAX_POINTS:  # the rebuilt copy would lag too far: give it up
+                    self._journal, self._journal_overflowed = None, True
             return result
 
     async def snapshot_to(self, target: Path) -> None:
@@ -309,7 +317,7 @@ class EdgeStore:
                 await asyncio.gather(copy, return_exceptions=True)
                 await asyncio.to_thread(shutil.rmtree, target, True)
                 raise
-            self._journal = []
+            self._journal, self._journaled_points, self._journal_overflowed = [], 0, False
 
     def discard_journal(self) -> None:
         self._journal = None
@@ -322,6 +330,9 @@ class EdgeStore:
         ``retire_after_s`` later, once reads that already hold it are done, and its directory removed.
         """
         if self._journal is None:
+            if self._journal_overflowed:
+                raise Conflict(f"more than {JOURNAL_MAX_POINTS} points were written to {self.shard_dir} during the "
+                               "rebuild; it was given up (build again once the ingestion is done)")
             raise StoreUnavailable(f"embedded store {self.shard_dir}: adopt without a snapshot")
         async with self._lock, self._writes:
             journal, self._journal = self._journal, None
@@ -393,7 +404,7 @@ class EdgeStore:
             log.warning("embedded store %s predates the lexical vector: BM25 vectors are not stored "
                         "(dense search only); reindex to add them", self.shard_dir)
         lexical = self._lexical
-        await self._write(lambda target: _upsert_sync(target, points, lexical))
+        await self._write(lambda target: _upsert_sync(target, points, lexical), len(points))
 
     async def delete(self, ids: list[str]) -> int:
         if not ids or self._shard is None:

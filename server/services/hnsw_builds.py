@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: With VLMRAG_HNSW_AUTO, rebuild once this share of the points is outside every graph.
 AUTO_UNINDEXED_SHARE = 0.2
+#: ... but not within this long of a failed build (a copy and a build cost minutes of a core at 1M).
+AUTO_RETRY_AFTER_S = 600.0
 BuildState = Literal["running", "done", "failed", "not_needed"]
 
 
@@ -104,6 +106,9 @@ class HnswBuilds:
         """
         if not self.settings.hnsw_auto or self.running(kb_name) or not isinstance(kb.store, EdgeStore):
             return None
+        last = self._builds.get(kb_name)
+        if last is not None and last.state == "failed" and time.time() - (last.finished_at or 0) < AUTO_RETRY_AFTER_S:
+            return None
         try:
             info = await kb.store.index_info()
             if info["points"] < max(1, self.settings.hnsw_min_points):
@@ -143,6 +148,9 @@ class HnswBuilds:
         if task is not None and not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        build = self._builds.get(kb_name)
+        if build is not None and build.state == "running":  # cancelled before it ever ran
+            build.state, build.reason, build.finished_at = "failed", "cancelled before it started", time.time()
 
     async def close(self) -> None:
         for name in list(self._tasks):
