@@ -329,13 +329,13 @@ class EdgeStore:
         at it (atomic; what a restart opens), then swap it in. The old shard is closed
         ``retire_after_s`` later, once reads that already hold it are done, and its directory removed.
         """
-        if self._journal is None:
-            if self._journal_overflowed:
-                raise Conflict(f"more than {JOURNAL_MAX_POINTS} points were written to {self.shard_dir} during the "
-                               "rebuild; it was given up (build again once the ingestion is done)")
-            raise StoreUnavailable(f"embedded store {self.shard_dir}: adopt without a snapshot")
         async with self._lock, self._writes:
             journal, self._journal = self._journal, None
+            if journal is None:
+                if self._journal_overflowed:
+                    raise Conflict(f"more than {JOURNAL_MAX_POINTS} points were written to {self.shard_dir} during "
+                                   "the rebuild; it was given up (build again once the ingestion is done)")
+                raise StoreUnavailable(f"embedded store {self.shard_dir}: adopt without a snapshot")
             new = await self._call(qe.EdgeShard.load, str(shard_dir))
             try:
                 for op in journal:
