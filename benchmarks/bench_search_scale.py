@@ -19,12 +19,12 @@ under uvicorn on loopback (``make_settings``: auth off, no OCR, limits out of th
 The query-embedding cache is disabled (``embed_cache_entries=0``), so every request pays its encode.
 CLIP is open_clip ViT-B-32 with random weights (``pretrained=none``: real 512-d architecture, so a real
 encode cost) or, with ``--tiny``, the tiny config of tests/support/tiny_clip.py. Goal (issue 14):
-search p50 <= encode p50 + 5 ms. ``--ort-spin off`` makes this process's ONNX Runtime threads sleep
-instead of spin after each run (a session option the service does not set), to see what the spinning
-costs the query path on a small, busy box.
+search p50 <= encode p50 + 5 ms. ``--ort-spin on`` lets ONNX Runtime's threads spin-wait between ops
+(``VLMRAG_CLIP_ONNX_SPINNING``; off by default since this benchmark showed what spinning costs the
+query path on a small, busy box).
 
     .venv/bin/python benchmarks/bench_search_scale.py [--sizes 10000,100000] [--backend onnx|torch]
-        [--tiny] [--queries 100] [--hnsw auto|all|none] [--ort-spin on|off]
+        [--tiny] [--queries 100] [--hnsw auto|all|none] [--ort-spin off|on]
 """
 
 from __future__ import annotations
@@ -171,18 +171,6 @@ def serve_and_measure(settings: Settings, queries: list[str], embedder: ClipEmbe
     return rows
 
 
-def disable_ort_spinning() -> None:
-    """ONNX Runtime sessions made after this (in this process) sleep between runs instead of spinning."""
-    import onnxruntime as ort
-
-    class NoSpin(ort.SessionOptions):
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-    ort.SessionOptions = NoSpin  # type: ignore[misc]  # retriever/clip_onnx.py looks it up at each session
-
-
 def print_table(rows: list[tuple], n_queries: int) -> None:
     cols = [("points", 7), ("mode", 6), ("index", 5), ("search p50", 10), ("p95", 6), ("encode p50", 10),
             ("p95", 5), ("search-enc", 10), ("goal", 4), ("srv embed", 9), ("srv search", 10),
@@ -208,11 +196,9 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--hnsw", choices=["auto", "all", "none"], default="auto",
                         help="auto: optimize sizes >= hnsw_min_points (50000); all / none")
-    parser.add_argument("--ort-spin", choices=["on", "off"], default="on",
-                        help="ONNX Runtime intra-op thread spinning (on: ORT's and the service's default)")
+    parser.add_argument("--ort-spin", choices=["on", "off"], default="off",
+                        help="ONNX Runtime intra-op thread spinning (VLMRAG_CLIP_ONNX_SPINNING; off: the default)")
     args = parser.parse_args()
-    if args.ort_spin == "off":
-        disable_ort_spinning()
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-search-scale-"))
     onnx_dir = tmp / "onnx"  # one export shared by every data dir (data_dir/onnx is a link to it)
@@ -229,6 +215,7 @@ def main() -> int:
         (data := tmp / f"data-{size}").mkdir()
         (data / "onnx").symlink_to(onnx_dir)
         return make_settings(data, Path(model), clip_model=model, clip_backend=args.backend,
+                             clip_onnx_spinning=args.ort_spin == "on",
                              embed_cache_entries=0, retrieval_pool=20, retrieval_k=5,
                              rate_limit_rps=1e6, rate_limit_burst=1_000_000)
 

@@ -125,10 +125,15 @@ def export_key(identity: str, model_config: dict[str, Any]) -> str:
     return f"{slug}-{hashlib.sha256(material.encode()).hexdigest()[:16]}"
 
 
-def _session(path: Path, threads: int) -> Any:
+def _session(path: Path, threads: int, spinning: bool = False) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    # ORT's intra-op threads spin-wait between ops by default. Beside the event loop, an inline Edge
+    # search and JSON work on few cores that steals the CPU they need: with a concurrent scan in the
+    # process, text encode p50 41 ms without spinning vs 57 ms with, and the scan 220 vs 306 ms;
+    # alone they tie (31 ms), see benchmarks/README.md. Dedicated cores: VLMRAG_CLIP_ONNX_SPINNING=true.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = max(0, threads)  # 0 = one per physical core, ORT's default
     options.inter_op_num_threads = 1  # one query at a time per call; parallelism is inside the ops
@@ -136,8 +141,9 @@ def _session(path: Path, threads: int) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _open(folder: Path, threads: int, max_diff: float = float("nan")) -> OnnxClip:
-    return OnnxClip(_session(folder / IMAGE_FILE, threads), _session(folder / TEXT_FILE, threads), folder, max_diff)
+def _open(folder: Path, threads: int, max_diff: float = float("nan"), spinning: bool = False) -> OnnxClip:
+    return OnnxClip(_session(folder / IMAGE_FILE, threads, spinning), _session(folder / TEXT_FILE, threads, spinning),
+                    folder, max_diff)
 
 
 def _parity_inputs(image_size: tuple[int, int], tokenize: Callable[[list[str]], torch.Tensor]
@@ -198,13 +204,14 @@ def _write_manifest(folder: Path, identity: str, max_diff: float, seconds: float
 
 
 def _admit_cached(folder: Path, model: Any, identity: str, image_size: tuple[int, int],
-                  tokenize: Callable[[list[str]], torch.Tensor], threads: int, tolerance: float) -> OnnxClip | None:
+                  tokenize: Callable[[list[str]], torch.Tensor], threads: int, tolerance: float,
+                  spinning: bool = False) -> OnnxClip | None:
     """The cached export if it opens and agrees with torch; None (and the folder removed) if not."""
     try:
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         if manifest.get("identity") != identity:
             raise ValueError(f"it was made for {manifest.get('identity')!r}")
-        clip = _open(folder, threads)
+        clip = _open(folder, threads, spinning=spinning)
         clip.max_diff = parity_diff(model, clip, image_size, tokenize)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is simply made again
         log.warning("cached ONNX export %s is unusable (%s: %s): exporting again", folder, type(exc).__name__, exc)
@@ -221,12 +228,12 @@ def _admit_cached(folder: Path, model: Any, identity: str, image_size: tuple[int
 def load_onnx_clip(
     model: Any, *, identity: str, model_config: dict[str, Any], image_size: tuple[int, int],
     tokenize: Callable[[list[str]], torch.Tensor], cache_dir: Path, threads: int = 0,
-    tolerance: float = PARITY_TOLERANCE,
+    tolerance: float = PARITY_TOLERANCE, spinning: bool = False,
 ) -> OnnxClip:
     """ONNX sessions for ``model`` (an open_clip CLIP on CPU), from the cache or exported now; parity-checked."""
     folder = Path(cache_dir) / export_key(identity, model_config)
     if (folder / MANIFEST_FILE).is_file():
-        cached = _admit_cached(folder, model, identity, image_size, tokenize, threads, tolerance)
+        cached = _admit_cached(folder, model, identity, image_size, tokenize, threads, tolerance, spinning)
         if cached is not None:
             return cached
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +249,7 @@ def load_onnx_clip(
                 "set VLMRAG_CLIP_BACKEND=torch", param="clip_backend",
             ) from exc
         try:
-            clip = _open(tmp, threads)
+            clip = _open(tmp, threads, spinning=spinning)
             clip.max_diff = parity_diff(model, clip, image_size, tokenize)
         except Exception as exc:  # ORT refusing the graph it was just given
             raise ConfigurationError(

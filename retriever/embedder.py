@@ -333,6 +333,7 @@ def _pick_device(device: str) -> str:
 def load_embedder(
     model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16, *,
     backend: Backend = "torch", onnx_cache_dir: Path | None = None, cache: EmbedCache | None = None,
+    onnx_spinning: bool = False,
 ) -> ClipEmbedder:
     """Build a ClipEmbedder from settings; downloads a missing tag only if the hub answers fast.
 
@@ -340,6 +341,7 @@ def load_embedder(
         backend: ``onnx`` exports (once, into ``onnx_cache_dir``) and runs ONNX Runtime on CPU; on a
             CUDA device it falls back to torch (only the CPU execution provider is installed).
         cache: the query-embedding cache used by ``embed_query_text``/``embed_query_images``.
+        onnx_spinning: let ONNX Runtime's threads spin-wait between ops (retriever/clip_onnx.py::_session).
     """
     import open_clip
 
@@ -377,7 +379,7 @@ def load_embedder(
     if backend == "onnx" and target != "cpu":
         log.warning("VLMRAG_CLIP_BACKEND=onnx runs on CPU only; CLIP device %s uses torch", target)
     elif backend == "onnx":
-        onnx = _load_onnx(clip, preprocess, tokenizer, identity, model_config, onnx_cache_dir, threads)
+        onnx = _load_onnx(clip, preprocess, tokenizer, identity, model_config, onnx_cache_dir, threads, onnx_spinning)
         clip = None  # the sessions hold the weights: drop torch's copy (else resident memory doubles)
         gc.collect()
         from retriever.clip_onnx import release_heap
@@ -390,7 +392,7 @@ def load_embedder(
 
 def _load_onnx(
     clip: Any, preprocess: Callable[[Image.Image], torch.Tensor], tokenizer: Callable[[list[str]], torch.Tensor],
-    identity: str, model_config: dict[str, Any], cache_dir: Path | None, threads: int,
+    identity: str, model_config: dict[str, Any], cache_dir: Path | None, threads: int, spinning: bool = False,
 ) -> OnnxClip:
     from retriever.clip_onnx import load_onnx_clip
 
@@ -399,7 +401,7 @@ def _load_onnx(
     image_size = tuple(preprocess(Image.new("RGB", (8, 8))).shape[-2:])  # what the transform makes
     return load_onnx_clip(clip.eval(), identity=identity, model_config=model_config,
                           image_size=(int(image_size[0]), int(image_size[1])), tokenize=tokenizer,
-                          cache_dir=cache_dir, threads=threads)
+                          cache_dir=cache_dir, threads=threads, spinning=spinning)
 
 
 def check_embedder_available(model: str, pretrained: str, device: str = "auto") -> None:

@@ -60,7 +60,7 @@ def build_embedder(settings: Settings) -> ClipEmbedder:
     return load_embedder(
         settings.clip_model, settings.clip_pretrained, settings.clip_device, settings.clip_threads,
         settings.clip_batch_size, backend=settings.clip_backend, onnx_cache_dir=onnx_cache_dir(settings),
-        cache=build_embed_cache(settings),
+        cache=build_embed_cache(settings), onnx_spinning=settings.clip_onnx_spinning,
     )
 
 

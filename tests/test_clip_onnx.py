@@ -137,3 +137,14 @@ def test_wiring_exports_under_the_data_dir(tiny_clip_config: Path, tmp_path: Pat
     assert built.cache is not None and built.cache.max_entries == 16
     torch_one = build_embedder(settings.model_copy(update={"clip_backend": "torch", "embed_cache_entries": 0}))
     assert torch_one.backend == "torch" and torch_one.cache is None
+
+
+def test_spinning_is_off_unless_asked_for(tiny_clip_config: Path, tmp_path: Path) -> None:
+    key = "session.intra_op.allow_spinning"
+    settings = bare_settings(data_dir=tmp_path, clip_model=str(tiny_clip_config), clip_pretrained="none",
+                             clip_device="cpu", clip_backend="onnx")
+    for spinning, expected in ((False, "0"), (True, "1")):
+        built = build_embedder(settings.model_copy(update={"clip_onnx_spinning": spinning}))
+        assert built.onnx is not None
+        for session in (built.onnx.image_session, built.onnx.text_session):
+            assert session.get_session_options().get_session_config_entry(key) == expected
