@@ -270,7 +270,7 @@ def build_access_control(settings: Settings) -> AccessControl:
     return AccessControl(check_auth_config(settings), RateLimiters.from_settings(settings), settings.auth_disabled)
 
 
-def get_access_control(request: Request) -> AccessControl:
+async def get_access_control(request: Request) -> AccessControl:
     """The app's AccessControl, built by the lifespan (``server.deps.AccessControlDep``)."""
     state: AppState = request.app.state.vlmrag
     return state.access
