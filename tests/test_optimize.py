@@ -223,7 +223,7 @@ async def test_a_cancelled_build_kills_the_child_and_removes_the_copy(tmp_path: 
 async def test_a_build_gives_up_when_too_much_is_written_meanwhile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import retriever.store.edge as edge
+    from retriever.store import edge
 
     monkeypatch.setattr(edge, "JOURNAL_MAX_POINTS", 5)  # the journal keeps the points: it is bounded
     path = tmp_path / "qdrant"
