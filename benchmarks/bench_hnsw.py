@@ -8,6 +8,11 @@ is) are upserted through ``EdgeStore``; then, in the same run, a numpy float32 b
 found. Goals (issue 14): recall@20 >= 0.99, HNSW p50 <= 0.5x numpy at 1M.
 
     python benchmarks/bench_hnsw.py [--sizes 100000] [--queries 200] [--limit 20] [--m 16] [--ef-construct 128]
+        [--ef 64,128,256] [--keep DIR | --reuse DIR]
+
+The build takes long at 1M (46 min on the loaded 2-core box): ``--keep DIR`` keeps the built store
+under ``DIR/<size>``, and ``--reuse DIR`` times more ``--ef`` values on it without filling or building
+again (the points and queries come from the same seed).
 """
 
 from __future__ import annotations
@@ -82,17 +87,24 @@ async def run(args: argparse.Namespace) -> None:
 
         row("numpy float32", list(base), list(exact_tops), "brute-force floor, all cores")
         with tempfile.TemporaryDirectory() as tmp:
-            store = EdgeStore(Path(tmp), "bench")
-            await store.ensure_collection(DIM, "bench")
-            rate = await fill(store, image, text)
-            times, tops = await timed(store, queries, args.limit, exact=True)
-            row("edge exact", times, tops, f"before optimize; {rate:,.0f} upserts/s")
-            started = time.perf_counter()
-            await store.optimize(hnsw)
-            built = time.perf_counter() - started
-            info = await store.index_info()
-            times, tops = await timed(store, queries, args.limit, exact=True)
-            row("edge exact=True", times, tops, f"optimize {built:.1f} s, {info['segments']} segments")
+            where = Path(args.reuse or args.keep or tmp) / str(size)
+            store = EdgeStore(where, "bench")
+            if args.reuse:
+                await store.open()
+                info = await store.index_info()
+                times, tops = await timed(store, queries, args.limit, exact=True)
+                row("edge exact=True", times, tops, f"reused {where}, {info['indexed_vectors']} vectors indexed")
+            else:
+                await store.ensure_collection(DIM, "bench")
+                rate = await fill(store, image, text)
+                times, tops = await timed(store, queries, args.limit, exact=True)
+                row("edge exact", times, tops, f"before optimize; {rate:,.0f} upserts/s")
+                started = time.perf_counter()
+                await store.optimize(hnsw)
+                built = time.perf_counter() - started
+                info = await store.index_info()
+                times, tops = await timed(store, queries, args.limit, exact=True)
+                row("edge exact=True", times, tops, f"optimize {built:.1f} s, {info['segments']} segments")
             for ef in efs:
                 store.hnsw_ef = ef
                 times, tops = await timed(store, queries, args.limit, exact=False)
@@ -108,6 +120,8 @@ def main() -> None:
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construct", type=int, default=128)
     parser.add_argument("--ef", default="64,128,256", help="comma-separated hnsw_ef values to time")
+    parser.add_argument("--keep", help="keep the built stores under this folder (one per size)")
+    parser.add_argument("--reuse", help="time the stores kept by --keep there: no fill, no build")
     asyncio.run(run(parser.parse_args()))
 
 
