@@ -38,6 +38,8 @@ from retriever.store.edge import EdgeStore
 from retriever.store.hnsw import HnswParams, build_while_serving, default_build_threads
 from retriever.types import PointRecord, SnippetPayload
 
+slowest: list[float] = []  # [seconds into the phase, ms] of the slowest search of the last phase
+
 
 async def searching(store: EdgeStore, queries: np.ndarray, interval_s: float, stop: asyncio.Event,
                     times: list[float], errors: list[str]) -> None:
@@ -50,6 +52,8 @@ async def searching(store: EdgeStore, queries: np.ndarray, interval_s: float, st
         except StoreUnavailable as exc:  # the in-process build closes and reloads the shard
             errors.append(exc.message)
         times.append((time.perf_counter() - due) * 1000)
+        if times[-1] >= max(times):
+            slowest[:] = [due - start, times[-1]]
         i = max(i + 1, int((time.perf_counter() - start) / interval_s))  # searches due while frozen: counted once
         await asyncio.sleep(max(0.0, start + i * interval_s - time.perf_counter()))
 
@@ -86,7 +90,8 @@ async def phase(store: EdgeStore, queries: np.ndarray, interval_s: float, work, 
 def row(name: str, times: list[float], seconds: float, note: str = "") -> None:
     p50 = statistics.median(times)
     p95 = sorted(times)[int(0.95 * (len(times) - 1))]
-    print(f"{name:<22} | {len(times):>8} | {seconds:>6.1f} | {p50:>7.2f} | {p95:>7.2f} | {max(times):>9.1f} | {note}")
+    print(f"{name:<22} | {len(times):>8} | {seconds:>6.1f} | {p50:>7.2f} | {p95:>7.2f} | {max(times):>9.1f} | {note}"
+          + (f" (slowest at {slowest[0]:.1f} s)" if slowest else ""))
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -101,20 +106,24 @@ async def run(args: argparse.Namespace) -> None:
     head = f"{'phase':<22} | {'searches':>8} | {'s':>6} | {'p50 ms':>7} | {'p95 ms':>7} | {'max ms':>9} | note"
     print(head + "\n" + "-" * len(head))
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("inproc", "beside"):
+        for name in ("beside",) if args.beside_only else ("inproc", "beside"):
             store = EdgeStore(Path(tmp) / name, "bench")
             await store.ensure_collection(DIM, "bench")
             await fill(store, image, text)
+            times, seconds, _, _ = await phase(store, queries, interval, lambda: asyncio.sleep(args.idle_s))
+            row("idle (exact scan)", times, seconds)
             if name == "inproc":
-                times, seconds, _, _ = await phase(store, queries, interval, lambda: asyncio.sleep(args.idle_s))
-                row("idle (exact scan)", times, seconds)
                 times, seconds, _, _ = await phase(store, queries, interval, lambda s=store: s.optimize(hnsw))
                 row("in-process optimize", times, seconds, "Edge holds the GIL: searches wait for the build")
             else:
                 times, seconds, result, written = await phase(
-                    store, queries, interval, lambda s=store: build_while_serving(s, beside), write_from=args.size)
+                    store, queries, interval, lambda s=store: build_while_serving(s, beside), write_from=0 if args.no_writes else args.size)
+                swap_at = result.seconds - result.swap_seconds
+                print(f"  copy ends at {result.copy_seconds:.1f} s, the child at ~{swap_at:.1f} s, the swap at "
+                      f"{result.seconds:.1f} s into the phase")
                 row("child-process build", times, seconds,
-                    f"child build {result.build_seconds:.1f} s, {written} upserts meanwhile, "
+                    f"copy {result.copy_seconds:.1f} s, child build {result.build_seconds:.1f} s, swap "
+                    f"{result.swap_seconds:.1f} s; {written} upserts meanwhile, "
                     f"{result.replayed_writes} replayed, {beside.max_indexing_threads} thread(s)")
                 store.hnsw_ef = 256
                 times, seconds, _, _ = await phase(store, queries, interval, lambda: asyncio.sleep(args.idle_s))
@@ -127,6 +136,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=100_000)
     parser.add_argument("--interval-ms", type=float, default=20.0)
     parser.add_argument("--idle-s", type=float, default=10.0, help="length of the idle phases")
+    parser.add_argument("--beside-only", action="store_true", help="skip the in-process build")
+    parser.add_argument("--no-writes", action="store_true", help="no upserts during the child-process build")
     parser.add_argument("--m", type=int, default=16)
     parser.add_argument("--ef-construct", type=int, default=128)
     asyncio.run(run(parser.parse_args()))

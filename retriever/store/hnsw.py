@@ -120,13 +120,16 @@ class BuildResult:
     segments: int = 0
     indexed_vectors: int = 0
     seconds: float = 0.0  # the whole run: copy, build, replay, swap
+    copy_seconds: float = 0.0  # the snapshot (writes paused)
     build_seconds: float = 0.0  # the child's graph build alone
+    swap_seconds: float = 0.0  # load the copy, replay, switch (writes paused)
     replayed_writes: int = 0  # writes applied to the old shard during the build, replayed on the new one
     shard: str = ""  # the directory now served
 
     def to_dict(self) -> dict[str, Any]:
         return {"points": self.points, "segments": self.segments, "indexed_vectors": self.indexed_vectors,
-                "seconds": round(self.seconds, 2), "build_seconds": round(self.build_seconds, 2),
+                "seconds": round(self.seconds, 2), "copy_seconds": round(self.copy_seconds, 2),
+                "build_seconds": round(self.build_seconds, 2), "swap_seconds": round(self.swap_seconds, 2),
                 "replayed_writes": self.replayed_writes, "shard": self.shard}
 
 
@@ -140,6 +143,7 @@ async def build_while_serving(store: EdgeStore, hnsw: HnswParams, *, nice: int =
     adopted = False
     try:
         await store.snapshot_to(work)
+        copied = time.perf_counter()
         proc = await asyncio.create_subprocess_exec(
             python, "-m", "retriever.store.hnsw", str(work), *hnsw.cli_args(), "--nice", str(nice),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -154,6 +158,7 @@ async def build_while_serving(store: EdgeStore, hnsw: HnswParams, *, nice: int =
         await asyncio.to_thread(os.rename, work, target)
         work = target
         # The swap is never cut short: cancelled half-way, the pointer could name a removed directory.
+        swapping = time.perf_counter()
         swap = asyncio.ensure_future(store.adopt(target))
         try:
             replayed = await asyncio.shield(swap)
@@ -163,9 +168,10 @@ async def build_while_serving(store: EdgeStore, hnsw: HnswParams, *, nice: int =
             raise
         adopted = True
         info = await store.index_info()
+        done = time.perf_counter()
         return BuildResult(points=info["points"], segments=info["segments"], indexed_vectors=info["indexed_vectors"],
-                           seconds=time.perf_counter() - started, build_seconds=float(child["seconds"]),
-                           replayed_writes=replayed, shard=target.name)
+                           seconds=done - started, copy_seconds=copied - started, build_seconds=float(child["seconds"]),
+                           swap_seconds=done - swapping, replayed_writes=replayed, shard=target.name)
     finally:
         if proc is not None and proc.returncode is None:  # cancelled: stop the child too
             proc.kill()
