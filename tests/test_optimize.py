@@ -141,6 +141,14 @@ async def test_command_refuses_a_store_held_by_a_server(
 
 
 # --- building beside a serving process (retriever/store/hnsw.py) ----------------------------------
+async def _served(tmp_path: Path, points: int) -> EdgeStore:
+    """The store a server would hold: ``points`` clustered points under ``tmp_path/qdrant``."""
+    store = EdgeStore(tmp_path / "qdrant", TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder")
+    await _fill(store, _vectors(points))
+    return store
+
+
 async def _wait_for_snapshot(store: EdgeStore, task: asyncio.Task) -> None:  # type: ignore[type-arg]
     for _ in range(500):
         if store._journal is not None or task.done():
@@ -184,10 +192,8 @@ async def test_build_while_serving_swaps_in_the_graph_and_keeps_concurrent_write
 
 
 async def test_a_failed_build_leaves_the_served_shard_alone(tmp_path: Path) -> None:
-    path = tmp_path / "qdrant"
-    store = EdgeStore(path, TEST_COLLECTION)
-    await store.ensure_collection(DIM, "test-embedder")
-    await _fill(store, _vectors(50))
+    store = await _served(tmp_path, 50)
+    path = store.path
     with pytest.raises(StoreUnavailable, match="HNSW build of .* failed"):
         await build_while_serving(store, SMALL, python="/bin/false")
     assert store._journal is None and sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION]
@@ -197,10 +203,8 @@ async def test_a_failed_build_leaves_the_served_shard_alone(tmp_path: Path) -> N
 
 
 async def test_a_cancelled_build_kills_the_child_and_removes_the_copy(tmp_path: Path) -> None:
-    path = tmp_path / "qdrant"
-    store = EdgeStore(path, TEST_COLLECTION)
-    await store.ensure_collection(DIM, "test-embedder")
-    await _fill(store, _vectors(50))
+    store = await _served(tmp_path, 50)
+    path = store.path
     sleeper = tmp_path / "slow-python"
     sleeper.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'child.pid'}\nexec sleep 60\n")
     sleeper.chmod(0o755)
@@ -226,10 +230,8 @@ async def test_a_build_gives_up_when_too_much_is_written_meanwhile(
     from retriever.store import edge
 
     monkeypatch.setattr(edge, "JOURNAL_MAX_POINTS", 5)  # the journal keeps the points: it is bounded
-    path = tmp_path / "qdrant"
-    store = EdgeStore(path, TEST_COLLECTION)
-    await store.ensure_collection(DIM, "test-embedder")
-    await _fill(store, _vectors(100))
+    store = await _served(tmp_path, 100)
+    path = store.path
     task = asyncio.create_task(build_while_serving(store, SMALL))
     await _wait_for_snapshot(store, task)
     await _fill(store, _vectors(6, seed=4), start=100)  # one write of 6 points: over the bound
