@@ -231,7 +231,7 @@ def main() -> int:
             if args.hnsw == "all" or (args.hnsw == "auto" and size >= settings.hnsw_min_points):
                 result = asyncio.run(optimize_store(settings, force=True))
                 print(f"{size} points: HNSW (m={result['m']}, ef_construct={result['ef_construct']}, "
-                      f"hnsw_ef={settings.hnsw_ef}) built in {result['seconds']:.1f} s, "
+                      f"hnsw_ef={settings.hnsw_ef or 'by size'}) built in {result['seconds']:.1f} s, "
                       f"{result['segments']} segments", flush=True)
                 rows += serve_and_measure(settings, queries, embedder, size, "hnsw")
     finally:

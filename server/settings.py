@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     hnsw_m: int = Field(16, ge=4, le=128, description="HNSW edges per node (`vlmrag optimize`, embedded store).")
     hnsw_ef_construct: int = Field(128, ge=8, description="HNSW build candidates (`vlmrag optimize`).")
     hnsw_ef: int = Field(
-        256, ge=1, description="HNSW search candidates of the embedded store (at least the limit); recall@20 "
-        "0.997 at 100k with 256, see benchmarks/README.md.",
+        0, ge=0, description="HNSW search candidates of the embedded store (at least the limit); 0 = by the "
+        "store's size: 256 up to 100k points (recall@20 0.997), rising to ~1000 at 1M (0.995; 256 gave "
+        "0.946 there), see benchmarks/README.md.",
     )
     hnsw_min_points: int = Field(
         50_000, ge=0, description="`vlmrag optimize` builds HNSW from this many points on (below it the exact "

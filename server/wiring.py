@@ -74,7 +74,7 @@ async def open_configured_store(settings: Settings, collection: str | None = Non
         read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
     )
     if isinstance(store, EdgeStore):
-        store.hnsw_ef = settings.hnsw_ef  # used once `vlmrag optimize` has built HNSW
+        store.hnsw_ef = settings.hnsw_ef or None  # once HNSW is built; 0 (None): by the shard's size
     return store
 
 

@@ -239,3 +239,13 @@ async def test_a_build_gives_up_when_too_much_is_written_meanwhile(
         await task
     assert sorted(p.name for p in path.iterdir()) == [TEST_COLLECTION] and await store.count() == 106
     await store.close()
+
+
+def test_the_search_beam_grows_with_the_graph() -> None:
+    from retriever.store.hnsw import auto_hnsw_ef
+
+    assert auto_hnsw_ef(0) == auto_hnsw_ef(100_000) == 256  # recall@20 0.997 at 100k
+    assert 1000 <= auto_hnsw_ef(1_000_000) <= 1024  # 1024 measured 0.995 at 1M, 256 only 0.946
+    assert auto_hnsw_ef(100_000_000) == 2048
+    sizes = [100_000, 200_000, 500_000, 1_000_000, 5_000_000]
+    assert [auto_hnsw_ef(n) for n in sizes] == sorted(auto_hnsw_ef(n) for n in sizes)

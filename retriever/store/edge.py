@@ -20,7 +20,7 @@ HNSW: ``optimize(HnswParams(...))`` reloads the shard with an HNSW config and bu
 dense vector in place (offline ``vlmrag optimize``); beside a server, retriever/store/hnsw.py builds a
 copy in a child process, and ``snapshot_to`` / ``adopt`` here copy the shard, journal the writes made
 meanwhile (every write goes through ``_write``) and swap the rebuilt copy in with them replayed.
-Searches then walk the graph (``hnsw_ef=256``: 0.8 ms instead of 6 ms at 100k, recall@20 0.997 on
+Searches then walk the graph (``hnsw_ef`` by size, ``hnsw.auto_hnsw_ef``; 256: 0.8 ms instead of 6 ms at 100k, recall@20 0.997 on
 clustered data, see benchmarks/bench_hnsw.py); points added afterwards land in a new appendable
 segment that is scanned exactly until the next build. ``search(..., exact=True)`` forces the scan.
 
@@ -55,7 +55,7 @@ from retriever.store.base import (
     lexical_order,
     normalize_id,
 )
-from retriever.store.hnsw import SHARD_CONFIG_FILE, HnswParams, hnsw_shard_config
+from retriever.store.hnsw import SHARD_CONFIG_FILE, HnswParams, auto_hnsw_ef, hnsw_shard_config
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
 
 log = logging.getLogger(__name__)
@@ -202,8 +202,9 @@ class EdgeStore:
         self._journaled_points = 0  # the journal keeps the points themselves: bounded by JOURNAL_MAX_POINTS
         self._journal_overflowed = False
         self._retiring: set[asyncio.Task[None]] = set()
-        #: HNSW search beam (``VLMRAG_HNSW_EF``); None = Edge's default (the build's ef_construct)
+        #: HNSW search beam (``VLMRAG_HNSW_EF``); None = by the shard's size (hnsw.auto_hnsw_ef, set at load)
         self.hnsw_ef: int | None = None
+        self._auto_ef = auto_hnsw_ef(0)
 
     # --- lifecycle -----------------------------------------------------------------------------
     async def open(self) -> None:
@@ -217,6 +218,7 @@ class EdgeStore:
             self._shard = await self._call(qe.EdgeShard.load, str(self.shard_dir))
             self._meta = self._read_meta()
             self._lexical = self._read_lexical()
+            self._auto_ef = auto_hnsw_ef(int((await self._call(self._shard.info)).points_count))
 
     def _read_meta(self) -> dict[str, Any] | None:
         meta_path = self.shard_dir / META_FILE
@@ -349,6 +351,7 @@ class EdgeStore:
             self._shard, self.shard_dir = new, shard_dir
             self.description = f"qdrant-edge:{shard_dir}"
             self._meta, self._lexical = self._read_meta(), self._read_lexical()
+            self._auto_ef = auto_hnsw_ef(int((await self._call(new.info)).points_count))
         task = asyncio.create_task(self._retire(old, old_dir, retire_after_s))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -438,7 +441,7 @@ class EdgeStore:
             return []
         # Without an HNSW segment (no `vlmrag optimize` yet) both are the same exact scan.
         params = qe.SearchParams(exact=True) if exact else (
-            qe.SearchParams(hnsw_ef=max(self.hnsw_ef, limit)) if self.hnsw_ef else None)
+            qe.SearchParams(hnsw_ef=max(self.hnsw_ef or self._auto_ef, limit)))
         request = qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(_vector(vector), using=vector_name),
             filter=build_filter(filters), with_payload=True, with_vector=False, params=params,

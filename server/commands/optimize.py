@@ -3,7 +3,7 @@
 Qdrant Edge scans every point of its one segment (exact search: ~5 ms at 100k x 512 float16 on two
 cores, ~50 ms at 1M). This builds an HNSW graph per dense vector with ``VLMRAG_HNSW_M`` /
 ``VLMRAG_HNSW_EF_CONSTRUCT`` (18 s per vector at 100k on 2 idle cores, up to ~50 s on a loaded
-box); the server then searches it with ``VLMRAG_HNSW_EF`` candidates (0.8 ms instead of 6 ms at
+box; ~33–46 min for both at 1M); the server then searches it with ``VLMRAG_HNSW_EF`` candidates (by size: 0.8 ms instead of 6 ms at
 100k, recall@20 0.997 against numpy's exact top-20 on clustered data, see benchmarks/README.md),
 and a request can still force the exact scan. Points added later are scanned exactly until the
 next build.
