@@ -36,7 +36,8 @@ from retriever.embedder import load_embedder
 from server.app import create_app
 from server.vllm_client import VLLMClient
 from tests.support.fixtures_retriever import make_sample_images
-from tests.support.fixtures_server import UvicornThread, data_url, make_settings, png_bytes, sample_snippets
+from tests.support.fixtures_server import UvicornThread, make_settings, sample_snippets
+from tests.support.media import data_url, png_bytes
 from tests.support.tiny_clip import write_tiny_clip_config
 from tests.support.vllm_server import free_port, start_tiny_vllm
 

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.support.fixtures_retriever import make_sample_images
-from tests.support.fixtures_server import data_url, png_bytes, sample_snippets
+from tests.support.fixtures_server import sample_snippets
+from tests.support.media import data_url, png_bytes
 from tests.support.tiny_clip import write_tiny_clip_config
 from tests.support.vllm_server import free_port, start_tiny_vllm
 
