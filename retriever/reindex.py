@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -41,27 +40,14 @@ from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, VlmragError
 from retriever.ingest.rules import IngestRules, has_text
 from retriever.lexical import snippet_lexical
-from retriever.store.base import VectorStore
+from retriever.store.base import VERSION_SEP, VectorStore, version_name, version_number
 from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore, point_current_at
 from retriever.store.remote import META_DIM, META_EMBEDDER, RemoteStore
 from retriever.types import PointRecord, StoredPoint
 
 log = logging.getLogger(__name__)
 
-VERSION_SEP = "__v"
 ProgressFn = Callable[[str, int, int | None], None]  # (phase, done, total)
-
-
-def version_name(collection: str, number: int) -> str:
-    return collection if number == 1 else f"{collection}{VERSION_SEP}{number}"
-
-
-def version_number(collection: str, name: str) -> int | None:
-    """1 for the plain name, N for ``<collection>__vN``, None for anything else."""
-    if name == collection:
-        return 1
-    match = re.fullmatch(re.escape(collection) + re.escape(VERSION_SEP) + r"(\d+)", name)
-    return int(match.group(1)) if match else None
 
 
 class Versions(Protocol):

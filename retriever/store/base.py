@@ -7,6 +7,7 @@ locks and unreachable servers, ``Conflict`` for an embedder mismatch, ``NotFound
 
 from __future__ import annotations
 
+import re
 from typing import Protocol, runtime_checkable
 
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
@@ -74,6 +75,23 @@ VECTOR_NAMES: tuple[str, ...] = ("image", "text")
 LEXICAL_VECTOR = "lexical"
 #: keyword payload indexes created with the collection (the filter and facet fields)
 KEYWORD_FIELDS: tuple[str, ...] = ("kind", "source", "tags", "content_hash")
+
+
+#: Versions of one collection (a re-index to a new model, an HNSW rebuild beside the server):
+#: ``<collection>__v2``, ``__v3``...; the plain name is version 1.
+VERSION_SEP = "__v"
+
+
+def version_name(collection: str, number: int) -> str:
+    return collection if number == 1 else f"{collection}{VERSION_SEP}{number}"
+
+
+def version_number(collection: str, name: str) -> int | None:
+    """1 for the plain name, N for ``<collection>__vN``, None for anything else."""
+    if name == collection:
+        return 1
+    match = re.fullmatch(re.escape(collection) + re.escape(VERSION_SEP) + r"(\d+)", name)
+    return int(match.group(1)) if match else None
 
 
 def normalize_id(point_id: str) -> str:

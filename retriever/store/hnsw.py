@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import qdrant_edge as qe
 
 from retriever.errors import StoreUnavailable
+from retriever.store.base import version_name, version_number
 
 if TYPE_CHECKING:
     from retriever.store.edge import EdgeStore
@@ -120,8 +121,6 @@ def default_build_threads() -> int:
 
 def next_version_name(path: Path, collection: str) -> str:
     """``<collection>__vN`` one above every version present (the plain name counts as 1)."""
-    from retriever.reindex import version_name, version_number  # reindex imports the store: import late
-
     numbers = [version_number(collection, p.name) or 0 for p in path.iterdir() if p.is_dir()] if path.is_dir() else []
     return version_name(collection, max(numbers + [1]) + 1)
 
