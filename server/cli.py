@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "delete": ("server.commands.delete", "Delete snippets by source or id."),
     "eval": ("server.commands.eval", "Evaluate CLIP vs re-ranked adaptive selection on a COCO-captions set."),
     "reindex": ("server.commands.reindex", "Re-embed the knowledge base with a new CLIP model, no downtime."),
-    "optimize": ("server.commands.optimize", "Build HNSW for the embedded store (offline: stop vlmrag serve first)."),
+    "optimize": ("server.commands.optimize", "Build HNSW for the embedded store (through the server when one holds it)."),
     "backfill-lexical": ("server.commands.backfill_lexical", "Add BM25 (lexical) vectors to an older collection."),
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
     "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),

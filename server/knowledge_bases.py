@@ -86,6 +86,11 @@ def blob_namespace(name: str) -> str:
     return "" if name == DEFAULT_KB else f"kbs/{name}/"
 
 
+def kb_of(settings: Settings) -> str:
+    """The KB ``settings_for_kb`` made these settings for (its blob namespace names it), else the default."""
+    return settings.blob_namespace.strip("/").rsplit("/", 1)[-1] if settings.blob_namespace else DEFAULT_KB
+
+
 def settings_for_kb(settings: Settings, name: str) -> Settings:
     """Settings whose one collection and blob namespace are KB ``name``'s (the CLI's ``--kb``).
 

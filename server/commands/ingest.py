@@ -35,10 +35,10 @@ from retriever.ingest.pipeline import IngestReport
 from retriever.ingest.readers import IngestItem, read_paths
 from retriever.ingest.rules import IngestRules, snippet_tags
 from retriever.progress import ProgressBar
+from server.knowledge_bases import DEFAULT_KB, kb_of
 from server.settings import Settings
 from server.wiring import build_knowledge_base
 
-SERVER_FILE = "server.json"
 API_KEY_ENV = "VLMRAG_API_KEY"
 REMOTE_CONCURRENCY = 4
 
@@ -93,19 +93,10 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 def find_running_server(data_dir: Path) -> str | None:
     """The URL in ``DATA_DIR/server.json`` if its pid is alive, else None."""
-    try:
-        info = json.loads((Path(data_dir) / SERVER_FILE).read_text(encoding="utf-8"))
-        url, pid = str(info["url"]), int(info.get("pid", 0))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if pid > 0:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None  # stale file from a server that died
-        except PermissionError:
-            pass  # alive, owned by someone else
-    return url.rstrip("/")
+    from server.commands.serve import read_run_file  # uvicorn: only when needed
+
+    info = read_run_file(data_dir)
+    return None if info is None else str(info["url"]).rstrip("/")
 
 
 def _show(bar: ProgressBar, report: IngestReport) -> None:
@@ -140,7 +131,7 @@ async def _remote(
     headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(API_KEY_ENV)) else {}
     limit = asyncio.Semaphore(REMOTE_CONCURRENCY)
     # `vlmrag --kb NAME`: the service is asked for that KB (its blob namespace is "kbs/NAME/")
-    kb = settings.blob_namespace.strip("/").rsplit("/", 1)[-1] if settings.blob_namespace else None
+    kb = None if (name := kb_of(settings)) == DEFAULT_KB else name
     async with httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, params={"kb": kb} if kb else None,
                                  timeout=httpx.Timeout(120.0, connect=5.0)) as client:
         with ProgressBar("ingesting", len(items), enabled=show_bar) as bar:

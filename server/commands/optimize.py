@@ -42,7 +42,7 @@ from server.settings import Settings
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     parser = subparsers.add_parser(
-        "optimize", help="Build HNSW for the embedded store (offline: stop vlmrag serve first).",
+        "optimize", help="Build HNSW for the embedded store (through the server when one holds it).",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--force", action="store_true", help="Build even below VLMRAG_HNSW_MIN_POINTS points.")
@@ -115,8 +115,9 @@ async def _through_server(url: str, settings: Settings, result: dict[str, Any], 
                           poll_s: float) -> dict[str, Any]:
     """Start the build on the server holding the store and (``wait``) follow it to its end."""
     from server.commands.ingest import API_KEY_ENV
+    from server.knowledge_bases import kb_of
 
-    kb = settings.blob_namespace.strip("/").rsplit("/", 1)[-1] if settings.blob_namespace else "default"
+    kb = kb_of(settings)
     headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get(API_KEY_ENV)) else {}
     path = f"/v1/knowledge-bases/{kb}/optimize"
     result.update(store=f"knowledge base {kb}", via=url)

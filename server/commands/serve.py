@@ -48,18 +48,50 @@ def run_file_path(settings: Settings) -> Path:
     return Path(settings.data_dir) / RUN_FILE_NAME
 
 
-def read_run_file(settings: Settings) -> dict[str, Any] | None:
-    """``{"url", "pid"}`` of the server running on this data dir, or None (absent, stale or unreadable)."""
+def read_run_file(data_dir: Path) -> dict[str, Any] | None:
+    """``{"url", "pid", ...}`` of the server running on ``data_dir``, or None (absent, stale or unreadable)."""
     try:
-        info = json.loads(run_file_path(settings).read_text(encoding="utf-8"))
-        os.kill(int(info["pid"]), 0)  # signal 0: does the process still exist?
-    except (OSError, ValueError, KeyError, TypeError):
+        info = json.loads((Path(data_dir) / RUN_FILE_NAME).read_text(encoding="utf-8"))
+        str(info["url"])
+        pid = int(info.get("pid", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+    if pid > 0:
+        try:
+            os.kill(pid, 0)  # signal 0: does the process still exist?
+        except ProcessLookupError:
+            return None  # stale file from a server that died
+        except PermissionError:
+            pass  # alive, owned by someone else
     return info
 
 
 def _client_host(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
+def client_url(sockname: Any) -> str:
+    """The URL a client on this machine reaches a socket bound to ``sockname`` (host, port, ...) at."""
+    host, port = sockname[:2]
+    shown = _client_host(str(host))
+    return f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+
+
+def announce(run_file: Path, url: str, **extra: Any) -> None:
+    """Write the run file ``{"url", "pid", **extra}`` atomically: readers never see half a file."""
+    run_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **extra}), encoding="utf-8")
+    tmp.replace(run_file)
+
+
+def withdraw(run_file: Path) -> None:
+    """Remove the run file if this process wrote it (never another server's announcement)."""
+    try:
+        if json.loads(run_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
+            run_file.unlink()
+    except (OSError, ValueError):
+        pass
 
 
 class AnnouncingServer(uvicorn.Server):
@@ -74,13 +106,8 @@ class AnnouncingServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started or not self.servers:
             return
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        shown = _client_host(str(host))
-        self.url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
-        self.run_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"url": self.url, "pid": os.getpid()}), encoding="utf-8")
-        tmp.replace(self.run_file)  # atomic: readers never see half a file
+        self.url = client_url(self.servers[0].sockets[0].getsockname())
+        announce(self.run_file, self.url)
         log.info("vlmrag serving at %s", self.url)
 
     async def shutdown(self, sockets: Any = None) -> None:
@@ -92,12 +119,7 @@ class AnnouncingServer(uvicorn.Server):
             self.remove_run_file()
 
     def remove_run_file(self) -> None:
-        try:
-            info = json.loads(self.run_file.read_text(encoding="utf-8"))
-            if info.get("pid") == os.getpid():  # never remove another server's announcement
-                self.run_file.unlink()
-        except (OSError, ValueError):
-            pass
+        withdraw(self.run_file)
 
 
 def preflight(settings: Settings) -> None:
@@ -111,7 +133,7 @@ def preflight(settings: Settings) -> None:
         try:
             check_not_locked(settings.embedded_store_path, settings.collection)
         except StoreUnavailable as exc:
-            running = read_run_file(settings)
+            running = read_run_file(settings.data_dir)
             if running is None:
                 raise
             raise StoreUnavailable(f"{exc.message}; vlmrag already serves this data dir at {running['url']}") from None
@@ -241,27 +263,19 @@ def _run_workers(settings: Settings) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s), proxy_headers=False,
     )
     sock = config.bind_socket()
-    host, port = sock.getsockname()[:2]
+    port = sock.getsockname()[1]
     shared = worker_settings(settings, settings.workers).model_copy(update={"port": port})  # port 0: the bound one
     os.environ[WORKER_SETTINGS_ENV] = shared.model_dump_json()
-    shown = _client_host(str(host))
-    url = f"http://[{shown}]:{port}" if ":" in shown else f"http://{shown}:{port}"
+    url = client_url(sock.getsockname())
     run_file = run_file_path(settings)
-    run_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), "workers": settings.workers}), encoding="utf-8")
-    tmp.replace(run_file)
+    announce(run_file, url, workers=settings.workers)
     log.info("vlmrag serving at %s with %d workers", url, settings.workers)
     supervisor = Multiprocess(config, sockets=[sock])
     try:
         supervisor.run()
     finally:
         sock.close()
-        try:
-            if json.loads(run_file.read_text(encoding="utf-8")).get("pid") == os.getpid():
-                run_file.unlink()
-        except (OSError, ValueError):
-            pass
+        withdraw(run_file)
     # the supervisor stops early when a worker failed before it served (STARTUP_FAILURE)
     failed = any(p.exitcode == STARTUP_FAILURE for p in supervisor.processes)
     return 1 if failed else 0
