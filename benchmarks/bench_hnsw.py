@@ -36,10 +36,10 @@ from retriever.store.edge import EdgeStore, HnswParams
 
 
 def clustered_with_queries(n: int, n_queries: int, rng: np.random.Generator,
-                           clusters: int = 64) -> tuple[np.ndarray, np.ndarray]:
+                           clusters: int = 64, dim: int = DIM) -> tuple[np.ndarray, np.ndarray]:
     """Points and queries around the same random centres, unit length."""
-    centres = rng.normal(size=(clusters, DIM)).astype(np.float32)
-    rows = centres[rng.integers(0, clusters, n + n_queries)] + 0.6 * rng.normal(size=(n + n_queries, DIM)).astype(
+    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
+    rows = centres[rng.integers(0, clusters, n + n_queries)] + 0.6 * rng.normal(size=(n + n_queries, dim)).astype(
         np.float32)
     rows /= np.linalg.norm(rows, axis=1, keepdims=True)
     return rows[:n], rows[n:]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_hnsw import clustered_with_queries
-from benchmarks.bench_search import DIM, fill
+from benchmarks.bench_search import DIM, fill, percentiles
 from retriever.errors import StoreUnavailable
 from retriever.store.edge import EdgeStore
 from retriever.store.hnsw import HnswParams, build_while_serving, default_build_threads
@@ -88,8 +87,7 @@ async def phase(store: EdgeStore, queries: np.ndarray, interval_s: float, work, 
 
 
 def row(name: str, times: list[float], seconds: float, note: str = "") -> None:
-    p50 = statistics.median(times)
-    p95 = sorted(times)[int(0.95 * (len(times) - 1))]
+    p50, p95 = percentiles(times)
     print(f"{name:<22} | {len(times):>8} | {seconds:>6.1f} | {p50:>7.2f} | {p95:>7.2f} | {max(times):>9.1f} | {note}"
           + (f" (slowest at {slowest[0]:.1f} s)" if slowest else ""))
 

@@ -45,6 +45,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_hnsw import clustered_with_queries
+from benchmarks.bench_service import pct
 from retriever.embedder import ClipEmbedder
 from retriever.lexical import snippet_lexical
 from retriever.store.edge import EdgeStore
@@ -89,13 +91,6 @@ def questions(count: int, rng: np.random.Generator) -> list[str]:
     return list(out)
 
 
-def clustered(n: int, dim: int, rng: np.random.Generator, clusters: int = 64) -> np.ndarray:
-    """Unit vectors around random centres (bench_hnsw.clustered_with_queries' recipe, any dim)."""
-    centres = rng.normal(size=(clusters, dim)).astype(np.float32)
-    rows = centres[rng.integers(0, clusters, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
 async def fill(settings: Settings, embedder: ClipEmbedder, n: int, rng: np.random.Generator,
                batch: int = 2000) -> float:
     """N synthetic snippets into the settings' embedded store; returns seconds."""
@@ -105,7 +100,7 @@ async def fill(settings: Settings, embedder: ClipEmbedder, n: int, rng: np.rando
     await store.ensure_collection(embedder.dim, embedder.identity)
     for start in range(0, n, batch):
         stop = min(start + batch, n)
-        image, text = clustered(stop - start, embedder.dim, rng), clustered(stop - start, embedder.dim, rng)
+        image, text = (clustered_with_queries(stop - start, 0, rng, dim=embedder.dim)[0] for _ in range(2))
         points = []
         for i, k in enumerate(range(start, stop)):
             payload = SnippetPayload(kind="text", text=snippet_text(rng), source=f"manuals/{k % 500:03d}.pdf",
@@ -116,11 +111,6 @@ async def fill(settings: Settings, embedder: ClipEmbedder, n: int, rng: np.rando
         await store.upsert(points)
     await store.close()
     return time.perf_counter() - started
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def encode_floor(embedder: ClipEmbedder, queries: list[str]) -> list[float]:
