@@ -45,6 +45,7 @@ from server.routes import (
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
+from server.services.ingestion import IngestionService
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -194,6 +195,7 @@ def create_app(
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
                 answer_log=answer_log, hnsw_builds=hnsw_builds,
+                ingestion=IngestionService(settings, kbs, metrics, hnsw_builds),
             )
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield

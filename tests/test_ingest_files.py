@@ -7,7 +7,7 @@ import pytest
 
 from retriever.embedder import ClipEmbedder
 from server.app import create_app
-from server.routes.ingest_files import safe_filename
+from server.services.ingestion import safe_filename
 from server.settings import Settings
 from server.wiring import build_knowledge_base
 from tests.support.fake_vllm import FakeVLLM

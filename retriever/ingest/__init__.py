@@ -9,6 +9,7 @@ from retriever.ingest.pipeline import IngestFailure, IngestPipeline, IngestRepor
 from retriever.ingest.readers import (
     IngestItem,
     read_coco,
+    read_file,
     read_folder,
     read_jsonl,
     read_paths,
@@ -19,5 +20,5 @@ from retriever.ingest.rules import IngestRules, point_id_for
 
 __all__ = [
     "IngestFailure", "IngestItem", "IngestPipeline", "IngestReport", "IngestRules", "point_id_for", "read_coco",
-    "read_folder", "read_jsonl", "read_paths", "read_pdf", "split_passages",
+    "read_file", "read_folder", "read_jsonl", "read_paths", "read_pdf", "split_passages",
 ]

@@ -19,7 +19,7 @@ import json
 import logging
 import re
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
@@ -240,23 +240,11 @@ def read_folder(root: Path) -> Iterator[IngestItem]:
         rel = path.relative_to(root)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
-        source = f"{base}/{rel.as_posix()}"
         suffix = path.suffix.lower()
-        if suffix in IMAGE_SUFFIXES or suffix in REFUSED_IMAGE_SUFFIXES:
-            yield image_item(path, source)
-        elif suffix in TEXT_SUFFIXES or suffix == ".json":
-            if _is_sidecar(path):
-                continue
-            if suffix == ".json":
-                yield from _read_json(path, source)
-            else:
-                yield from read_text_file(path, source)
-        elif suffix == ".pdf":
-            yield from read_pdf(path, source=source)
-        elif suffix == ".jsonl":
-            yield from read_jsonl(path)
-        else:
+        if suffix not in READERS:
             log.debug("ingest: skipping %s (unknown file type)", path)
+        elif not (suffix in _SIDECAR_CANDIDATES and _is_sidecar(path)):
+            yield from read_file(path, f"{base}/{rel.as_posix()}")
 
 
 def _is_sidecar(path: Path) -> bool:
@@ -437,32 +425,61 @@ class _PageRenderer:
 
 # --- dispatch ------------------------------------------------------------------------------------
 
+Reader = Callable[[Path, str], Iterator[IngestItem]]  # (file, its source) -> its items
+
+
+def _read_image(path: Path, source: str) -> Iterator[IngestItem]:
+    yield image_item(path, source)  # refused formats get the pipeline's 415 reason
+
+
+def _read_pdf(path: Path, source: str) -> Iterator[IngestItem]:
+    return read_pdf(path, source=source)
+
+
+def _read_manifest(path: Path, source: str) -> Iterator[IngestItem]:
+    return read_jsonl(path)  # each line names its own source
+
+
+# Suffix -> reader: the one table every path dispatches by (`vlmrag ingest` through read_paths and
+# read_folder, POST /v1/ingest/files through read_file). A new reader is one line here.
+READERS: dict[str, Reader] = {
+    **dict.fromkeys(IMAGE_SUFFIXES | REFUSED_IMAGE_SUFFIXES, _read_image),
+    **dict.fromkeys(TEXT_SUFFIXES, read_text_file),
+    ".pdf": _read_pdf,
+    ".json": _read_json,  # COCO captions (a sidecar is read with its image)
+    ".jsonl": _read_manifest,
+}
+# Files that stand on their own. A manifest (JSONL, COCO JSON) names image files beside it: an upload
+# has none, and must not reach the server's own files through one.
+STANDALONE_SUFFIXES = frozenset(IMAGE_SUFFIXES | REFUSED_IMAGE_SUFFIXES | TEXT_SUFFIXES | {".pdf"})
+_SIDECAR_CANDIDATES = frozenset({*TEXT_SUFFIXES, ".json"})  # skipped in a folder when an image has their stem
+
+
+def read_file(
+    path: Path, source: str, *, accept: Collection[str] = READERS.keys(), hint: str = "",
+) -> Iterator[IngestItem]:
+    """One file's items, by its suffix; one failed item (``unsupported file type``, then ``hint``) when no
+    reader in ``accept`` takes it."""
+    suffix = path.suffix.lower()
+    reader = READERS.get(suffix) if suffix in accept else None
+    if reader is None:
+        yield failed_item(source, f"unsupported file type {suffix or '(none)'!r}" + (f": {hint}" if hint else ""))
+        return
+    yield from reader(path, source)
+
 
 def read_paths(paths: Iterable[str | Path], *, coco_images_dir: Path | None = None) -> Iterator[IngestItem]:
-    """Dispatch each path by type: folder, ``.jsonl``, ``.pdf``, COCO ``.json``, image, text file."""
+    """Each path: a folder (``read_folder``), else one file by ``read_file`` (COCO with ``coco_images_dir``)."""
     for raw in paths:
         path = Path(raw)
-        name = path.name or str(path)
-        suffix = path.suffix.lower()
         if path.is_dir():
             yield from read_folder(path)
         elif not path.exists():
             yield failed_item(str(raw), "no such file or directory")
-        elif suffix == ".jsonl":
-            yield from read_jsonl(path)
-        elif suffix == ".pdf":
-            yield from read_pdf(path)
-        elif suffix == ".json":
-            if coco_images_dir is not None:
-                yield from read_coco(path, coco_images_dir)
-            else:
-                yield from _read_json(path, name)
-        elif suffix in IMAGE_SUFFIXES or suffix in REFUSED_IMAGE_SUFFIXES:
-            yield image_item(path, name)
-        elif suffix in TEXT_SUFFIXES:
-            yield from read_text_file(path, name)
+        elif coco_images_dir is not None and path.suffix.lower() == ".json":
+            yield from read_coco(path, coco_images_dir)
         else:
-            yield failed_item(name, f"unsupported file type {suffix or '(none)'!r}")
+            yield from read_file(path, path.name or str(path))
 
 
 def _reason(exc: BaseException) -> str:

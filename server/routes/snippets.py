@@ -8,12 +8,10 @@ from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 from pydantic import Json
 
-from retriever.errors import InvalidInput
 from retriever.types import SearchFilters
 from server.api_models import DeleteResponse, SnippetCreated, SnippetInfo, SnippetList, StatsResponse
 from server.auth import AdminAuth, ChatAuth, ChatMediaAuth
-from server.deps import HnswBuildsDep, KBNameDep, KnowledgeBaseDep, MetricsDep, SettingsDep
-from server.limits import check_text_chars
+from server.deps import IngestionDep, KBNameDep, KnowledgeBaseDep, SettingsDep
 from server.services.links import snippet_info
 
 router = APIRouter(tags=["snippets"])
@@ -24,7 +22,7 @@ _IMAGE_CACHE = "private, max-age=86400"
 @router.post("/v1/snippets", response_model=SnippetCreated, status_code=201, dependencies=[AdminAuth],
              responses={200: {"model": SnippetCreated, "description": "Identical snippet already stored."}})
 async def add_snippet(
-    kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep, metrics: MetricsDep, builds: HnswBuildsDep,
+    kb_name: KBNameDep, ingestion: IngestionDep,
     image: Annotated[UploadFile | None, File(description="The snippet's image.")] = None,
     text: Annotated[str | None, Form(description="Text or caption.")] = None,
     source: Annotated[str, Form(max_length=1024)] = "",
@@ -35,19 +33,12 @@ async def add_snippet(
     ] = None,
 ) -> Any:
     """Embed and store one snippet (image, text or both) through the ingestion pipeline."""
-    check_text_chars(settings, text, "text")
-    data = await image.read() if image is not None else None
-    if data is not None and not data:
-        raise InvalidInput("the uploaded image is empty", param="image", code="empty_image")
-    filename = image.filename if image is not None else None
-    snippet_id, created = await kb.add_snippet(data, text, source, tags or [], filename, page=page, extra=extra)
-    if created:
-        metrics.kb_ingested.labels(kb_name).inc()
-        await builds.maybe_start(kb_name, kb)
-    point = await kb.get(snippet_id)
-    body = SnippetCreated(id=snippet_id, created=created,
-                          snippet=SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url, kb_name)))
-    return JSONResponse(body.model_dump(), status_code=201 if created else 200)
+    body = await ingestion.add_snippet(
+        kb_name, image=await image.read() if image is not None else None,
+        filename=image.filename if image is not None else None, text=text, source=source, tags=tags or (),
+        page=page, extra=extra,
+    )
+    return JSONResponse(body.model_dump(), status_code=201 if body.created else 200)
 
 
 @router.get("/v1/snippets", response_model=SnippetList, dependencies=[ChatAuth])
@@ -61,7 +52,7 @@ async def list_snippets(
     filters = SearchFilters(source=source) if source else None
     points, next_offset = await kb.list_snippets(limit, offset or None, filters)
     return SnippetList(
-        items=[SnippetInfo(**snippet_info(p.id, p.payload, settings.public_url, kb_name)) for p in points],
+        items=[snippet_info(p.id, p.payload, settings.public_url, kb_name) for p in points],
         next_offset=next_offset,
     )
 
@@ -69,7 +60,7 @@ async def list_snippets(
 @router.get("/v1/snippets/{snippet_id}", response_model=SnippetInfo, dependencies=[ChatAuth])
 async def get_snippet(snippet_id: str, kb: KnowledgeBaseDep, kb_name: KBNameDep, settings: SettingsDep) -> SnippetInfo:
     point = await kb.get(snippet_id)
-    return SnippetInfo(**snippet_info(point.id, point.payload, settings.public_url, kb_name))
+    return snippet_info(point.id, point.payload, settings.public_url, kb_name)
 
 
 @router.get("/v1/snippets/{snippet_id}/image", dependencies=[ChatMediaAuth],

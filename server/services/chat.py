@@ -340,7 +340,7 @@ class ChatService:
         """Kept snippets (numbered as cited) then the dropped ones."""
         base = self.settings.public_url
         numbered = [(c, n) for n, c in enumerate(context.kept, start=1)] + [(c, None) for c in context.dropped]
-        return [SourceItem(**source_item(c, n, base, context.kb_name)) for c, n in numbered]
+        return [source_item(c, n, base, context.kb_name) for c, n in numbered]
 
     # ------------------------------------------------------------------ calling the model
     async def complete(self, prepared: PreparedChat) -> ChatCompletionResponse:
