@@ -160,7 +160,8 @@ def create_app(
 
                 kb = await build_knowledge_base(settings, ocr=engine if settings.ocr_enabled else None)
                 stack.push_async_callback(kb.close)
-            metrics.watch_embed_cache(getattr(kb.embedder, "cache", None))  # every KB shares this embedder
+            # every KB shares this embedder (None: a read-only KB without one)
+            metrics.watch_embed_cache(kb.embedder.cache if kb.embedder is not None else None)
             kbs = KnowledgeBases(settings, await asyncio.to_thread(KBCatalog, database_url(settings)),
                                  _kb_opener(settings, kb, engine), default=kb)
             stack.push_async_callback(kbs.close)

@@ -8,10 +8,10 @@ are ASGI middleware, in ``server/middleware.py``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from retriever.errors import InvalidInput
+from server.message_parts import Message, image_count, text_parts
 from server.settings import Settings
 
 
@@ -65,13 +65,9 @@ def check_upload_count(settings: Settings, count: int, param: str = "files") -> 
                            "(VLMRAG_LIMIT_UPLOAD_FILES)", param=param, code="too_many_files")
 
 
-def _parts(content: Any) -> Iterable[Any]:
-    return content if isinstance(content, list) else ()
-
-
-def check_chat_request(settings: Settings, messages: Sequence[Any], *, max_tokens: int | None = None,
+def check_chat_request(settings: Settings, messages: Sequence[Message], *, max_tokens: int | None = None,
                        k: int | None = None, pool: int | None = None) -> None:
-    """Every settings-dependent cap of a chat request (``server.protocol.ChatMessage`` list).
+    """Every settings-dependent cap of a chat request (its messages as OpenAI dicts).
 
     Counts characters of the text parts and images of the ``image_url`` parts of each message;
     raises ``InvalidInput`` (400) for the first cap exceeded.
@@ -83,17 +79,9 @@ def check_chat_request(settings: Settings, messages: Sequence[Any], *, max_token
         )
     total_images = 0
     for i, message in enumerate(messages):
-        content = getattr(message, "content", None)
-        if isinstance(content, str):
-            check_text_chars(settings, content, f"messages[{i}].content")
-            continue
-        chars = images = 0
-        for part in _parts(content):
-            if getattr(part, "type", None) == "image_url":
-                images += 1
-            else:
-                chars += len(getattr(part, "text", "") or "")
-        _check_chars(settings, chars, f"messages[{i}].content")
+        content = message.get("content")
+        _check_chars(settings, sum(map(len, text_parts(content))), f"messages[{i}].content")
+        images = image_count([message])
         check_image_count(settings, images, per_message=True, param=f"messages[{i}].content")
         total_images += images
     check_image_count(settings, total_images, per_message=False, param="messages")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prompts import render
+from server.message_parts import parts_of, text_of
 
 # A marker no snippet text can contain (the `untrusted` filter strips NUL): where an image goes.
 _IMAGE_MARK = "\x00IMAGE:{}\x00"
@@ -36,20 +37,6 @@ class PromptSnippet:
     @property
     def has_image(self) -> bool:
         return self.image_url is not None
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
-
-
-def _parts_of(content: Any) -> list[dict[str, Any]]:
-    if isinstance(content, list):
-        return [dict(p) for p in content]
-    return [{"type": "text", "text": content or ""}]
 
 
 class PromptBuilder:
@@ -87,12 +74,12 @@ class PromptBuilder:
             instructions: the knowledge base's system-prompt addition (an operator instruction, first).
         """
         rules = [instructions.strip()] if instructions.strip() else []
-        rules += [_text_of(m.get("content")) for m in messages if m.get("role") in _OPERATOR_ROLES]
+        rules += [text_of(m.get("content")) for m in messages if m.get("role") in _OPERATOR_ROLES]
         operator = "\n\n".join(rules)
         turns = [dict(m) for m in messages if m.get("role") not in _OPERATOR_ROLES]
         last_user = max((i for i, m in enumerate(turns) if m.get("role") == "user"), default=None)
         if last_user is not None:
-            question = _parts_of(turns[last_user].get("content"))
+            question = [dict(p) for p in parts_of(turns[last_user].get("content"))]
             turns[last_user] = {"role": "user", "content": _merge_text(self.context_parts(snippets) + question)}
         return [{"role": "system", "content": self.system_prompt(operator)}, *turns]
 

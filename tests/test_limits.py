@@ -155,6 +155,11 @@ def _chat(messages: list[dict[str, object]], **kw: object) -> ChatCompletionRequ
     return ChatCompletionRequest.model_validate({"messages": messages, **kw})
 
 
+def _dumped(request: ChatCompletionRequest) -> list[dict[str, object]]:
+    """The messages as the chat service checks them: OpenAI dicts."""
+    return [m.model_dump(exclude_none=True) for m in request.messages]
+
+
 IMG = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
 
 
@@ -173,7 +178,7 @@ def test_chat_caps(request_kw: dict[str, object], param: str, code: str) -> None
                          limit_images_per_request=3, limit_max_tokens=64)
     request = _chat(**request_kw)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput) as info:
-        check_chat_request(settings, request.messages, max_tokens=request.max_tokens)
+        check_chat_request(settings, _dumped(request), max_tokens=request.max_tokens)
     assert (info.value.param, info.value.code, info.value.status_code) == (param, code, 400)
 
 
@@ -184,7 +189,7 @@ def test_caps_at_the_limit_pass() -> None:
     request = _chat([{"role": "user", "content": [IMG, IMG, {"type": "text", "text": "x" * 100}]},
                      {"role": "assistant", "content": "x" * 100}, {"role": "user", "content": [IMG, IMG]}],
                     max_tokens=64)
-    check_chat_request(settings, request.messages, max_tokens=64, k=5, pool=50)
+    check_chat_request(settings, _dumped(request), max_tokens=64, k=5, pool=50)
     check_upload_count(settings, 2)
     with pytest.raises(InvalidInput) as info:
         check_retrieval_caps(settings, k=6, param_prefix="retrieval.")

@@ -29,8 +29,7 @@ async def ask(
     uploads = [(await f.read(), f.filename) for f in files]
     prepared = await service.prepare_ask(form.question, uploads, form.retrieval_options(),
                                          max_tokens=form.max_tokens, temperature=form.temperature,
-                                         kb_name=use_kb(http, choose_kb(caller, form.kb)))
-    prepared.owner = caller.key_id if caller is not None else ""  # only this key may rate the answer
+                                         kb_name=use_kb(http, choose_kb(caller, form.kb)), caller=caller)
     if form.stream:
         return sse_response(await service.open_stream(prepared), metrics)
     result = await service.complete(prepared)

@@ -22,8 +22,7 @@ async def create_chat_completion(
     """Answer the conversation from the knowledge base; ``stream: true`` gives SSE chunks."""
     kb = use_kb(http, choose_kb(caller, request.retrieval.kb if request.retrieval else None, model=request.model,
                                 alias=settings.model_alias))
-    prepared = await service.prepare_chat(request, kb)
-    prepared.owner = caller.key_id if caller is not None else ""  # only this key may rate the answer
+    prepared = await service.prepare_chat(request, kb, caller=caller)
     if request.stream:
         return sse_response(await service.open_stream(prepared), metrics)
     return await service.complete(prepared)

@@ -18,12 +18,12 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import httpx
 from pydantic import ValidationError
 
-from retriever.errors import InvalidInput
+from retriever.errors import InvalidInput, VlmragError
 from retriever.images import DecodedImage, data_url, decode_image
 from retriever.knowledge_base import KnowledgeBase
 from retriever.plan import RetrievalPlan, Scorer
@@ -39,6 +39,7 @@ from server.api_models import (
 from server.feedback import AnswerLog, AnswerRecord
 from server.knowledge_bases import DEFAULT_KB, KBSpec, KnowledgeBases
 from server.limits import check_chat_request, check_image_count, check_text_chars
+from server.message_parts import image_count, image_parts, last_user_text
 from server.metrics import Metrics
 from server.prompting import PromptBuilder, PromptSnippet
 from server.protocol import (
@@ -71,6 +72,13 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 3)
 
 
+class Caller(Protocol):
+    """Who asks (``server/auth.py::Principal``); its key owns the answer."""
+
+    @property
+    def key_id(self) -> str: ...
+
+
 @dataclass(slots=True)
 class SelectedContext:
     """What retrieval + re-ranking produced for one query: the kept snippets and the dropped ones."""
@@ -98,7 +106,7 @@ class PreparedChat:
     search_query: str | None = None
     completion_id: str = field(default_factory=new_completion_id)
     created: int = field(default_factory=lambda: int(time.time()))
-    owner: str = ""  # the caller's key_id (set by the route): only it may rate the answer
+    owner: str = ""  # the caller's key_id: only it may rate the answer
     question: str = ""  # the last user message's text, for the answer log
     plan: dict[str, Any] = field(default_factory=dict)  # the resolved retrieval plan, for the answer log
 
@@ -214,30 +222,30 @@ class ChatService:
         return snippets
 
     # ------------------------------------------------------------------ preparing a chat
-    async def prepare_chat(self, request: ChatCompletionRequest, kb_name: str = DEFAULT_KB) -> PreparedChat:
-        """Validate, decode every image, retrieve for the conversation, build the model's body."""
+    async def prepare_chat(
+        self, request: ChatCompletionRequest, kb_name: str = DEFAULT_KB, *, caller: Caller | None = None,
+    ) -> PreparedChat:
+        """Validate, decode every image, retrieve for the conversation, build the model's body.
+
+        ``caller`` owns the answer: only its key may rate it (None: no key, auth off in tests).
+        """
         started = time.perf_counter()
         s = self.settings
         kb, spec = await self.knowledge_base(kb_name)
         plan = resolve_plan(s, request.retrieval, defaults=spec.retrieval)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        check_chat_request(s, request.messages, max_tokens=max_tokens, k=plan.k, pool=plan.pool)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        check_chat_request(s, messages, max_tokens=max_tokens, k=plan.k, pool=plan.pool)
         if not any(m.role == "user" for m in request.messages):
             raise InvalidInput("messages must contain at least one user message", param="messages")
-
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
-        self.check_prompt_images(_image_count(messages), "messages")
+        self.check_prompt_images(image_count(messages), "messages")
 
         t = time.perf_counter()
         images_by_turn: dict[int, list[QueryImage]] = {}
-        for i, message in enumerate(request.messages):
-            if isinstance(message.content, list):
-                for j, part in enumerate(message.content):
-                    if part.type == "image_url":
-                        image = await self.load_image_url(part.image_url.url, f"messages[{i}].content[{j}].image_url")
-                        # the model gets the validated inline copy, never a remote URL to fetch itself
-                        messages[i]["content"][j]["image_url"]["url"] = image.data_url
-                        images_by_turn.setdefault(i, []).append(image)
+        for i, j, part in image_parts(messages):
+            image = await self.load_image_url(part["image_url"]["url"], f"messages[{i}].content[{j}].image_url")
+            part["image_url"]["url"] = image.data_url  # the model gets the validated inline copy, never a URL to fetch
+            images_by_turn.setdefault(i, []).append(image)
         decode_ms = _ms(t)
 
         if plan.enabled and request.messages[-1].role == "tool" and plan.on_tool_result == "skip":
@@ -251,9 +259,9 @@ class ChatService:
             context.timings.update(query.timings)
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
         timings = {"decode": decode_ms, **context.timings}
-        prepared = self._prepared(body, request.model, context, timings, started)
+        prepared = self._prepared(body, request.model, context, timings, started, caller)
         prepared.search_query = query.text if query else None
-        prepared.question, prepared.plan = _last_user_text(messages), asdict(plan)
+        prepared.question, prepared.plan = last_user_text(messages), asdict(plan)
         return prepared
 
     async def _search_query(self, messages: list[dict[str, Any]], plan: RetrievalPlan) -> SearchQuery:
@@ -278,8 +286,9 @@ class ChatService:
     async def prepare_ask(
         self, question: str, images: list[tuple[bytes, str | None]], options: RetrievalOptions | None,
         *, max_tokens: int | None = None, temperature: float | None = None, kb_name: str = DEFAULT_KB,
+        caller: Caller | None = None,
     ) -> PreparedChat:
-        """The /v1/ask form as a one-turn chat: the question text plus uploaded images."""
+        """The /v1/ask form as a one-turn chat: the question text plus uploaded images (``caller`` as in chat)."""
         started = time.perf_counter()
         s = self.settings
         check_text_chars(s, question, "question")
@@ -301,12 +310,12 @@ class ChatService:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first.get("loc", ()))
             raise InvalidInput(f"{param}: {first.get('msg')}", param=param) from exc
-        check_chat_request(s, request.messages, max_tokens=max_tokens)
+        messages = [m.model_dump(exclude_none=True) for m in request.messages]
+        check_chat_request(s, messages, max_tokens=max_tokens)
         context = await self.retrieve(question, decoded, plan, kb)
         context.kb_name, context.instructions = kb_name, spec.system_prompt
-        messages = [m.model_dump(exclude_none=True) for m in request.messages]
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
-        prepared = self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started)
+        prepared = self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started, caller)
         prepared.question, prepared.plan = question, asdict(plan)
         return prepared
 
@@ -316,7 +325,7 @@ class ChatService:
     ) -> dict[str, Any]:
         t = time.perf_counter()
         if enabled:
-            budget = self.settings.vllm_max_images_per_prompt - _image_count(messages)
+            budget = self.settings.vllm_max_images_per_prompt - image_count(messages)
             snippets = await self._prompt_snippets(context.kb, context.kept, budget) if context.kb else []
             final = self.prompts.build_messages(messages, snippets, instructions=context.instructions)
         else:  # plain proxy: the caller's conversation as is
@@ -330,11 +339,12 @@ class ChatService:
 
     def _prepared(
         self, body: dict[str, Any], model: str | None, context: SelectedContext, timings: dict[str, float],
-        started: float,
+        started: float, caller: Caller | None,
     ) -> PreparedChat:
         sources = self.sources(context)
         return PreparedChat(body=body, model=model or self.settings.model_alias, context=context,
-                            sources=sources, timings=timings, started=started)
+                            sources=sources, timings=timings, started=started,
+                            owner=caller.key_id if caller is not None else "")
 
     def sources(self, context: SelectedContext) -> list[SourceItem]:
         """Kept snippets (numbered as cited) then the dropped ones."""
@@ -420,7 +430,7 @@ class ChatService:
             return
         context = prepared.context
         observed = {"scorer_used": context.scorer, "degraded": list(context.degraded),
-                    "answer_model": getattr(self.answer_client, "model", None), "timings": dict(prepared.timings),
+                    "answer_model": self.answer_client.model, "timings": dict(prepared.timings),
                     "request": {k: v for k, v in prepared.body.items() if k != "messages"}}
         record = AnswerRecord(
             completion_id=prepared.completion_id, key_id=prepared.owner, kb=context.kb_name,
@@ -432,7 +442,7 @@ class ChatService:
             await asyncio.wait_for(self.answer_log.record(record), self.settings.feedback_write_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the answer goes out whatever the log's trouble
             log.warning("answer %s not recorded in the answer log: %s", prepared.completion_id,
-                        getattr(exc, "message", None) or type(exc).__name__)
+                        exc.message if isinstance(exc, VlmragError) else type(exc).__name__)
             if self.metrics is not None:
                 self.metrics.observe_degraded(["answer_log"])
 
@@ -457,21 +467,3 @@ class ChatService:
         return SearchResponse(candidates=candidates, scorer=context.scorer, degraded=context.degraded,
                               timings=timings)
 
-
-def _last_user_text(messages: list[dict[str, Any]]) -> str:
-    """The text of the last user message (its text parts joined), the question an answer log keeps."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, str):
-                return content
-            if isinstance(content, list):
-                return "\n".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-            return ""
-    return ""
-
-
-def _image_count(messages: list[dict[str, Any]]) -> int:
-    """Image parts in the caller's messages (every one of them goes to the model)."""
-    return sum(1 for m in messages if isinstance(m.get("content"), list)
-               for part in m["content"] if isinstance(part, dict) and part.get("type") == "image_url")

@@ -22,6 +22,7 @@ from typing import Any
 
 from prompts import render
 from retriever.errors import VlmragError
+from server.message_parts import has_images, text_of
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,6 @@ class SearchQuery:
     mode: str = "last"  # the mode actually used
     degraded: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def text_of(content: Any) -> str:
-    """The text of a message's content (a string or parts)."""
-    if isinstance(content, str):
-        return content
-    return "\n".join(p.get("text", "") for p in content or [] if isinstance(p, dict) and p.get("type") == "text")
-
-
-def has_images(content: Any) -> bool:
-    return isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content)
 
 
 def user_turns(messages: list[dict[str, Any]]) -> list[int]:
