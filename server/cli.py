@@ -3,6 +3,11 @@
 Each command module defines ``register(subparsers) -> None`` which adds its parser and sets
 ``func=run`` where ``run(args, settings) -> int`` returns the exit code. Errors from the vlmrag
 error tree are printed as one line (no stack trace) and mapped to exit codes here.
+
+The global options (``--data-dir``, ``--kb``, ``-v``) go before or after the command
+(``vlmrag ingest --kb pumps manuals/`` is ``vlmrag --kb pumps ingest manuals/``). Logs go to stderr:
+ours from INFO, other libraries' (open_clip's "Parsing model identifier", httpx's requests…) only
+from WARNING, unless ``-v`` shows everything from DEBUG.
 """
 
 from __future__ import annotations
@@ -11,7 +16,9 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -36,6 +43,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "feedback": ("server.commands.feedback", "Export the ratings of answers (JSON lines or CSV)."),
 }
 COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
+# The loggers of our packages: INFO and up is shown; other libraries' only from WARNING (without -v).
+OWN_LOGGERS = ("server", "retriever", "prompts")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_GLOBAL_OPTIONS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
+    (("--data-dir",), {"default": None, "help": "Overrides VLMRAG_DATA_DIR."}),
+    (("--kb",), {"default": None,
+                 "help": "The knowledge base ingest, search, stats, delete, reindex work on (default: default)."}),
+    (("-v", "--verbose"), {"action": "store_true", "default": False,
+                           "help": "Debug logging, other libraries' INFO and DEBUG logs included."}),
+)
 
 
 def chosen_command(argv: Sequence[str]) -> str | None:
@@ -56,16 +73,60 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vlmrag", description="Multimodal RAG: CLIP retrieval over Qdrant, VLM re-ranking, answers via vLLM."
     )
-    parser.add_argument("--data-dir", help="Overrides VLMRAG_DATA_DIR.")
-    parser.add_argument("--kb", help="The knowledge base ingest, search, stats, delete, reindex work on (default: default).")
-    parser.add_argument("-v", "--verbose", action="store_true", help="Debug logging.")
+    add_global_options(parser)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():
         if command is None or name == command:
             importlib.import_module(module_name).register(subparsers)
         else:
             subparsers.add_parser(name, help=summary)
+    for sub in _subparsers_under(parser):
+        add_global_options(sub.add_argument_group("global options (also before the command)"), after_command=True)
     return parser
+
+
+def add_global_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *, after_command: bool = False) -> None:
+    """``--data-dir``, ``--kb``, ``-v``; after the command, one the command has itself (``feedback export --kb``)
+    stays the command's."""
+    taken = set(parser._option_string_actions)  # a group shares its parser's
+    for flags, options in _GLOBAL_OPTIONS:
+        if not taken.intersection(flags):
+            # SUPPRESS after the command: an option not given there leaves the one given before it alone.
+            parser.add_argument(*flags, **{**options, **({"default": argparse.SUPPRESS} if after_command else {})})
+
+
+def _subparsers_under(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command's parser, and their actions' (``kb create``, ``feedback export``…)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield sub
+                yield from _subparsers_under(sub)
+
+
+@contextmanager
+def cli_logging(verbose: bool) -> Iterator[None]:
+    """Logs to stderr for one command: ours from INFO, other libraries' from WARNING (all from DEBUG if verbose).
+
+    Undone on exit, so ``main`` called in-process (tests) leaves logging as it found it.
+    """
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    if not verbose:
+        handler.addFilter(_own_or_warning)
+    previous = root.level
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+def _own_or_warning(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or record.name.partition(".")[0] in OWN_LOGGERS
 
 
 def settings_problems(exc: ValidationError) -> str:
@@ -81,14 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(chosen_command(arguments) or "")
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    with cli_logging(args.verbose):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     try:
         settings = Settings(**overrides)

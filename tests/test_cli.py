@@ -231,3 +231,62 @@ def test_light_commands_do_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_global_options_work_after_the_command(cli_env: Path, tmp_path: Path, capsys) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "seal.md").write_text("# Seal\n\nThe P-100 impeller seal.\n")
+    assert main(["kb", "create", "pumps"]) == 0
+    assert main(["ingest", "--kb", "pumps", str(notes)]) == 0  # as people type it
+    assert run_json(capsys, "stats", "--json", "--kb", "pumps")[1]["count"] == 1
+    assert run_json(capsys, "--kb", "pumps", "stats", "--json")[1]["count"] == 1  # before the command, as ever
+    assert run_json(capsys, "stats", "--json")[1]["count"] == 0  # the default KB is another one
+    assert main(["stats", "--kb", "nope"]) == 1  # honoured there: no such KB
+
+    other = tmp_path / "other-data"
+    assert main(["ingest", str(notes), "--data-dir", str(other)]) == 0
+    assert run_json(capsys, "--data-dir", str(other), "stats", "--json")[1]["count"] == 1
+    assert run_json(capsys, "stats", "--json")[1]["count"] == 0  # VLMRAG_DATA_DIR's store got nothing
+
+
+def test_global_options_after_the_command_parse_as_before_it() -> None:
+    from server.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert (parse(["--kb", "a", "ingest", "x"]).kb, parse(["ingest", "x", "--kb", "a"]).kb) == ("a", "a")
+    assert parse(["--kb", "a", "ingest", "x", "--kb", "b"]).kb == "b"  # the later one wins
+    assert parse(["--kb", "a", "-v", "stats"]).kb == "a"  # not given after: the one before stays
+    assert (parse(["stats"]).verbose, parse(["stats", "-v"]).verbose, parse(["kb", "list", "-v"]).verbose) \
+        == (False, True, True)
+    assert parse(["kb", "create", "p", "--data-dir", "d"]).data_dir == "d"  # an action's parser too
+    export = parse(["feedback", "export", "--kb", "pumps"])  # the command's own --kb stays its own
+    assert (export.feedback_kb, export.kb) == ("pumps", None)
+
+
+def test_other_libraries_logs_are_quiet_unless_verbose(cli_env: Path, capsys) -> None:
+    import logging
+
+    from server.cli import cli_logging
+
+    before = logging.getLogger().level
+    with cli_logging(verbose=False):
+        logging.getLogger("server.some").info("ours at info")
+        logging.getLogger("retriever.some").debug("ours at debug")
+        logging.getLogger().info("theirs at info")  # open_clip logs like this, on the root logger
+        logging.getLogger("httpx").info("theirs too")
+        logging.getLogger("urllib3").warning("theirs, a warning")
+    err = capsys.readouterr().err
+    assert "ours at info" in err and "theirs, a warning" in err
+    assert "ours at debug" not in err and "theirs at info" not in err and "theirs too" not in err
+    with cli_logging(verbose=True):
+        logging.getLogger().info("theirs at info")
+        logging.getLogger("retriever.some").debug("ours at debug")
+    err = capsys.readouterr().err
+    assert "theirs at info" in err and "ours at debug" in err
+    assert logging.getLogger().level == before  # left as found (main runs in-process in tests)
+
+    assert main(["search", "a pump", "--json"]) == 0  # loads the (tiny) CLIP model through open_clip
+    assert "Parsing model identifier" not in capsys.readouterr().err
+    assert main(["search", "a pump", "--json", "-v"]) == 0
+    assert "Parsing model identifier" in capsys.readouterr().err
