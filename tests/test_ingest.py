@@ -268,6 +268,20 @@ def test_read_paths_dispatch(tmp_path: Path) -> None:
     assert "no such file" in items[0].error and "unsupported file type" in items[1].error
 
 
+def test_one_dispatcher_for_files_folders_and_uploads(tmp_path: Path) -> None:
+    from retriever.ingest.readers import READERS, STANDALONE_SUFFIXES, read_file
+
+    (tmp_path / "notes.md").write_text("# A\n\nB.\n")
+    (tmp_path / "list.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert {i.text for i in read_file(tmp_path / "list.jsonl", "list.jsonl")} == {"one", "two"}
+    assert [i.text for i in read_file(tmp_path / "notes.md", "n")] == [i.text for i in read_paths([tmp_path / "notes.md"])]
+    refused = list(read_file(tmp_path / "list.jsonl", "list.jsonl", accept=STANDALONE_SUFFIXES, hint="not here"))
+    assert [i.error for i in refused] == ["unsupported file type '.jsonl': not here"]
+    assert STANDALONE_SUFFIXES <= READERS.keys() and {".json", ".jsonl"}.isdisjoint(STANDALONE_SUFFIXES)
+    folder = {i.source for i in read_folder(tmp_path)}  # the folder reads both through the same table
+    assert folder == {f"{tmp_path.name}/notes.md", "list.jsonl#L1", "list.jsonl#L2"}
+
+
 # --- knowledge base ---------------------------------------------------------------------------------
 
 

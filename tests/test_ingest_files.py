@@ -76,3 +76,19 @@ async def test_refuses_an_empty_request_and_too_many_files(make_client) -> None:
 ])
 def test_safe_filename(name: str, expected: str) -> None:
     assert safe_filename(name, 0) == expected
+
+
+async def test_manifests_are_refused_as_uploads(client: httpx.AsyncClient, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A JSONL or COCO manifest names files beside it: uploaded, it must not reach the server's own files."""
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(png_bytes(make_sample_images(1)[0]))
+    files = [
+        ("files", ("list.jsonl", f'{{"image": "{secret}", "text": "x"}}\n'.encode(), "application/jsonl")),
+        ("files", ("captions.json", b'{"images": [], "annotations": []}', "application/json")),
+    ]
+    response = await client.post("/v1/ingest/files", files=files)
+    assert response.status_code == 200, response.text
+    for report in response.json()["files"]:
+        assert (report["ingested"], report["failed"]) == (0, 1)
+        assert "unsupported file type" in report["failures"][0]["reason"]
+        assert "upload PDF, text, Markdown or image files" in report["failures"][0]["reason"]
