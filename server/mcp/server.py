@@ -27,7 +27,7 @@ from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel.server import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from starlette.requests import Request
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
 from retriever.errors import Forbidden, RateLimited, Unauthorized, VlmragError
@@ -144,7 +144,17 @@ class McpEndpoint:
         await handler.handle(scope, receive, send)
 
 
+class McpRoute(Route):
+    """``/mcp``; it names itself in the scope as FastAPI's routes do, so request metrics label it ``/mcp``."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child_scope = super().matches(scope)
+        if match != Match.NONE:
+            child_scope["route"] = self
+        return match, child_scope
+
+
 def mount_mcp(app: FastAPI) -> None:
     """Serve ``/mcp`` (the lifespan must enter ``run_mcp`` and set ``app.state.mcp``)."""
-    app.router.routes.append(Route(PATH, endpoint=McpEndpoint(), methods=["GET", "POST", "DELETE"],
-                                   include_in_schema=False))
+    app.router.routes.append(McpRoute(PATH, endpoint=McpEndpoint(), methods=["GET", "POST", "DELETE"],
+                                      include_in_schema=False))
