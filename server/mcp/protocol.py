@@ -38,6 +38,14 @@ class AskArguments(ToolArguments):
     kb: str | None = Field(None, max_length=48, description=_KB)
 
 
+# the server's instructions to the assistant (initialize), over HTTP and stdio alike
+INSTRUCTIONS = (
+    "vlmrag is a multimodal knowledge base (text, images, PDF pages). Use search to find snippets and fetch "
+    "to read one in full; ask gets an answer with numbered citations. list_knowledge_bases names the "
+    "knowledge bases this key may use."
+)
+
+
 ARGUMENTS: dict[str, type[ToolArguments]] = {
     "search": SearchArguments, "fetch": FetchArguments,
     "list_knowledge_bases": ListKnowledgeBasesArguments, "ask": AskArguments,

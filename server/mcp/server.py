@@ -33,6 +33,7 @@ from starlette.types import Receive, Scope, Send
 from retriever.errors import Forbidden, RateLimited, Unauthorized, VlmragError
 from server.auth import authenticate, client_address
 from server.errors import body_for
+from server.mcp.protocol import INSTRUCTIONS
 from server.mcp.tools import McpCaller, McpTools
 
 if TYPE_CHECKING:
@@ -41,11 +42,6 @@ if TYPE_CHECKING:
 PATH = "/mcp"
 PRINCIPAL_SCOPE_KEY = "vlmrag.principal"  # where the endpoint leaves the caller for the tools
 SERVER_ERROR = -32001  # JSON-RPC implementation-defined server error: the request was refused before the SDK
-INSTRUCTIONS = (
-    "vlmrag is a multimodal knowledge base (text, images, PDF pages). Use search to find snippets and fetch "
-    "to read one in full; ask gets an answer with numbered citations. list_knowledge_bases names the "
-    "knowledge bases this key may use."
-)
 
 CallerOf = Callable[[ServerRequestContext[Any, Any]], McpCaller]
 

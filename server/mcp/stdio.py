@@ -26,6 +26,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from retriever.errors import Unauthorized, UpstreamUnavailable, VlmragError
+from server.mcp.protocol import INSTRUCTIONS
 from server.settings import Settings
 
 API_KEY_ENV = "VLMRAG_API_KEY"  # the variable `vlmrag ingest --server` reads too
@@ -83,8 +84,6 @@ def build_proxy_server(remote: ClientSession, url: str) -> Server[Any]:
             return types.CallToolResult(content=[types.TextContent(type="text", text=message)], is_error=True)
         return types.CallToolResult(content=result.content, structured_content=result.structured_content,
                                     is_error=result.is_error)
-
-    from server.mcp.server import INSTRUCTIONS  # fastapi and starlette only, no torch
 
     return Server("vlmrag", title="vlmrag knowledge base", instructions=INSTRUCTIONS,
                   on_list_tools=on_list_tools, on_call_tool=on_call_tool)
