@@ -15,6 +15,7 @@ call, KB bindings, input limits) is ``McpTools``'.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from collections.abc import AsyncIterator, Callable
@@ -128,8 +129,26 @@ async def run_mcp(state: AppState, *, version: str = "") -> AsyncIterator[McpHtt
     server = build_server(McpTools(state), http_caller(settings.public_url), version=version)
     manager = StreamableHTTPSessionManager(server, json_response=True, stateless=True,
                                            max_request_body_size=settings.limit_body_bytes)
-    async with manager.run():
+    # The manager's task group must be left in the task that entered it; a lifespan may be entered and left
+    # in two tasks (test clients do), so one task of its own holds it for the app's lifetime.
+    ready, stop = asyncio.Event(), asyncio.Event()
+
+    async def hold() -> None:
+        async with manager.run():
+            ready.set()
+            await stop.wait()
+
+    holder = asyncio.create_task(hold(), name="vlmrag-mcp-session-manager")
+    waiting = asyncio.ensure_future(ready.wait())
+    await asyncio.wait({holder, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    waiting.cancel()
+    if holder.done():
+        holder.result()  # it failed to start: raise why
+    try:
         yield McpHttp(state, manager)
+    finally:
+        stop.set()
+        await holder
 
 
 class McpEndpoint:
