@@ -1,6 +1,6 @@
 """Prometheus metrics of one app, on its own ``CollectorRegistry`` (tests build many apps per process).
 
-Stage latency (embed, search, rerank, generate, …), request latency by route template, tokens by
+Stage latency (embed, search, rerank, generate, …), request latency by route template, MCP tool calls, tokens by
 kind, errors by type, and the query-embedding cache (``vlmrag_embed_cache_*``, read from
 ``EmbedCache.stats()`` at scrape time). ``GET /metrics`` renders ``Metrics.render()``.
 """

@@ -251,6 +251,38 @@ async def test_any_arguments_get_a_result_or_a_clear_tool_error(
         assert result.structured_content is not None
 
 
+RAW_REQUESTS = [  # (method, body, content type, status): what a client that is not an MCP client may send
+    ("GET", None, None, 405),  # stateless with JSON responses: no standalone SSE stream to open
+    ("DELETE", None, None, 405),  # no sessions to end
+    ("POST", b"not json", "application/json", 400),
+    ("POST", b"[1, 2]", "application/json", 400),
+    ("POST", b"{}", "text/plain", 400),
+    ("POST", b'{"jsonrpc": "2.0", "id": 1, "method": "no/such"}', "application/json", 200),  # JSON-RPC error
+]
+
+
+@pytest.mark.parametrize("method,body,content_type,status", RAW_REQUESTS)
+def test_raw_http_gets_a_4xx_or_a_json_rpc_error_never_a_hang(
+    mcp_server: McpServer, method: str, body: bytes | None, content_type: str | None, status: int,
+) -> None:
+    headers = {"Authorization": f"Bearer {DEFAULT_KEY}", "Accept": "application/json, text/event-stream"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    response = httpx.request(method, mcp_server.mcp_url, content=body, headers=headers, timeout=10)
+    assert response.status_code == status, response.text[:300]
+    if status == 200:
+        assert response.json()["error"]["code"] == -32601
+
+
+def test_a_browser_origin_outside_cors_origins_is_refused(mcp_server: McpServer) -> None:
+    """The MCP spec's DNS-rebinding guard: a page on another origin cannot drive /mcp with a local key."""
+    ping = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Authorization": f"Bearer {DEFAULT_KEY}", "Accept": "application/json, text/event-stream"}
+    refused = httpx.post(mcp_server.mcp_url, json=ping, headers={**headers, "Origin": "http://evil.example"}, timeout=10)
+    assert refused.status_code == 403 and refused.json()["error"]["data"]["code"] == "origin_refused"
+    assert httpx.post(mcp_server.mcp_url, json=ping, headers=headers, timeout=10).json()["result"] == {}
+
+
 async def test_rate_limits_apply_per_tool_call(settings: Any, knowledge_base: Any, fake_vllm: Any) -> None:
     """Over the key's burst a call is a rate-limit tool error with retry_after (in-process app, its own limits)."""
     import httpx2

@@ -171,5 +171,5 @@ class McpRoute(Route):
 
 def mount_mcp(app: FastAPI) -> None:
     """Serve ``/mcp`` (the lifespan must enter ``run_mcp`` and set ``app.state.mcp``)."""
-    app.router.routes.append(McpRoute(PATH, endpoint=McpEndpoint(), methods=["GET", "POST", "DELETE"],
+    app.router.routes.append(McpRoute(PATH, endpoint=McpEndpoint(), methods=["POST"],
                                       include_in_schema=False))
