@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import mcp_types as types
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from mcp.shared.exceptions import MCPError
 
@@ -162,6 +162,8 @@ async def test_another_tenants_knowledge_base_and_snippet_are_not_found(mcp_serv
     assert {other_kb["type"], unknown_kb["type"], other_snippet["type"], in_own_kb["type"], bare["type"],
             asked["type"]} == {"not_found_error"}
     with mcp_server.rest(PUMPS_KEY) as rest:  # exactly REST's answers
+        refused = rest.post("/v1/search", params={"kb": "default"}, json={"text": "card"})
+        assert refused.status_code == 404 and refused.json()["error"]["message"] == other_kb["message"]
         assert rest.get(f"/v1/snippets/{photo}", params={"kb": "default"}).json()["error"]["message"] == \
             other_snippet["message"]
         assert rest.get(f"/v1/snippets/{photo}").json()["error"]["message"] == in_own_kb["message"] == bare["message"]
@@ -236,7 +238,7 @@ WEIRD_STRINGS = st.one_of(
 ARGUMENT = st.one_of(JSON, WEIRD_STRINGS)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None)
 @given(tool=st.sampled_from(sorted(TOOLS)), arguments=st.dictionaries(
     st.sampled_from(["query", "kb", "k", "image", "id", "question", "extra"]), ARGUMENT, max_size=4))
 async def test_any_arguments_get_a_result_or_a_clear_tool_error(
