@@ -26,6 +26,7 @@ from server.errors import error_responses, install_error_handlers
 from server.feedback import AnswerLog
 from server.gate import ModelCallGate
 from server.knowledge_bases import KBCatalog, KnowledgeBases, OpenKB, database_url
+from server.mcp.server import mount_mcp, run_mcp
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware, install_middleware
 from server.prompting import PromptBuilder
@@ -198,6 +199,8 @@ def create_app(
                 answer_log=answer_log, hnsw_builds=hnsw_builds,
                 ingestion=IngestionService(settings, kbs, metrics, hnsw_builds),
             )
+            if settings.mcp_enabled:  # FastAPI runs no mounted app's lifespan: the MCP session manager runs here
+                app.state.mcp = await stack.enter_async_context(run_mcp(app.state.vlmrag, version=app.version))
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield
 
@@ -213,6 +216,8 @@ def create_app(
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, models, health, pages):
         app.include_router(module.router)
+    if settings.mcp_enabled:
+        mount_mcp(app)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

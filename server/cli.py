@@ -41,6 +41,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
     "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),
     "feedback": ("server.commands.feedback", "Export the ratings of answers (JSON lines or CSV)."),
+    "mcp": ("server.commands.mcp", "Serve the knowledge base as MCP tools over stdio (for Claude Desktop, Cursor, ...)."),
 }
 COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())
 # The loggers of our packages: INFO and up is shown; other libraries' only from WARNING (without -v).

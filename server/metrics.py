@@ -1,6 +1,6 @@
 """Prometheus metrics of one app, on its own ``CollectorRegistry`` (tests build many apps per process).
 
-Stage latency (embed, search, rerank, generate, …), request latency by route template, tokens by
+Stage latency (embed, search, rerank, generate, …), request latency by route template, MCP tool calls, tokens by
 kind, errors by type, and the query-embedding cache (``vlmrag_embed_cache_*``, read from
 ``EmbedCache.stats()`` at scrape time). ``GET /metrics`` renders ``Metrics.render()``.
 """
@@ -89,6 +89,15 @@ class Metrics:
         self.kb_ingested = Counter(
             "vlmrag_kb_ingested_snippets", "Snippets added per knowledge base.", ["kb"], registry=self.registry,
         )
+        # MCP tools (server/mcp/): the label sets are bounded, tool names are a fixed set ("unknown" otherwise)
+        self.mcp_tool_calls = Counter(
+            "vlmrag_mcp_tool_calls", "MCP tool calls by tool and outcome (ok or the error type).", ["tool", "outcome"],
+            registry=self.registry,
+        )
+        self.mcp_tool_seconds = Histogram(
+            "vlmrag_mcp_tool_seconds", "MCP tool call latency (in the server, to the result).", ["tool"],
+            registry=self.registry, buckets=_BUCKETS,
+        )
         self.embed_cache = EmbedCacheCollector()
         self.registry.register(self.embed_cache)
 
@@ -120,6 +129,11 @@ class Metrics:
     def observe_degraded(self, stages: list[str]) -> None:
         for stage in stages:
             self.degraded.labels(stage).inc()
+
+    def observe_mcp_tool(self, tool: str, outcome: str, seconds: float) -> None:
+        """One MCP tool call: ``outcome`` is ``ok`` or the OpenAI error type it ended with."""
+        self.mcp_tool_calls.labels(tool, outcome).inc()
+        self.mcp_tool_seconds.labels(tool).observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

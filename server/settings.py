@@ -217,6 +217,15 @@ class Settings(BaseSettings):
     remote_image_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     remote_image_timeout_s: float = Field(5.0, gt=0)
 
+    # --- MCP server (server/mcp/) ---------------------------------------------------------------
+    mcp_enabled: bool = Field(True, description="Serve the MCP endpoint at /mcp (same keys and limits as the API).")
+    mcp_images: Literal["thumbnail", "full", "none"] = Field(
+        "thumbnail", description="Which image of a snippet MCP tool results carry as image content (none: links only).",
+    )
+    mcp_image_max_bytes: int = Field(
+        256 * 1024, ge=1024, description="Largest image one MCP result carries; a bigger one is re-encoded smaller.",
+    )
+
     # --- feedback (server/feedback.py) ---------------------------------------------------------
     feedback_database_url: str = Field(
         "", description="SQLAlchemy URL of the answer log and feedback; empty = database_url if set, else the "

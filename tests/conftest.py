@@ -5,4 +5,5 @@ pytest_plugins = [
     "tests.support.fixtures_vllm",
     "tests.support.fixtures_server",
     "tests.support.fixtures_browser",
+    "tests.support.fixtures_mcp",
 ]
