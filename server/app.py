@@ -41,10 +41,12 @@ from server.routes import (
     pages,
     search,
     snippets,
+    verify,
 )
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
+from server.services.verification import Verifier
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -184,16 +186,18 @@ def create_app(
             answer_log = await asyncio.to_thread(AnswerLog.from_settings, settings)
             stack.callback(answer_log.close)
             ocr = _query_ocr(settings, engine)
+            verifier = Verifier(settings, reranker=reranker, knowledge_bases=kbs, answer_log=answer_log,
+                                metrics=metrics)
             chat_service = ChatService(
                 settings, knowledge_bases=kbs, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
                 metrics=metrics, gate=gate, remote_images=remote, ocr=ocr,
-                answer_log=answer_log,
+                answer_log=answer_log, verifier=verifier,
             )
             app.state.vlmrag = AppState(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
-                answer_log=answer_log, hnsw_builds=hnsw_builds,
+                answer_log=answer_log, hnsw_builds=hnsw_builds, verifier=verifier,
             )
             log.info("vlmrag ready: model %s at %s, store %s", gen.model, ", ".join(gen.urls), kb.store.description)
             yield
@@ -208,7 +212,8 @@ def create_app(
     install_error_handlers(app, on_error=metrics.observe_error)
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, models, health, pages):
+    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, verify, models, health,
+                   pages):
         app.include_router(module.router)
     if STATIC_DIR.is_dir():
         app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")

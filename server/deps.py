@@ -17,6 +17,7 @@ from server.knowledge_bases import KnowledgeBases, choose_kb
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
+from server.services.verification import Verifier
 from server.settings import Settings
 from server.state import AppState
 
@@ -83,6 +84,10 @@ async def get_hnsw_builds(request: Request) -> HnswBuilds:
     return state_of(request).hnsw_builds
 
 
+async def get_verifier(request: Request) -> Verifier:
+    return state_of(request).verifier
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
@@ -94,3 +99,4 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]
 AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]
 HnswBuildsDep = Annotated[HnswBuilds, Depends(get_hnsw_builds)]
+VerifierDep = Annotated[Verifier, Depends(get_verifier)]

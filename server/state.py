@@ -15,6 +15,7 @@ from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
+from server.services.verification import Verifier
 from server.settings import Settings
 from server.vllm_client import VLLMClient
 
@@ -36,3 +37,4 @@ class AppState:
     access: AccessControl  # API keys and rate limiters, read by server/auth.py's dependencies
     answer_log: AnswerLog  # every answer's record and its feedback (server/feedback.py)
     hnsw_builds: HnswBuilds  # HNSW builds of embedded stores beside the server (server/services/hnsw_builds.py)
+    verifier: Verifier  # answers checked against their sources (server/services/verification.py), ChatService's
