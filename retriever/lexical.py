@@ -45,6 +45,7 @@ _CANDIDATE = re.compile(r"[^\W_]+(?:[-._/][^\W_]+)*")
 _WORD_PIECE = re.compile(r"[^\W_]+")
 # Letter/digit runs inside a piece: "E417" -> "E", "417".
 _PART = re.compile(r"\d+|[^\W\d_]+")
+_ASCII_DIGIT = re.compile(r"[0-9]")
 
 
 def identifier_matches(text: str) -> Iterator[tuple[re.Match[str], list[str]]]:
@@ -55,8 +56,9 @@ def identifier_matches(text: str) -> Iterator[tuple[re.Match[str], list[str]]]:
     """
     for match in _CANDIDATE.finditer(text):
         candidate = match.group(0)
-        if not any(ch.isdigit() for ch in candidate):
-            continue  # "well-known", "and/or": words, not identifiers
+        # "well-known", "and/or": words, not identifiers (the ASCII test first: most words, in C)
+        if not (_ASCII_DIGIT.search(candidate) if candidate.isascii() else any(ch.isdigit() for ch in candidate)):
+            continue
         parts = [part.lower() for part in _PART.findall(candidate)]
         if len(parts) < 2:
             continue  # "417", "pump": the tokenizer already has the whole thing

@@ -202,7 +202,7 @@ _NUMBER = r"\d+(?:[.,]\d+)*"
 _NUMBER_OR_WORD = rf"(?:{_NUMBER}|{'|'.join(_NUMBER_WORDS)})"
 # "2 min", "2min", "2-minute", "2–5 minutes" (both get the unit), "two years"; case-insensitive.
 _QUANTITY = re.compile(
-    rf"(?<![\w.,])(?<!\w-)(?P<first>{_NUMBER_OR_WORD})"  # not the "417" of "E-417"
+    rf"(?=[0-9zotfsenh])(?<![\w.,])(?<!\w-)(?P<first>{_NUMBER_OR_WORD})"  # not the "417" of "E-417"
     rf"(?:\s?(?:-|–|—|to)\s?(?P<second>{_NUMBER_OR_WORD}))?"
     rf"[ \u00a0\u202f-]?(?P<unit>{_UNIT_ALT})(?![^\W_])",
     re.IGNORECASE,
@@ -250,6 +250,21 @@ _QUOTES = tuple(re.compile(pattern.replace("N", str(_Q))) for pattern in (
 _SPACED_PAIR = re.compile(r"(?<![^\W_])([^\W\d_]{1,4}) (\d+)(?![^\W_])")  # "E 417" as OCR reads "E-417"
 
 
+# Where an identifier may start: a candidate of lexical's (same boundaries) with an ASCII digit or a
+# non-ASCII character in it; lexical.identifier_matches then decides exactly. Skipping the words
+# without digits in C makes the check ~2x faster than handing every word to Python.
+_MAYBE_IDENTIFIER = re.compile(
+    r"(?<![^\W_])(?=(?:[^\W_]|[-._/](?=[^\W_]))*?(?:[0-9]|[^\x00-\x7f]))[^\W_]+(?:[-._/][^\W_]+)*"
+)
+
+
+def _identifiers(text: str) -> Iterable[tuple[re.Match[str], int, list[str]]]:
+    """lexical.identifier_matches over ``text`` (match, its offset in ``text``, parts), words without digits skipped."""
+    for candidate in _MAYBE_IDENTIFIER.finditer(text):
+        for match, parts in identifier_matches(candidate.group(0)):
+            yield match, candidate.start(), parts
+
+
 def identifier_key(parts: Sequence[str]) -> str:
     """Compare identifiers by their parts: letters/digits joined, adjacent digit runs kept apart ("2.3")."""
     out = [parts[0]]
@@ -267,9 +282,9 @@ def _identifier_keys(key: str) -> tuple[str, ...]:
 
 def identifier_facts(text: str) -> Iterable[tuple[int, int, str]]:
     """(start, end, key) of each identifier in ``text``; ``E-417/E-418`` gives both."""
-    for match, _parts in identifier_matches(text):
+    for match, offset, _parts in _identifiers(text):
         pieces = match.group(0).split("/") if "/" in match.group(0) else [match.group(0)]
-        at = match.start()
+        at = offset + match.start()
         for piece in pieces:
             for sub, parts in identifier_matches(piece):
                 if not _ORDINAL.fullmatch(sub.group(0)):
@@ -297,10 +312,12 @@ class Evidence:
     def of(cls, source: SourceText) -> Evidence:
         raw = f"{source.text}\n{source.ocr_text}" if source.ocr_text else source.text
         identifiers: set[str] = set()
-        for _start, _end, key in identifier_facts(raw):
-            identifiers.update(_identifier_keys(key))
-        for match, parts in identifier_matches(raw):  # the whole of "E-417/E-418" too
+        for match, _offset, parts in _identifiers(raw):
             identifiers.update(_identifier_keys(identifier_key(parts)))
+            if "/" in match.group(0):  # "E-417/E-418": each of them too
+                for piece in match.group(0).split("/"):
+                    for _sub, sub_parts in identifier_matches(piece):
+                        identifiers.update(_identifier_keys(identifier_key(sub_parts)))
         for match in _SPACED_PAIR.finditer(raw):
             identifiers.add(f"{match.group(1).lower()}{match.group(2)}")
         quantities = {key for _s, _e, keys in quantity_matches(raw) for key in keys}
