@@ -269,6 +269,7 @@ async def model_plumbing(url: str, model: str, cases: list[Case]) -> int:
     calls: list[int] = []
     verdicts: dict[str, int] = {}
     degraded = 0
+    paths: dict[str, int] = {}
     try:
         for case in cases:
             kept = [Candidate(f"s{s.n}", SnippetPayload(kind="page", text=s.text), 0.0) for s in case.sources]
@@ -277,6 +278,8 @@ async def model_plumbing(url: str, model: str, cases: list[Case]) -> int:
             latencies.append(time.perf_counter() - started)
             calls.append(outcome.model_calls)
             degraded += bool(outcome.degraded)
+            for path, n in outcome.model_paths.items():
+                paths[path] = paths.get(path, 0) + n
             for claim in outcome.verification.claims:
                 key = {True: "supported", False: "unsupported", None: "null"}[claim.supported]
                 verdicts[key] = verdicts.get(key, 0) + 1
@@ -291,6 +294,7 @@ async def model_plumbing(url: str, model: str, cases: list[Case]) -> int:
     print(f"| latency per claim p50 | {statistics.median(t / max(1, c) for t, c in zip(latencies, calls)) * 1000:.0f} ms |")
     print(f"| answers degraded (a claim unscored) | {degraded} |")
     print(f"| claim verdicts | {verdicts} |")
+    print(f"| P(yes) paths | {paths} |")
     return 1 if degraded == len(cases) else 0
 
 

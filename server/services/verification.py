@@ -41,6 +41,7 @@ class VerificationOutcome:
     degraded: list[str] = field(default_factory=list)
     ms: float = 0.0
     model_calls: int = 0  # claims sent to the model
+    model_paths: dict[str, int] = field(default_factory=dict)  # P(yes) path -> claims (top_logprobs, prompt_logprobs)
 
     @property
     def any_unsupported(self) -> bool:
@@ -77,26 +78,26 @@ class Verifier:
         claims = verify_lexical(answer, [SourceText(n, c.payload.text, c.payload.ocr_text)
                                          for n, c in enumerate(kept, start=1)])
         degraded: list[str] = []
-        calls = 0
+        calls, paths = 0, {}
         if mode == "model" and claims:
-            calls, failed = await self._judge(claims, kept, load_image)
+            calls, failed, paths = await self._judge(claims, kept, load_image)
             if failed:
                 degraded.append("verify")
         verification = Verification(mode=mode, claims=[_claim(c) for c in claims],
                                     supported_ratio=supported_ratio(claims))
         ms = round((time.perf_counter() - started) * 1000, 3)
-        return VerificationOutcome(verification, degraded, ms, calls)
+        return VerificationOutcome(verification, degraded, ms, calls, paths)
 
     async def _judge(self, claims: list[ClaimCheck], kept: Sequence[Candidate],
-                     load_image: ImageLoader | None) -> tuple[int, int]:
-        """Model verdicts into ``claims`` (the first ``verify_max_claims``); (claims sent, claims unscored)."""
+                     load_image: ImageLoader | None) -> tuple[int, int, dict[str, int]]:
+        """Model verdicts into ``claims`` (the first ``verify_max_claims``); (claims sent, unscored, score paths)."""
         s = self.settings
         judged = claims[: s.verify_max_claims]
         if self.reranker is None or self.reranker.backend is None:
             for claim in judged:
                 claim.supported = False if claim.supported is False else None
                 claim.score = None
-            return 0, len(judged)
+            return 0, len(judged), {}
         images: list[bytes | None] = [None] * len(kept)
         if load_image is not None and s.vllm_max_images_per_prompt > 0:
             images = list(await asyncio.gather(*(load_image(c) if c.payload.image_ref else _none() for c in kept)))
@@ -111,7 +112,7 @@ class Verifier:
             if claim.supported is False:
                 continue  # a token no source contains: unsupported whatever the model says
             claim.supported = None if score is None else score >= s.verify_threshold
-        return len(judged), result.failed
+        return len(judged), result.failed, result.paths
 
     def observe(self, outcome: VerificationOutcome, source: Literal["chat", "api"]) -> None:
         """Count the check in /metrics: claims by verdict, answers by outcome."""
