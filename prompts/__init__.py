@@ -17,7 +17,7 @@ from typing import Any
 import jinja2
 
 # Text that could open or close one of our delimiters if left as is.
-_DELIMITER_RE = re.compile(r"<(?=\s*/?\s*(?:snippet|context|query|conversation)\b)", re.IGNORECASE)
+_DELIMITER_RE = re.compile(r"<(?=\s*/?\s*(?:snippet|context|query|conversation|sentence)\b)", re.IGNORECASE)
 
 
 def untrusted(text: Any) -> str:

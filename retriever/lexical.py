@@ -22,6 +22,7 @@ queries (``document_vector`` / ``query_vector``), which is all the consistency B
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from functools import lru_cache
 
 from retriever.types import SnippetPayload, SparseVector
@@ -44,18 +45,31 @@ _CANDIDATE = re.compile(r"[^\W_]+(?:[-._/][^\W_]+)*")
 _WORD_PIECE = re.compile(r"[^\W_]+")
 # Letter/digit runs inside a piece: "E417" -> "E", "417".
 _PART = re.compile(r"\d+|[^\W\d_]+")
+_ASCII_DIGIT = re.compile(r"[0-9]")
+
+
+def identifier_matches(text: str) -> Iterator[tuple[re.Match[str], list[str]]]:
+    """Each identifier in ``text`` (an alphanumeric run with a digit, two or more parts) and its lowercase parts.
+
+    ``E-417`` -> ``["e", "417"]``, ``v2.3.1`` -> ``["v", "2", "3", "1"]``; the answer checker
+    (``retriever/verify.py``) finds identifiers exactly as BM25 expands them here.
+    """
+    for match in _CANDIDATE.finditer(text):
+        candidate = match.group(0)
+        # "well-known", "and/or": words, not identifiers (the ASCII test first: most words, in C)
+        if not (_ASCII_DIGIT.search(candidate) if candidate.isascii() else any(ch.isdigit() for ch in candidate)):
+            continue
+        parts = [part.lower() for part in _PART.findall(candidate)]
+        if len(parts) < 2:
+            continue  # "417", "pump": the tokenizer already has the whole thing
+        yield match, parts
 
 
 def identifier_tokens(text: str) -> list[str]:
     """Extra tokens for the identifiers in ``text`` (lowercase), in order, repeats kept per occurrence."""
     extra: list[str] = []
-    for match in _CANDIDATE.finditer(text):
+    for match, parts in identifier_matches(text):
         candidate = match.group(0)
-        if not any(ch.isdigit() for ch in candidate):
-            continue  # "well-known", "and/or": words, not identifiers
-        parts = [part.lower() for part in _PART.findall(candidate)]
-        if len(parts) < 2:
-            continue  # "417", "pump": the tokenizer already has the whole thing
         produced = {piece.lower() for piece in _WORD_PIECE.findall(candidate)}
         if len(parts) > MAX_IDENTIFIER_PARTS:
             wanted = ["".join(parts)]

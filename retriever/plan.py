@@ -19,6 +19,8 @@ SCORERS: tuple[str, ...] = get_args(Scorer)
 QueryMode = Literal["last", "recent", "rewrite"]  # what of a conversation is searched
 RetrievalMode = Literal["hybrid", "dense", "lexical"]  # BM25 + CLIP fused, CLIP only, BM25 only
 OnToolResult = Literal["skip", "search"]  # a turn ending in a tool result: no new search, or search anyway
+VerifyMode = Literal["off", "lexical", "model"]  # the answer check (retriever/verify.py, retriever/verify_model.py)
+OnUnsupported = Literal["flag", "disclaim"]  # an unsupported claim: flagged in `verification`, or a sentence added
 
 
 @dataclass(slots=True)
@@ -37,6 +39,8 @@ class RetrievalPlan:
     enabled: bool = True
     query: QueryMode = "recent"
     on_tool_result: OnToolResult = "skip"
+    verify: VerifyMode = "lexical"
+    on_unsupported: OnUnsupported = "flag"
 
 
 # Plan field -> the Settings field that gives its default when the request leaves it out.
@@ -50,4 +54,6 @@ DEFAULT_SETTINGS: dict[str, str] = {
     "mode": "retrieval_mode",
     "query": "retrieval_query",
     "on_tool_result": "retrieval_on_tool_result",
+    "verify": "retrieval_verify",
+    "on_unsupported": "retrieval_on_unsupported",
 }

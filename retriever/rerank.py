@@ -343,6 +343,17 @@ class RerankService:
             raise ScoringFailed(f"{candidate.id} has neither an image nor text to judge")
         messages = build_relevancy_messages(query_text, query_urls, candidate, image_url,
                                             max_text_chars=self.max_text_chars)
+        return await self.yes_probability(messages, sem, what=candidate.id)
+
+    async def yes_probability(
+        self, messages: list[dict[str, Any]], sem: asyncio.Semaphore, *, what: str = "a question",
+    ) -> tuple[float, str]:
+        """P(yes) of a Yes/No question (``messages``) and its path; ``ScoringFailed`` when none can be had.
+
+        Top logprobs first, the prompt_logprobs replay if neither answer is listed. Shared by the
+        relevancy scorer and the answer check (``retriever/verify_model.py``).
+        """
+        assert self.backend is not None
         body = {"messages": messages, "max_tokens": 1, "temperature": 0.0,
                 "logprobs": True, "top_logprobs": self.top_logprobs}
         async with sem:
@@ -351,14 +362,14 @@ class RerankService:
         if score is not None:
             return score, path
         if path == MALFORMED:
-            log.warning("re-rank of %s: the model's logprobs are malformed", candidate.id)
-            raise ScoringFailed(f"malformed logprobs for {candidate.id}")
+            log.warning("scoring %s: the model's logprobs are malformed", what)
+            raise ScoringFailed(f"malformed logprobs for {what}")
         yes, no = await asyncio.gather(
             self._answer_logprob(messages, YES_ANSWER, sem), self._answer_logprob(messages, NO_ANSWER, sem),
         )
         score = score_from_answer_logprobs(yes, no)
         if score is None:
-            raise ScoringFailed(f"both answers have zero probability for {candidate.id}")
+            raise ScoringFailed(f"both answers have zero probability for {what}")
         return score, PATH_PROMPT
 
     async def _answer_logprob(self, messages: list[dict[str, Any]], answer: str, sem: asyncio.Semaphore) -> float:

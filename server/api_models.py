@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retriever.plan import OnToolResult, QueryMode, RetrievalMode, Scorer
+from retriever.plan import OnToolResult, OnUnsupported, QueryMode, RetrievalMode, Scorer, VerifyMode
 
 
 class RetrievalFilters(BaseModel):
@@ -57,6 +57,15 @@ class RetrievalOptions(RetrievalKnobs):
         None, description="When the last message is a tool result: `skip` searching (default) or `search`.",
     )
     kb: str | None = Field(None, max_length=48, description="Knowledge base; also chosen by model `vlmrag/<kb>`.")
+    verify: VerifyMode | None = Field(
+        None, description="Check each answer sentence against the kept snippets: `off`, `lexical` (default: "
+        "identifiers, numbers with units and quotes must occur in a cited snippet) or `model` (the relevancy "
+        "model also judges each sentence).",
+    )
+    on_unsupported: OnUnsupported | None = Field(
+        None, description="When a sentence is unsupported: `flag` it in `verification` (default) or also "
+        "`disclaim` (a configured sentence is appended to the answer).",
+    )
 
 
 class SearchRequest(RetrievalKnobs):
@@ -95,10 +104,13 @@ class AskForm(RetrievalKnobs):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     stream: bool = False
+    verify: VerifyMode | None = Field(None, description="As chat's `retrieval.verify`.")
+    on_unsupported: OnUnsupported | None = Field(None, description="As chat's `retrieval.on_unsupported`.")
 
     def retrieval_options(self) -> RetrievalOptions:
         filters = RetrievalFilters(source=self.source, tags=self.tags) if (self.source or self.tags) else None
-        return RetrievalOptions(**_knobs(self), filters=filters)
+        return RetrievalOptions(**_knobs(self), filters=filters, verify=self.verify,
+                                on_unsupported=self.on_unsupported)
 
 
 def _knobs(model: RetrievalKnobs) -> dict[str, Any]:
@@ -193,6 +205,68 @@ class SourceItem(BaseModel):
     reason: str | None = None
 
 
+class CheckedToken(BaseModel):
+    """One checkable token of a claim: an identifier, a number with its unit, a quoted string or a citation."""
+
+    text: str = Field(description="As written in the answer.")
+    kind: Literal["identifier", "quantity", "quote", "citation"]
+    start: int = Field(description="Offset in the answer (Unicode code points).")
+    end: int
+    supported: bool | None = Field(description="Whether a snippet the claim may rely on contains it.")
+
+
+class Claim(BaseModel):
+    """One sentence (or list item) of an answer and whether its sources support it."""
+
+    text: str
+    start: int = Field(description="Offset of the sentence in the answer (Unicode code points).")
+    end: int
+    cites: list[int] = Field(default_factory=list, description="The [n] it cites.")
+    supported: bool | None = Field(description="false: unsupported; null: nothing checkable (lexical) or the "
+                                   "model check failed.")
+    unsupported: list[str] = Field(default_factory=list, description="Tokens no snippet it may rely on contains.")
+    score: float | None = Field(None, description="lexical: share of its tokens found; model: P(supported).")
+    checked: list[CheckedToken] = Field(default_factory=list, description="Every token checked, with offsets.")
+
+
+class Verification(BaseModel):
+    """The check of an answer against its sources (``retrieval.verify``)."""
+
+    mode: Literal["lexical", "model"]
+    claims: list[Claim]
+    supported_ratio: float | None = Field(description="Supported share of the judged claims; null when none was.")
+    disclaimed: bool = Field(False, description="The answer got the configured disclaimer appended.")
+
+
+class VerifyRequest(BaseModel):
+    """``POST /v1/verify``: check an answer made elsewhere against snippets, or a logged answer again."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answer: str | None = Field(None, description="The answer text; default with `completion_id`: the logged one.")
+    snippet_ids: list[Annotated[str, Field(max_length=100)]] | None = Field(
+        None, description="The sources, in citation order: `[1]` is the first id (at most VLMRAG_LIMIT_K).",
+    )
+    completion_id: str | None = Field(None, min_length=1, max_length=100,
+                                      description="A logged answer of this key: its kept snippets are the sources.")
+    kb: str | None = Field(None, max_length=48, description="The snippets' knowledge base (default: the key's first).")
+    verify: Literal["lexical", "model"] | None = Field(None, description="The check (default: the server's, "
+                                                       "lexical when that is off).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> VerifyRequest:
+        if (self.snippet_ids is None) == (self.completion_id is None):
+            raise ValueError("give either `snippet_ids` or `completion_id`")
+        if self.snippet_ids is not None and self.answer is None:
+            raise ValueError("`answer` is required with `snippet_ids`")
+        return self
+
+
+class VerifyResponse(Verification):
+    degraded: list[str] = Field(default_factory=list, description="`verify`: the model check failed or timed out.")
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
 class AskResponse(BaseModel):
     answer: str
     model: str
@@ -202,6 +276,7 @@ class AskResponse(BaseModel):
     usage: dict[str, int] | None = None
     degraded: list[str] = Field(default_factory=list)
     finish_reason: str | None = None
+    verification: Verification | None = None
 
 
 class SearchCandidate(BaseModel):
@@ -338,6 +413,7 @@ class AnswerInfo(BaseModel):
     model: str
     settings: dict[str, Any] = Field(default_factory=dict, description="The resolved retrieval plan and more.")
     created_at: float
+    verification: dict[str, Any] | None = Field(None, description="The answer's check, as it went out.")
 
 
 class FeedbackItem(BaseModel):

@@ -42,11 +42,13 @@ from server.routes import (
     pages,
     search,
     snippets,
+    verify,
 )
 from server.routes.pages import STATIC_DIR
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
+from server.services.verification import Verifier
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -187,16 +189,18 @@ def create_app(
             answer_log = await asyncio.to_thread(AnswerLog.from_settings, settings)
             stack.callback(answer_log.close)
             ocr = _query_ocr(settings, engine)
+            verifier = Verifier(settings, reranker=reranker, knowledge_bases=kbs, answer_log=answer_log,
+                                metrics=metrics)
             chat_service = ChatService(
                 settings, knowledge_bases=kbs, answer_client=gen, reranker=reranker, prompts=PromptBuilder(),
                 metrics=metrics, gate=gate, remote_images=remote, ocr=ocr,
-                answer_log=answer_log,
+                answer_log=answer_log, verifier=verifier,
             )
             app.state.vlmrag = AppState(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
-                answer_log=answer_log, hnsw_builds=hnsw_builds,
+                answer_log=answer_log, hnsw_builds=hnsw_builds, verifier=verifier,
                 ingestion=IngestionService(settings, kbs, metrics, hnsw_builds),
             )
             if settings.mcp_enabled:  # FastAPI runs no mounted app's lifespan: the MCP session manager runs here
@@ -214,7 +218,8 @@ def create_app(
     install_error_handlers(app, on_error=metrics.observe_error)
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, models, health, pages):
+    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, verify, models, health,
+                   pages):
         app.include_router(module.router)
     if settings.mcp_enabled:
         mount_mcp(app)

@@ -18,6 +18,7 @@ from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
+from server.services.verification import Verifier
 from server.settings import Settings
 from server.state import AppState
 
@@ -86,6 +87,8 @@ async def get_hnsw_builds(request: Request) -> HnswBuilds:
 
 async def get_ingestion(request: Request) -> IngestionService:
     return state_of(request).ingestion
+async def get_verifier(request: Request) -> Verifier:
+    return state_of(request).verifier
 
 
 StateDep = Annotated[AppState, Depends(get_state)]
@@ -100,3 +103,4 @@ AccessControlDep = Annotated[AccessControl, Depends(get_access_control)]
 AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]
 HnswBuildsDep = Annotated[HnswBuilds, Depends(get_hnsw_builds)]
 IngestionDep = Annotated[IngestionService, Depends(get_ingestion)]
+VerifierDep = Annotated[Verifier, Depends(get_verifier)]

@@ -6,7 +6,7 @@ database at ``VLMRAG_FEEDBACK_DATABASE_URL`` (else ``VLMRAG_DATABASE_URL``), e.g
 
 * ``answers``: one row per answered completion: who received it (``key_id``), the KB, the question, the
   search query, every candidate with its scores and whether it was kept, the model, the resolved retrieval
-  plan, the answer text and the time.
+  plan, the answer text and the time, and the answer's check against its sources (``verification``, JSON).
 * ``feedback``: at most one rating per answer (rating again replaces it), with an optional comment and the
   snippets it is about.
 
@@ -55,7 +55,10 @@ answers = sa.Table(
     sa.Column("settings", sa.Text, nullable=False),  # JSON object
     sa.Column("answer", sa.Text, nullable=False, default=""),
     sa.Column("created_at", sa.Float, nullable=False, index=True),
+    sa.Column("verification", sa.Text),  # JSON object (server/api_models.py::Verification); null: not checked
 )
+# Columns added after the first release, created on an existing table at startup: name -> SQL type.
+_ADDED_ANSWER_COLUMNS = {"verification": "TEXT"}
 feedback = sa.Table(
     "feedback", _metadata,
     sa.Column("completion_id", sa.String(100), sa.ForeignKey("answers.completion_id"), primary_key=True),
@@ -84,6 +87,7 @@ class AnswerRecord:
     settings: dict[str, Any]  # the resolved retrieval plan (k, threshold, scorer, query…) and what was observed
     created_at: float  # epoch seconds
     answer: str = ""
+    verification: dict[str, Any] | None = None  # the claims and their verdicts, as the answer went out
 
     def public(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,9 +159,19 @@ class AnswerLog:
         self._pruned_at = 0.0
         try:
             _metadata.create_all(self.engine)
+            self._add_missing_columns()
         except sa.exc.SQLAlchemyError as exc:
             self.engine.dispose()
             raise StoreUnavailable(f"the feedback database at {self.engine.url!r} is unavailable: {exc}") from exc
+
+    def _add_missing_columns(self) -> None:
+        """An answer log made by an older vlmrag lacks the newer columns: add them (nullable, no rewrite)."""
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns("answers")}
+        for name, sql_type in _ADDED_ANSWER_COLUMNS.items():
+            if name not in present:
+                with self.engine.begin() as conn:
+                    conn.execute(sa.text(f"ALTER TABLE answers ADD COLUMN {name} {sql_type}"))
+                log.info("answer log: added column answers.%s", name)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AnswerLog:
@@ -179,6 +193,8 @@ class AnswerLog:
             "sources": json.dumps(record.sources, ensure_ascii=False), "model": record.model,
             "settings": json.dumps(record.settings, ensure_ascii=False, default=str),
             "answer": record.answer[:MAX_ANSWER_CHARS], "created_at": record.created_at,
+            "verification": json.dumps(record.verification, ensure_ascii=False)
+            if record.verification is not None else None,
         }
 
         def write() -> None:
@@ -311,6 +327,7 @@ def _answer(row: Any, prefix: str = "") -> AnswerRecord:
         question=row[p + "question"], search_query=row[p + "search_query"], sources=json.loads(row[p + "sources"]),
         model=row[p + "model"], settings=json.loads(row[p + "settings"]), created_at=row[p + "created_at"],
         answer=row[p + "answer"] or "",
+        verification=json.loads(row[p + "verification"]) if row[p + "verification"] else None,
     )
 
 

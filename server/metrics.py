@@ -98,6 +98,16 @@ class Metrics:
             "vlmrag_mcp_tool_seconds", "MCP tool call latency (in the server, to the result).", ["tool"],
             registry=self.registry, buckets=_BUCKETS,
         )
+        # answers checked against their sources (server/services/verification.py)
+        self.verify_claims = Counter(
+            "vlmrag_verify_claims", "Answer sentences checked against their sources, by verdict "
+            "(supported, unsupported, unchecked: nothing checkable or the model check failed).", ["mode", "verdict"],
+            registry=self.registry,
+        )
+        self.verify_answers = Counter(
+            "vlmrag_verify_answers", "Answers checked, by outcome (supported, flagged, disclaimed) and where "
+            "(chat: after an answer; api: POST /v1/verify).", ["mode", "source", "outcome"], registry=self.registry,
+        )
         self.embed_cache = EmbedCacheCollector()
         self.registry.register(self.embed_cache)
 

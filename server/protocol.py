@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from server.api_models import RetrievalOptions, SourceItem
+from server.api_models import RetrievalOptions, SourceItem, Verification
 
 
 class _Wire(BaseModel):
@@ -270,6 +270,7 @@ class ChatCompletionResponse(BaseModel):
     degraded: list[str] = Field(default_factory=list)
     timings: dict[str, float] = Field(default_factory=dict)
     search_query: str | None = Field(None, description="What the knowledge base was searched with.")
+    verification: Verification | None = Field(None, description="The first choice checked against its sources.")
 
 
 class DeltaMessage(BaseModel):
@@ -298,6 +299,7 @@ class ChatCompletionChunk(BaseModel):
     degraded: list[str] | None = None
     timings: dict[str, float] | None = None
     search_query: str | None = None
+    verification: Verification | None = None
 
 
 class ModelCard(BaseModel):

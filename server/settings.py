@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from retriever.plan import OnToolResult, QueryMode, RetrievalMode, Scorer
+from retriever.plan import OnToolResult, OnUnsupported, QueryMode, RetrievalMode, Scorer, VerifyMode
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +140,24 @@ class Settings(BaseSettings):
     retrieval_on_tool_result: OnToolResult = Field(
         "skip", description="A turn whose last message is a tool result: skip the search, or search anyway.",
     )
+    retrieval_verify: VerifyMode = Field(
+        "lexical", description="Default retrieval.verify, the check of each answer sentence against the kept "
+        "snippets: off | lexical (identifiers, numbers with units, quotes; no model) | model (the relevancy model "
+        "judges each sentence, on top of lexical).",
+    )
+    retrieval_on_unsupported: OnUnsupported = Field(
+        "flag", description="Default retrieval.on_unsupported: flag (only in `verification`) | disclaim (also "
+        "append verify_disclaimer to the answer).",
+    )
+    verify_disclaimer: str = Field(
+        "Note: some details in this answer were not found in its sources; check them before relying on them.",
+        min_length=1, max_length=1000, description="The sentence retrieval.on_unsupported=disclaim appends.",
+    )
+    verify_timeout_s: float = Field(10.0, gt=0, description="Longest wait for the model check of one answer.")
+    verify_threshold: float = Field(0.5, ge=0, le=1, description="Model check: P(supported) from which a claim is "
+                                    "supported.")
+    verify_max_claims: int = Field(32, ge=1, description="Claims of one answer the model check sends (the rest "
+                                   "keep their lexical verdict).")
 
     # --- OCR (retriever/ocr.py, rapidocr PP-OCRv6 in its wheel) ---------------------------------
     ocr_enabled: bool = Field(True, description="OCR images and scanned PDF pages at ingestion (--no-ocr turns it off).")

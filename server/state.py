@@ -16,6 +16,7 @@ from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
+from server.services.verification import Verifier
 from server.settings import Settings
 from server.vllm_client import VLLMClient
 
@@ -38,3 +39,4 @@ class AppState:
     answer_log: AnswerLog  # every answer's record and its feedback (server/feedback.py)
     hnsw_builds: HnswBuilds  # HNSW builds of embedded stores beside the server (server/services/hnsw_builds.py)
     ingestion: IngestionService  # uploaded files and single snippets (server/services/ingestion.py)
+    verifier: Verifier  # answers checked against their sources (server/services/verification.py), ChatService's

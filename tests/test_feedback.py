@@ -214,7 +214,7 @@ async def test_listing_filters_by_kb_since_and_rating_and_pages(keyed: App, ids)
 def _from_csv(row: dict[str, str]) -> dict[str, Any]:
     """A CSV row back as the JSON-lines record it came from."""
     values: dict[str, Any] = {k: json.loads(v) if k in CSV_JSON_COLUMNS else v for k, v in row.items()}
-    answer_keys = ("question", "answer", "search_query", "sources", "model", "settings")
+    answer_keys = ("question", "answer", "search_query", "sources", "model", "settings", "verification")
     return {
         "completion_id": values["completion_id"], "kb": values["kb"], "key_id": values["key_id"],
         "rating": values["rating"], "comment": values["comment"] or None, "snippet_ids": values["snippet_ids"],

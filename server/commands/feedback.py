@@ -24,9 +24,9 @@ from server.settings import Settings
 
 CSV_COLUMNS = (
     "completion_id", "kb", "key_id", "rating", "comment", "snippet_ids", "rated_at",
-    "question", "answer", "search_query", "sources", "model", "settings", "answered_at",
+    "question", "answer", "search_query", "sources", "model", "settings", "answered_at", "verification",
 )
-CSV_JSON_COLUMNS = ("snippet_ids", "sources", "settings")
+CSV_JSON_COLUMNS = ("snippet_ids", "sources", "settings", "verification")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,7 +67,7 @@ def csv_row(record: FeedbackRecord) -> dict[str, Any]:
         "completion_id": record.completion_id, "kb": record.kb, "key_id": record.key_id, "rating": record.rating,
         "comment": record.comment or "", "snippet_ids": record.snippet_ids, "rated_at": repr(record.rated_at),
         "question": a.question, "answer": a.answer, "search_query": a.search_query or "", "sources": a.sources,
-        "model": a.model, "settings": a.settings, "answered_at": repr(a.created_at),
+        "model": a.model, "settings": a.settings, "answered_at": repr(a.created_at), "verification": a.verification,
     }
     for name in CSV_JSON_COLUMNS:
         row[name] = json.dumps(row[name], ensure_ascii=False)

@@ -37,5 +37,5 @@ async def ask(
     return AskResponse(
         answer=choice.message.content or "", model=result.model, id=result.id, sources=result.sources,
         timings=result.timings, usage=result.usage.model_dump() if result.usage else None, degraded=result.degraded,
-        finish_reason=choice.finish_reason,
+        finish_reason=choice.finish_reason, verification=result.verification,
     )

@@ -23,6 +23,8 @@ def _dump(chunk: ChatCompletionChunk) -> str:
     data: dict[str, Any] = chunk.model_dump(exclude_none=True)
     if chunk.sources is not None:  # sources keep their nulls: every item has the same keys
         data["sources"] = [s.model_dump() for s in chunk.sources]
+    if chunk.verification is not None:  # claims keep their nulls too (supported: null)
+        data["verification"] = chunk.verification.model_dump()
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 

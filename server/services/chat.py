@@ -35,6 +35,7 @@ from server.api_models import (
     SearchRequest,
     SearchResponse,
     SourceItem,
+    Verification,
 )
 from server.feedback import AnswerLog, AnswerRecord
 from server.knowledge_bases import DEFAULT_KB, KBSpec, KnowledgeBases
@@ -56,6 +57,7 @@ from server.services.followups import SearchQuery, last_query, recent_query, rew
 from server.services.links import source_item
 from server.services.planning import resolve_plan
 from server.services.responses import search_candidate, upstream_choice, upstream_chunk_choice, usage_of
+from server.services.verification import Verifier
 from server.settings import Settings
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ class PreparedChat:
     owner: str = ""  # the caller's key_id: only it may rate the answer
     question: str = ""  # the last user message's text, for the answer log
     plan: dict[str, Any] = field(default_factory=dict)  # the resolved retrieval plan, for the answer log
+    verification: Verification | None = None  # the first choice checked against the kept snippets
 
     @property
     def kb(self) -> str:
@@ -131,7 +134,7 @@ class ChatService:
         self, settings: Settings, *, knowledge_bases: KnowledgeBases, answer_client: VLLMClient,
         reranker: RerankService, prompts: PromptBuilder | None = None, metrics: Metrics | None = None,
         gate: ModelCallGate | None = None, remote_images: httpx.AsyncClient | None = None,
-        ocr: OcrFn | None = None, answer_log: AnswerLog | None = None,
+        ocr: OcrFn | None = None, answer_log: AnswerLog | None = None, verifier: Verifier | None = None,
     ) -> None:
         self.settings = settings
         self.kbs = knowledge_bases
@@ -143,6 +146,7 @@ class ChatService:
         self.remote_images = remote_images  # only with settings.remote_images_enabled
         self.ocr = ocr  # reads the text in the caller's images (query-time OCR); None when turned off
         self.answer_log = answer_log  # where answers are recorded for feedback; None: not recorded
+        self.verifier = verifier or Verifier(settings, reranker=reranker, metrics=metrics)
 
     # ------------------------------------------------------------------ images
     async def load_image_url(self, url: str, param: str) -> QueryImage:
@@ -364,12 +368,16 @@ class ChatService:
         prepared.timings["generate"] = _ms(t)
         choices = [upstream_choice(c, n) for n, c in enumerate(data["choices"])]
         usage = usage_of(data.get("usage"))
+        if choices and isinstance(choices[0].message.content, str):
+            disclaimer = await self._verify(prepared, choices[0].message.content)
+            if disclaimer:
+                choices[0].message.content += disclaimer
         self._finish(prepared, usage)
         await self._log_answer(prepared, (choices[0].message.content or "") if choices else "")
         return ChatCompletionResponse(
             id=prepared.completion_id, created=prepared.created, model=prepared.model, choices=choices,
             usage=usage, sources=prepared.sources, degraded=prepared.context.degraded, timings=prepared.timings,
-            search_query=prepared.search_query,
+            search_query=prepared.search_query, verification=prepared.verification,
         )
 
     async def open_stream(self, prepared: PreparedChat) -> AsyncIterator[ChatCompletionChunk]:
@@ -407,14 +415,38 @@ class ChatService:
                 if relayed:
                     yield chunk(choices=relayed)
             prepared.timings["generate"] = _ms(t)
+            disclaimer = await self._verify(prepared, "".join(answer))
+            if disclaimer:  # one more delta of the first choice, before the final chunk
+                answer.append(disclaimer)
+                yield chunk(choices=[ChunkChoice(index=0, delta=DeltaMessage(content=disclaimer))])
             self._finish(prepared, usage)
             await self._log_answer(prepared, "".join(answer))  # before the last chunk: feedback may follow it
             yield chunk(choices=[], usage=usage, sources=prepared.sources, degraded=prepared.context.degraded,
-                        timings=prepared.timings, search_query=prepared.search_query)
+                        timings=prepared.timings, search_query=prepared.search_query,
+                        verification=prepared.verification)
         finally:
             await upstream.aclose()
             if slot is not None:
                 slot.release()
+
+    async def _verify(self, prepared: PreparedChat, answer: str) -> str:
+        """Check the answer against the kept snippets (``retrieval.verify``); the disclaimer to append, or ""."""
+        plan = prepared.plan
+        mode = plan.get("verify", "off")
+        if mode == "off" or not plan.get("enabled") or not answer.strip():
+            return ""  # no retrieval (a plain proxy turn, a tool result) or no text (tool calls): nothing to check
+        kb = prepared.context.kb
+        outcome = await self.verifier.check(answer, prepared.context.kept, mode,
+                                            load_image=kb.snippet_image if kb is not None else None)
+        prepared.timings["verify"] = outcome.ms
+        prepared.context.degraded.extend(outcome.degraded)
+        disclaimer = ""
+        if outcome.any_unsupported and plan.get("on_unsupported") == "disclaim":
+            disclaimer = "\n\n" + self.settings.verify_disclaimer
+            outcome.verification.disclaimed = True
+        prepared.verification = outcome.verification
+        self.verifier.observe(outcome, "chat")
+        return disclaimer
 
     def _finish(self, prepared: PreparedChat, usage: UsageInfo | None) -> None:
         prepared.timings["total"] = _ms(prepared.started)
@@ -437,6 +469,7 @@ class ChatService:
             question=prepared.question, search_query=prepared.search_query,
             sources=[s.model_dump(include=_LOGGED_SOURCE_FIELDS) for s in prepared.sources],
             model=prepared.model, settings={**prepared.plan, **observed}, created_at=time.time(), answer=answer,
+            verification=prepared.verification.model_dump() if prepared.verification is not None else None,
         )
         try:
             await asyncio.wait_for(self.answer_log.record(record), self.settings.feedback_write_timeout_s)

@@ -1,7 +1,9 @@
 // Chat page: a multi-turn conversation over POST /v1/chat/completions (stream: true), with image
 // attachments (picker, drag-and-drop, paste), citations [n] linked to source cards, and the
 // retrieval controls sent as the `retrieval` extension, and thumbs up/down (POST /v1/feedback) under
-// each answer. Untrusted text only ever goes through textContent / text nodes.
+// each answer. Sentences the server's answer check (`verification` on the final chunk) found
+// unsupported are marked, with the tokens no source contains. Untrusted text only ever goes through
+// textContent / text nodes.
 
 import {
   ApiError, apiFetch, authHeaders, el, errorFromResponse, fileToDataURL, formatBytes, formatScore,
@@ -179,8 +181,64 @@ function renderUserTurn(text, attachments) {
   scrollToBottom();
 }
 
-/** Fill `container` with the answer text, turning [n] / [n, m] into links to source cards. */
-function renderAnswer(container, text, cardIds) {
+/** Fill `container` with the answer text: [n] links to source cards, unsupported sentences marked. */
+function renderAnswer(container, text, cardIds, verification) {
+  const claims = ((verification && verification.claims) || []).filter((c) => c.supported === false);
+  if (!claims.length) {
+    container.replaceChildren(...citationNodes(text, cardIds));
+    return;
+  }
+  // The server's offsets count code points; JavaScript strings count UTF-16 units.
+  const units = [0];
+  for (const ch of text) units.push(units[units.length - 1] + ch.length);
+  const at = (offset) => units[Math.min(offset, units.length - 1)];
+  const nodes = [];
+  let last = 0;
+  for (const claim of claims) {
+    const start = at(claim.start);
+    const end = at(claim.end);
+    if (start < last || end <= start) continue;
+    nodes.push(...citationNodes(text.slice(last, start), cardIds));
+    const missing = claim.unsupported.join(", ");
+    const span = el("span", { class: "claim unsupported", title: `Not found in the sources: ${missing}` });
+    let inner = start;
+    for (const token of (claim.checked || []).filter((t) => t.supported === false)) {
+      const tokenStart = at(token.start);
+      const tokenEnd = at(token.end);
+      if (tokenStart < inner || tokenEnd > end) continue;
+      span.append(...citationNodes(text.slice(inner, tokenStart), cardIds),
+        el("mark", { class: "missing-token" }, text.slice(tokenStart, tokenEnd)));
+      inner = tokenEnd;
+    }
+    span.append(...citationNodes(text.slice(inner, end), cardIds));
+    nodes.push(span);
+    last = end;
+  }
+  nodes.push(...citationNodes(text.slice(last), cardIds));
+  container.replaceChildren(...nodes);
+}
+
+/** What no source of the answer contains, said under it (the marks alone are not read out). */
+function verificationNote(verification) {
+  const claims = ((verification && verification.claims) || []).filter((c) => c.supported === false);
+  if (!claims.length) return null;
+  const tokens = [...new Set(claims.flatMap((c) => c.unsupported))];
+  const note = el("p", { class: "verify-note", role: "note" },
+    el("strong", {}, claims.length === 1 ? "1 sentence is not supported by its sources" :
+      `${claims.length} sentences are not supported by their sources`));
+  if (tokens.length) {
+    note.append(": no source contains ");
+    tokens.forEach((token, i) => {
+      if (i) note.append(", ");
+      note.append(el("mark", { class: "missing-token" }, token));
+    });
+  }
+  note.append(".");
+  return note;
+}
+
+/** Text nodes and citation links of `text`: [n] / [n, m] that name a source card become links. */
+function citationNodes(text, cardIds) {
   const nodes = [];
   const pattern = /\[(\d+(?:\s*,\s*\d+)*)\]/g;
   let last = 0;
@@ -206,7 +264,7 @@ function renderAnswer(container, text, cardIds) {
     last = match.index + match[0].length;
   }
   nodes.push(document.createTextNode(text.slice(last)));
-  container.replaceChildren(...nodes);
+  return nodes;
 }
 
 function focusCard(cardId) {
@@ -407,7 +465,10 @@ function finishTurn(view, answerText, final, turn) {
   view.status.hidden = true;
   const sources = (final && final.sources) || [];
   const cardIds = sources.length ? renderSources(view.sources, sources, turn) : new Map();
-  renderAnswer(view.answer, answerText || "(empty answer)", cardIds);
+  const verification = final && final.verification;
+  renderAnswer(view.answer, answerText || "(empty answer)", cardIds, verification);
+  const note = verificationNote(verification);
+  if (note) view.answer.after(note);
   const notes = [];
   const timings = formatTimings(final && final.timings);
   if (timings) notes.push(timings);
@@ -426,6 +487,29 @@ async function sendFeedback(completionId, rating, comment) {
   const body = { completion_id: completionId, rating };
   if (comment) body.comment = comment;
   return apiFetch("/v1/feedback", { method: "POST", json: body });
+}
+
+// Inline SVG (Feather's thumbs, MIT): an emoji needs a colour-emoji font, which a minimal Linux lacks.
+const THUMB_PATHS = {
+  up: ["M14 9V5a3 3 0 0 0-3-3l-4 9v11h11.28a2 2 0 0 0 2-1.7l1.38-9a2 2 0 0 0-2-2.3z",
+    "M7 22H4a2 2 0 0 1-2-2v-7a2 2 0 0 1 2-2h3"],
+  down: ["M10 15v4a3 3 0 0 0 3 3l4-9V2H5.72a2 2 0 0 0-2 1.7l-1.38 9a2 2 0 0 0 2 2.3z",
+    "M17 2h2.67A2.31 2.31 0 0 1 22 4v7a2.31 2.31 0 0 1-2.33 2H17"],
+};
+
+function thumbIcon(name) {
+  const ns = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(ns, "svg");
+  for (const [attr, value] of Object.entries({
+    viewBox: "0 0 24 24", width: "18", height: "18", fill: "none", stroke: "currentColor", "stroke-width": "2",
+    "stroke-linecap": "round", "stroke-linejoin": "round", "aria-hidden": "true", focusable: "false", class: "icon",
+  })) svg.setAttribute(attr, value);
+  for (const d of THUMB_PATHS[name]) {
+    const path = document.createElementNS(ns, "path");
+    path.setAttribute("d", d);
+    svg.append(path);
+  }
+  return svg;
 }
 
 /** Thumbs under a finished answer; a rating is recorded at once, a comment can follow it. */
@@ -454,11 +538,11 @@ function addFeedback(view, completionId, turn) {
       note.textContent = `Not recorded: ${friendlyMessage(err)}`;
     }
   };
-  for (const [name, symbol, label] of [["up", "👍", "Good answer"], ["down", "👎", "Bad answer"]]) {
+  for (const [name, label] of [["up", "Good answer"], ["down", "Bad answer"]]) {
     buttons[name] = el("button", {
       type: "button", class: `thumb-button ${name}`, "aria-label": label, title: label, "aria-pressed": "false",
       "data-rating": name, onclick: () => pick(name),
-    }, symbol);
+    }, thumbIcon(name));
   }
   commentForm.addEventListener("submit", async (event) => {
     event.preventDefault();

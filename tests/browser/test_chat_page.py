@@ -387,6 +387,11 @@ def test_thumbs_record_a_rating_and_a_comment(live_server: LiveServer, open_page
     bar = page.get_by_role("group", name="Rate this answer")
     down = bar.get_by_role("button", name="Bad answer")
     assert down.get_attribute("aria-pressed") == "false"
+    for button in (down, bar.get_by_role("button", name="Good answer")):  # drawn icons, no emoji font needed
+        icon = button.locator("svg.icon")
+        assert icon.locator("path").count() == 2
+        box = icon.bounding_box()
+        assert box and box["width"] >= 16 and box["height"] >= 16
     with page.expect_response("**/v1/feedback") as rated:
         down.click()
     assert rated.value.status == 201
@@ -435,3 +440,50 @@ def test_kb_picker_lists_the_keys_kbs_and_the_chat_uses_the_one_picked(start_ser
     assert [s["text"] for s in sources] == ["PUMPS ONLY seal kit"]
     page.reload()  # the pick is kept in the browser
     page.wait_for_function("document.querySelector('#opt-kb').value === 'vlmrag/pumps'")
+
+
+def test_unsupported_sentences_are_marked_with_the_token_no_source_has(
+    live_server: LiveServer, open_page: Any, screenshot_dir: Path,
+) -> None:
+    """A crafted answer whose second sentence names a part the cited manual does not list.
+
+    The answer comes from the server's own check (``POST /v1/verify`` over real snippets), so the
+    page is shown exactly what a stream's final chunk carries; a bold heading in mathematical letters
+    (outside the BMP, drawn by DejaVu) makes the code-point offsets differ from JavaScript's UTF-16 ones.
+    """
+    with httpx.Client(base_url=live_server.url, timeout=30) as http:
+        created = http.post("/v1/snippets", data={"text": "Error E-417: pump overheat. Switch off for 2 min, "
+                                                          "then replace module QX-7731.", "source": "manual.md"})
+        assert created.status_code in (200, 201), created.text
+        manual = created.json()["snippet"]
+        answer = ("\U0001D400\U0001D40D\U0001D412\U0001D416\U0001D404\U0001D411: E-417 means the pump overheated [1]. Replace module QX-7713 and wait 20 min [1]. "
+                  "Call us if it persists.")
+        checked = http.post("/v1/verify", json={"answer": answer, "snippet_ids": [manual["id"]]})
+        assert checked.status_code == 200, checked.text
+        verification = checked.json()
+    assert [c["supported"] for c in verification["claims"]] == [True, False, None]
+    source = {"id": manual["id"], "index": 1, "kind": manual["kind"], "text": manual["text"], "source": "manual.md",
+              "page": None, "image_url": None, "thumbnail_url": None, "clip_score": 0.42, "relevancy": 0.91,
+              "kept": True, "reason": None}
+    final = {k: v for k, v in verification.items() if k not in ("degraded", "timings")}
+    events = [chunk(answer[:30]), chunk(answer[30:]),
+              chunk(sources=[source], degraded=[], timings={"verify": 0.4}, verification=final)]
+    page = open_page()
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=sse_body(events)))
+    page.goto(live_server.url + "/")
+    page.fill("#question", "My pump shows E-417, what now?")
+    page.click("#send")
+    wait_answered(page)
+
+    answer_box = page.locator(".answer").last
+    assert answer_box.text_content() == answer, "marking changes no text"
+    marked = answer_box.locator(".claim.unsupported")
+    assert marked.count() == 1
+    assert marked.text_content() == "Replace module QX-7713 and wait 20 min [1]."
+    assert marked.get_attribute("title") == "Not found in the sources: QX-7713, 20 min"
+    assert marked.locator("mark.missing-token").all_text_contents() == ["QX-7713", "20 min"]
+    assert answer_box.locator("a.cite").all_text_contents() == ["[1]", "[1]"], "citations still link"
+    note = page.locator(".verify-note")
+    assert note.inner_text() == "1 sentence is not supported by its sources: no source contains QX-7713, 20 min."
+    page.screenshot(path=str(screenshot_dir / "chat-verify.png"))

@@ -137,3 +137,32 @@ async def test_harness_end_to_end_with_the_vlm_scorer(tmp_path: Path, embedder: 
     assert [r.threshold for r in reranked] == [0.25, 0.5, 0.75]
     assert all(r.latency_p50_ms > 0 for r in reranked)
     assert (tmp_path / "out" / "pr_curve.png").exists() and (tmp_path / "out" / "results.md").exists()
+
+
+async def test_model_answer_check_scores_each_claim_with_images_on_the_real_server(client: VLLMClient) -> None:
+    """retrieval.verify=model's plumbing: one P(yes) request per claim, the cited snippet's image attached."""
+    from server.services.verification import Verifier
+    from tests.support.settings import bare_settings
+
+    cands, images = candidates()
+    backend = Recorder(client)
+
+    async def load(c: Candidate) -> bytes | None:
+        return images.get(c.payload.image_ref or "")
+
+    verifier = Verifier(bare_settings(verify_timeout_s=60.0, vllm_max_images_per_prompt=4),
+                        reranker=RerankService(backend, load, concurrency=3))
+    answer = "The first photo shows a bicycle [1]. Part 2 of the note covers it [5]. Replace QX-7713 [5]."
+    try:
+        outcome = await verifier.check(answer, cands, "model", load_image=load)
+    finally:
+        await client.aclose()
+    claims = outcome.verification.claims
+    assert outcome.degraded == [] and outcome.model_calls == 3
+    assert all(c.score is not None and 0.0 <= c.score <= 1.0 for c in claims)
+    assert claims[2].supported is False and claims[2].unsupported == ["QX-7713"]  # lexical, whatever the model says
+    assert set(outcome.model_paths) <= VLM_PATHS and sum(outcome.model_paths.values()) == 3
+    judged = [b for b in backend.bodies if b.get("logprobs")]
+    first = next(b for b in judged if "shows a bicycle" in str(b["messages"]))
+    urls = [p["image_url"]["url"] for p in first["messages"][0]["content"] if p["type"] == "image_url"]
+    assert urls == [image_data_url(images["blob0"])]  # [1] is an image snippet: its image goes along

@@ -7,6 +7,7 @@ answers); the e2e tier uses the real server. It answers ``/v1/models``, ``/token
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -46,6 +47,7 @@ class FakeVLLM:
         self.rerank_failures: list[int | Exception] = []
         self.break_stream_after: int | None = None  # tokens sent before the stream dies
         self.yes_logprob = -0.1  # rerank: log P("Yes"); "No" gets log(1 - P(yes))
+        self.rerank_delay_s = 0.0  # each logprobs (re-rank, answer check) request waits this long first
         self.down = False
         self.garbage: bytes | None = None  # answer chat requests with these bytes (status 200)
         # Replayed for requests with `tools`: {"non_stream": response, "stream_named": [events]} as captured
@@ -83,6 +85,8 @@ class FakeVLLM:
                 raise failure
             return httpx.Response(failure, json={"message": f"scripted {failure}"})
         if rerank:
+            if self.rerank_delay_s:
+                await asyncio.sleep(self.rerank_delay_s)
             return httpx.Response(200, json=self._rerank_answer(body))
         if self.garbage is not None:
             return httpx.Response(200, content=self.garbage)
