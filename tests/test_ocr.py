@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib
 import numpy as np
@@ -98,8 +99,9 @@ def test_a_huge_photo_is_scaled_down_and_boxes_map_back(ocr: OcrEngine) -> None:
     assert result.text == "\n".join(DISPLAY_LINES)
     assert (result.width, result.height) == image.size
     box = np.asarray(result.lines[0].box)
-    # The first line was drawn from x = 360, y = 720 on the full-size image.
-    assert abs(box[:, 0].min() - 360) < 60 and abs(box[:, 1].min() - 740) < 80
+    # The first line was drawn from x = 360, y = 720 on the full-size image; a box found by the
+    # coarse detection (160 px for this 4800 px photo) is looser by its unclip margin, ~2 % of the side.
+    assert abs(box[:, 0].min() - 360) < 150 and abs(box[:, 1].min() - 740) < 150
     assert result.elapsed_ms < 20_000  # detection ran on <= 960 px, not on 14 Mpx
 
 
@@ -108,7 +110,7 @@ def test_too_many_pixels_is_refused_before_any_model_runs() -> None:
     try:
         with pytest.raises(PayloadTooLarge, match="OCR limit"):
             engine.read(Image.new("RGB", (2000, 1000)))
-        assert engine._engine is None  # refused without loading anything
+        assert engine._stages is None  # refused without loading anything
     finally:
         engine.close()
 
@@ -127,10 +129,10 @@ def test_corrupt_and_degenerate_images_are_unprocessable(ocr: OcrEngine) -> None
 def test_engine_errors_become_upstream_error(ocr: OcrEngine) -> None:
     engine = OcrEngine()
 
-    def explode(_image):
+    def explode(*_args):
         raise RuntimeError("onnxruntime: bad input")
 
-    engine._engine = explode
+    engine._stages = SimpleNamespace(read=explode)
     try:
         with pytest.raises(UpstreamError, match="bad input") as caught:
             engine.read(render_display())
@@ -147,9 +149,9 @@ def test_timeout_and_queue_bounds(ocr: OcrEngine) -> None:
     assert ocr.read(image).text  # the worker carried on
 
     engine = OcrEngine(max_pending=1)
-    engine._engine = ocr._engine  # share the loaded models
+    engine._stages = ocr._stages  # share the loaded models
     try:
-        running = engine._submit(image)
+        running = engine._submit(image, engine.photo_policy, None)
         with pytest.raises(Overloaded):
             engine.read(image)
         assert running.result(timeout=30).text
