@@ -32,12 +32,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-import numpy as np
 from PIL import Image
 
 from retriever.errors import (
@@ -133,7 +133,7 @@ class OcrEngine:
                         ) from exc
                     started = time.perf_counter()
                     try:
-                        stages = OcrStages(self.threads or 0)
+                        stages = OcrStages(self.threads or max(1, (os.cpu_count() or 2) // 2))
                     except VlmragError:
                         raise
                     except Exception as exc:
@@ -178,7 +178,7 @@ class OcrEngine:
             if prepared is None:
                 return OcrResult("", [], width, height, (time.perf_counter() - started) * 1000)
             stages = self._load()
-            found, times = stages.read(np.asarray(prepared), policy, deadline)
+            found, times = stages.read(prepared, policy, deadline)
             lines = [OcrLine(text, score, tuple((round(float(x) / scale, 1), round(float(y) / scale, 1))
                                                 for x, y in box))
                      for text, score, box in found]

@@ -36,6 +36,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from PIL import Image
 from rapidocr.ch_ppocr_det.utils import DetPreProcess
 
 from retriever.errors import ModelUnavailable, UnprocessableInput
@@ -146,23 +147,28 @@ class OcrStages:
         self.threads = threads
 
     # --- the stages ------------------------------------------------------------------------------
-    def detect(self, bgr: np.ndarray, side: int) -> tuple[np.ndarray, int, float, np.ndarray | None]:
-        """Boxes (n, 4, 2) in ``bgr``'s pixels, detected on it reduced to ``side`` px (never enlarged),
+    def detect(self, bgr: np.ndarray | Image.Image, side: int) -> tuple[np.ndarray, int, float, np.ndarray | None]:
+        """Boxes (n, 4, 2) in the image's pixels, detected on it reduced to ``side`` px (never enlarged),
         the side used, the probability map's maximum and the corners around its pixels above the
-        detector's threshold (None when none is)."""
-        height, width = bgr.shape[:2]
+        detector's threshold (None when none is). ``bgr``: a BGR array, or an RGB PIL image (reduced
+        before it is converted: a photo without text never becomes a full-size array)."""
+        width, height = bgr.size if isinstance(bgr, Image.Image) else (bgr.shape[1], bgr.shape[0])
         ratio = min(1.0, side / max(height, width))
         # multiples of 32 (the network's stride), at least 32
         new_w, new_h = (max(32, round(v * ratio / 32) * 32) for v in (width, height))
-        small = bgr if (new_w, new_h) == (width, height) else cv2.resize(
-            bgr, (new_w, new_h), interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
+        if isinstance(bgr, Image.Image):  # area averaging (BOX), then RGB -> BGR on the small one
+            small_rgb = bgr if (new_w, new_h) == (width, height) else bgr.resize((new_w, new_h), Image.Resampling.BOX)
+            small = cv2.cvtColor(np.asarray(small_rgb), cv2.COLOR_RGB2BGR)
+        else:
+            small = bgr if (new_w, new_h) == (width, height) else cv2.resize(
+                bgr, (new_w, new_h), interpolation=cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR)
         det = self.detector
         pre = DetPreProcess(max(new_w, new_h), "max", det.mean, det.std)(small)  # normalises; no resize
         probability = det.session(pre)
         peak = float(probability.max())
-        ys, xs = np.nonzero(probability[0, 0] > det.postprocess_op.thresh)
         region = None
-        if len(xs):
+        if peak > det.postprocess_op.thresh:
+            ys, xs = np.nonzero(probability[0, 0] > det.postprocess_op.thresh)
             sx, sy = width / probability.shape[3], height / probability.shape[2]
             x0, x1, y0, y1 = xs.min() * sx, (xs.max() + 1) * sx, ys.min() * sy, (ys.max() + 1) * sy
             region = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
@@ -195,17 +201,17 @@ class OcrStages:
         return [label == "180" and score > self.classifier.cls_thresh for label, score in found.cls_res]
 
     # --- one read --------------------------------------------------------------------------------
-    def read(self, rgb: np.ndarray, policy: StagePolicy, deadline: float | None = None,
+    def read(self, image: Image.Image, policy: StagePolicy, deadline: float | None = None,
              ) -> tuple[list[tuple[str, float, np.ndarray]], StageTimes]:
-        """Lines (text, score, box in ``rgb``'s pixels) in reading order, and what each stage cost."""
+        """Lines (text, score, box in the pixels of ``image``, RGB) in reading order, and what each stage cost."""
         times = StageTimes()
-        bgr = np.ascontiguousarray(rgb[..., ::-1])
         t0 = time.perf_counter()
-        boxes, side, times.active_peak, times.faint_region = self.detect(bgr, policy.coarse_side)
+        boxes, side, times.active_peak, times.faint_region = self.detect(image, policy.coarse_side)
         times.detect_ms = (time.perf_counter() - t0) * 1000
         times.sides, times.boxes = (side,), len(boxes)
         if not len(boxes) and times.active_peak < policy.faint_peak:
             return [], times  # the early exit: no text box, nothing else runs
+        bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)  # full size: the crops come from it
         _bound(len(boxes), policy)
         read = self._recognize_boxes(bgr, boxes, policy, deadline, times) if len(boxes) else []
         weak = [i for i, (_, score) in enumerate(read) if score < policy.min_score]

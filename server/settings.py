@@ -152,7 +152,10 @@ class Settings(BaseSettings):
         "Chosen with benchmarks/bench_ocr.py (text under ~1/40 of the photo's long side is not found).",
     )
     ocr_max_boxes: int = Field(300, ge=1, description="Most text boxes one read recognises; more: no text (degraded).")
-    ocr_threads: int = Field(0, ge=0, description="ONNX Runtime intra-op threads of the OCR models; 0 = one per core.")
+    ocr_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads of the OCR models; 0 = half the cores (at least 1): "
+        "OCR runs beside CLIP, and on 2 cores 1 OCR + 2 CLIP threads measured best (benchmarks/README.md).",
+    )
     ocr_cache_entries: int = Field(512, ge=0, description="Query photos' OCR readings kept in an LRU; 0 = no cache.")
     ocr_cache_bytes: int = Field(4 << 20, ge=0, description="Byte bound of that LRU.")
 
