@@ -8,12 +8,13 @@ models from its wheel) run on ONNX Runtime sessions built by us (intra-op thread
 box, no spin-waiting), in this order:
 
 1. **coarse detection** on the image reduced (area averaging) to ``coarse_side`` px on its long
-   side (~15 ms at 160 px). No text box and no faint text (the probability map's peak under
-   ``faint_peak``): done, nothing else runs; this is most product photos.
+   side (~15 ms at 160 px). No text box: done, nothing else runs; this is most product photos.
+   The price: text lower than ~1/40 of the photo's long side (a whole printed page photographed)
+   is not seen at 160 px, and such a photo reads nothing (benchmarks/bench_ocr.py measures it).
 2. **recognition** of the detected boxes only, cropped from the full-resolution image (small print
    keeps its detail), batched (sorted by aspect ratio, padded per batch).
 3. **fine detection**, only where boxes were read poorly (a label found as one block, a page whose
-   lines merged) or faint text was seen without a box: the region around them is detected again,
+   lines merged): the region around them is detected again,
    at up to ``fine_side`` px and ``fine_pixels`` pixels, and its new boxes recognised.
 4. **direction classifier** only for the lines still read poorly: a crop it finds upside down is
    turned and read again, the better reading kept.
@@ -53,8 +54,7 @@ class StagePolicy:
 
     coarse_side: int = 160  # long side (px) of the first, early-exit detection
     fine_side: int = 960  # the longest side the second detection may use
-    fine_pixels: int = 400_000  # and the most pixels (~250 ms of detection on 2 cores)
-    faint_peak: float = 0.5  # no box, but a probability this high somewhere: text too small for the coarse side
+    fine_pixels: int = 150_000  # and the most pixels (~80 ms of detection on 2 cores; the page policy: more)
     max_boxes: int = 300
     min_score: float = 0.5  # lines read with less are dropped (after the classifier's second chance)
     rec_batch: int = 8
@@ -62,11 +62,11 @@ class StagePolicy:
     @classmethod
     def page(cls, side: int = 960) -> StagePolicy:
         """Dense small print: one detection at ``side`` (no early exit at a small size)."""
-        return cls(coarse_side=side, fine_side=side, faint_peak=2.0)
+        return cls(coarse_side=side, fine_side=side, fine_pixels=side * side)
 
     def key(self) -> str:
         """What a cached reading depends on."""
-        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.faint_peak}/{self.min_score}"
+        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.min_score}/{self.max_boxes}"
 
 
 @dataclass(slots=True)
@@ -79,7 +79,6 @@ class StageTimes:
     sides: tuple[int, ...] = ()
     boxes: int = 0
     active_peak: float = 0.0  # the coarse probability map's maximum
-    faint_region: np.ndarray | None = None  # (4, 2) corners around its text-like pixels, when any
 
 
 def models_dir() -> Path:
@@ -147,10 +146,9 @@ class OcrStages:
         self.threads = threads
 
     # --- the stages ------------------------------------------------------------------------------
-    def detect(self, bgr: np.ndarray | Image.Image, side: int) -> tuple[np.ndarray, int, float, np.ndarray | None]:
+    def detect(self, bgr: np.ndarray | Image.Image, side: int) -> tuple[np.ndarray, int, float]:
         """Boxes (n, 4, 2) in the image's pixels, detected on it reduced to ``side`` px (never enlarged),
-        the side used, the probability map's maximum and the corners around its pixels above the
-        detector's threshold (None when none is). ``bgr``: a BGR array, or an RGB PIL image (reduced
+        the side used and the probability map's maximum. ``bgr``: a BGR array, or an RGB PIL image (reduced
         before it is converted: a photo without text never becomes a full-size array)."""
         width, height = bgr.size if isinstance(bgr, Image.Image) else (bgr.shape[1], bgr.shape[0])
         ratio = min(1.0, side / max(height, width))
@@ -166,19 +164,13 @@ class OcrStages:
         pre = DetPreProcess(max(new_w, new_h), "max", det.mean, det.std)(small)  # normalises; no resize
         probability = det.session(pre)
         peak = float(probability.max())
-        region = None
-        if peak > det.postprocess_op.thresh:
-            ys, xs = np.nonzero(probability[0, 0] > det.postprocess_op.thresh)
-            sx, sy = width / probability.shape[3], height / probability.shape[2]
-            x0, x1, y0, y1 = xs.min() * sx, (xs.max() + 1) * sx, ys.min() * sy, (ys.max() + 1) * sy
-            region = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float32)
         found, _scores = det.postprocess_op(probability, (new_h, new_w))
         if len(found) == 0:
-            return np.zeros((0, 4, 2), np.float32), max(new_w, new_h), peak, region
+            return np.zeros((0, 4, 2), np.float32), max(new_w, new_h), peak
         boxes = np.asarray(det.sorted_boxes(np.asarray(found)), dtype=np.float32)
         boxes[..., 0] *= width / new_w
         boxes[..., 1] *= height / new_h
-        return boxes, max(new_w, new_h), peak, region
+        return boxes, max(new_w, new_h), peak
 
     def recognize(self, crops: list[np.ndarray], deadline: float | None) -> list[tuple[str, float]]:
         """(text, score) per crop, in batches of similar aspect ratio; the deadline is checked per batch."""
@@ -206,19 +198,15 @@ class OcrStages:
         """Lines (text, score, box in the pixels of ``image``, RGB) in reading order, and what each stage cost."""
         times = StageTimes()
         t0 = time.perf_counter()
-        boxes, side, times.active_peak, times.faint_region = self.detect(image, policy.coarse_side)
+        boxes, side, times.active_peak = self.detect(image, policy.coarse_side)
         times.detect_ms = (time.perf_counter() - t0) * 1000
         times.sides, times.boxes = (side,), len(boxes)
-        if not len(boxes) and times.active_peak < policy.faint_peak:
+        if not len(boxes):
             return [], times  # the early exit: no text box, nothing else runs
         bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)  # full size: the crops come from it
         _bound(len(boxes), policy)
-        read = self._recognize_boxes(bgr, boxes, policy, deadline, times) if len(boxes) else []
+        read = self._recognize_boxes(bgr, boxes, policy, deadline, times)
         weak = [i for i, (_, score) in enumerate(read) if score < policy.min_score]
-        if not len(boxes):  # no box, but text-like strokes too small to box: look closer where they are
-            _check(deadline)
-            boxes, weak = times.faint_region[None], [0]
-            read = [("", 0.0)]
         if weak:  # a block read poorly (a label, a page): look closer, there only
             _check(deadline)
             fine = self._fine_pass(bgr, boxes, read, weak, policy, deadline, times)
@@ -259,7 +247,7 @@ class OcrStages:
         if target < coarse_px * 1.5 or min(region.shape[:2]) < 8:
             return None  # the coarse pass saw it at (nearly) this size already
         t = time.perf_counter()
-        found, side, _, _ = self.detect(region, target)
+        found, side, _ = self.detect(region, target)
         times.detect_ms += (time.perf_counter() - t) * 1000
         times.sides += (side,)
         if not len(found):
