@@ -85,7 +85,8 @@ def _query_ocr(settings: Settings, engine: OcrEngine | None) -> OcrFn | None:
         return None
 
     def read_text(image: Image.Image) -> str:
-        return engine.read(image, timeout_s=settings.ocr_query_timeout_s).text
+        # cached: the same photo across a conversation's turns and retries is read once
+        return engine.read(image, timeout_s=settings.ocr_query_timeout_s, cached=True).text
 
     return read_text
 
@@ -165,6 +166,7 @@ def create_app(
                 stack.push_async_callback(kb.close)
             # every KB shares this embedder (None: a read-only KB without one)
             metrics.watch_embed_cache(kb.embedder.cache if kb.embedder is not None else None)
+            metrics.watch_ocr_cache(engine.cache if engine is not None else None)
             kbs = KnowledgeBases(settings, await asyncio.to_thread(KBCatalog, database_url(settings)),
                                  _kb_opener(settings, kb, engine), default=kb)
             stack.push_async_callback(kbs.close)

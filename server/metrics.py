@@ -8,13 +8,14 @@ kind, errors by type, and the query-embedding cache (``vlmrag_embed_cache_*``, r
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from retriever.embed_cache import KINDS, EmbedCacheStats
+from retriever.ocr_cache import OcrCacheStats
 
 # Stage and request latencies span ~1 ms (search) to minutes (long generations).
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -47,6 +48,24 @@ class EmbedCacheCollector(Collector):
                                   value=stats.evictions)
         yield GaugeMetricFamily("vlmrag_embed_cache_entries", "Query embeddings cached now.", value=stats.entries)
         yield GaugeMetricFamily("vlmrag_embed_cache_bytes", "Bytes the cached entries take.", value=stats.bytes)
+
+
+class OcrCacheCollector(Collector):
+    """The query-photo OCR cache's counters (``vlmrag_ocr_cache_*``), read at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Any = None  # an OcrCache (its stats() method)
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.source.stats() if self.source is not None else OcrCacheStats()
+        yield CounterMetricFamily("vlmrag_ocr_cache_hits", "Query photos whose text came from the cache.",
+                                  value=stats.hits)
+        yield CounterMetricFamily("vlmrag_ocr_cache_misses", "Query photos read by OCR (not cached).",
+                                  value=stats.misses)
+        yield CounterMetricFamily("vlmrag_ocr_cache_evictions", "OCR readings evicted by the LRU bounds.",
+                                  value=stats.evictions)
+        yield GaugeMetricFamily("vlmrag_ocr_cache_entries", "OCR readings cached now.", value=stats.entries)
+        yield GaugeMetricFamily("vlmrag_ocr_cache_bytes", "Bytes the cached readings take.", value=stats.bytes)
 
 
 class Metrics:
@@ -110,10 +129,16 @@ class Metrics:
         )
         self.embed_cache = EmbedCacheCollector()
         self.registry.register(self.embed_cache)
+        self.ocr_cache = OcrCacheCollector()
+        self.registry.register(self.ocr_cache)
 
     def watch_embed_cache(self, cache: CacheStatsSource | None) -> None:
         """Export this cache's counters (the one CLIP embedder's, shared by every KB); None: zeros."""
         self.embed_cache.source = cache
+
+    def watch_ocr_cache(self, cache: Any) -> None:
+        """Export the query-photo OCR cache's counters (an ``OcrCache``); None: zeros."""
+        self.ocr_cache.source = cache
 
     def observe_kb(self, kb: str, kind: str, usage: dict[str, int] | None = None) -> None:
         """One ``kind`` (chat, search, ask) request against ``kb``, with its token usage."""

@@ -164,7 +164,18 @@ class Settings(BaseSettings):
     ocr_query_enabled: bool = Field(True, description="OCR the caller's images at query time (BM25 on their text).")
     ocr_query_timeout_s: float = Field(2.0, gt=0, description="Longest query-time OCR wait; then degraded: [ocr].")
     ocr_timeout_s: float = Field(30.0, gt=0, description="Longest OCR of one image at ingestion.")
-    ocr_detect_side: int = Field(960, ge=32, description="Long side (px) text detection runs at.")
+    ocr_detect_side: int = Field(960, ge=32, description="Longest side (px) text detection runs at (pages: always).")
+    ocr_coarse_side: int = Field(
+        160, ge=32, description="Long side (px) of a photo's first text detection; no text box there: no more OCR. "
+        "Chosen with benchmarks/bench_ocr.py (text under ~1/40 of the photo's long side is not found).",
+    )
+    ocr_max_boxes: int = Field(300, ge=1, description="Most text boxes one read recognises; more: no text (degraded).")
+    ocr_threads: int = Field(
+        0, ge=0, description="ONNX Runtime intra-op threads of the OCR models; 0 = half the cores (at least 1): "
+        "OCR runs beside CLIP, and on 2 cores 1 OCR + 2 CLIP threads measured best (benchmarks/README.md).",
+    )
+    ocr_cache_entries: int = Field(512, ge=0, description="Query photos' OCR readings kept in an LRU; 0 = no cache.")
+    ocr_cache_bytes: int = Field(4 << 20, ge=0, description="Byte bound of that LRU.")
 
     # --- knowledge bases (server/knowledge_bases.py) -------------------------------------------
     database_url: str = Field(

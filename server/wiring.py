@@ -87,15 +87,21 @@ def build_pipeline(
         embedder, store, blobs, batch_size=batch_size or settings.clip_batch_size,
         max_image_bytes=settings.limit_image_bytes, max_image_pixels=settings.limit_image_pixels,
         id_namespace=id_namespace or settings.blob_namespace,
-        ocr=(lambda image: ocr.read(image, timeout_s=settings.ocr_timeout_s)) if ocr is not None else None,
+        ocr=(lambda image, page=False: ocr.read(image, timeout_s=settings.ocr_timeout_s, page=page))
+        if ocr is not None else None,
     )
 
 
 def build_ocr_engine(settings: Settings) -> OcrEngine:
-    """The OCR reader (rapidocr, models inside its wheel; loaded on first use)."""
+    """The OCR reader (rapidocr, models inside its wheel; loaded on first use), with its query-photo cache."""
     from retriever.ocr import OcrEngine
+    from retriever.ocr_cache import OcrCache
 
-    return OcrEngine(detect_side=settings.ocr_detect_side, timeout_s=settings.ocr_timeout_s)
+    cache = OcrCache(settings.ocr_cache_entries, settings.ocr_cache_bytes) \
+        if settings.ocr_cache_entries > 0 and settings.ocr_cache_bytes > 0 else None
+    return OcrEngine(detect_side=settings.ocr_detect_side, coarse_side=min(settings.ocr_coarse_side,
+                     settings.ocr_detect_side), timeout_s=settings.ocr_timeout_s, max_boxes=settings.ocr_max_boxes,
+                     threads=settings.ocr_threads, cache=cache)
 
 
 async def build_knowledge_base(

@@ -3,7 +3,9 @@
 Stages overlap: a producer task prepares the next chunks in a thread pool (reading bytes, hashing,
 decoding, thumbnails, CLIP preprocessing) while one encoder thread runs the model on the current
 chunk, and the previous chunk's blobs and points are written meanwhile. Preprocessing happens in
-the pool, so the encoder thread only ever runs the model.
+the pool, so the encoder thread only ever runs the model. OCR runs beside the encoder, not in
+front of it: a chunk goes to the encoder as soon as it is decoded, its images are read (one OCR
+thread) while it and the next chunk encode, and its points wait for both.
 
 What an item must hold, what identifies it (a deterministic point id, so re-ingestion is a no-op
 and a killed run re-run resumes with no duplicate) and how its image is checked are the ingestion
@@ -54,7 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[["IngestReport"], None]
-OcrReader = Callable[[Image.Image], "OcrResult"]  # retriever.ocr.OcrEngine.read, with its timeout
+OcrReader = Callable[..., "OcrResult"]  # retriever.ocr.OcrEngine.read (image, page=bool), with its timeout
 
 
 @dataclass(slots=True)
@@ -121,6 +123,7 @@ class _Prepared:
     ocr_lines: list[dict[str, Any]] = field(default_factory=list)
     ocr_s: float = 0.0
     ocr_failed: bool = False
+    ocr_image: Image.Image | None = None  # waiting to be read (beside the encoder)
 
 
 class IngestPipeline:
@@ -167,20 +170,31 @@ class IngestPipeline:
                                             comment=prepared.content_hash)
         prepared.tensor = self.embedder.preprocess(decoded.image)
         if self.ocr is not None and not (item.kind == "page" and has_text(prepared.text)):
-            self._read_text(prepared, decoded.image)  # a page with a text layer has its text already
+            prepared.ocr_image = decoded.image  # a page with a text layer has its text already
         return prepared
 
-    def _read_text(self, prepared: _Prepared, image: Image.Image) -> None:
-        """OCR (in this worker, beside the encoder): a failure costs the text read, never the snippet."""
-        assert self.ocr is not None
+    def _read_text(self, prepared: _Prepared) -> None:
+        """OCR of one decoded image: a failure costs the text read, never the snippet."""
+        image, prepared.ocr_image = prepared.ocr_image, None
+        if self.ocr is None or image is None:
+            return
         t0 = time.perf_counter()
         try:
-            result = self.ocr(image)
+            result = self.ocr(image, page=prepared.item.kind == "page")
             prepared.ocr_text, prepared.ocr_lines = result.text, result.lines_payload()
         except VlmragError as exc:
             log.warning("OCR of %s failed, ingested without its text: %s", prepared.item.key, exc.message)
             prepared.ocr_failed = True
+        except Exception as exc:  # noqa: BLE001 - OCR must never fail the snippet
+            log.warning("OCR of %s failed, ingested without its text: %s: %s", prepared.item.key,
+                        type(exc).__name__, exc)
+            prepared.ocr_failed = True
         prepared.ocr_s = time.perf_counter() - t0
+
+    def _read_texts(self, batch: list[_Prepared]) -> None:
+        """OCR of a chunk, one image after the other (the engine has one worker: more threads only queue)."""
+        for prepared in batch:
+            self._read_text(prepared)
 
     def _encode(self, batch: list[_Prepared]) -> None:
         """Run the model on one chunk (the single encoder thread)."""
@@ -243,6 +257,9 @@ class IngestPipeline:
         try:
             while (batch := await queue.get()) is not None:
                 slots.release()
+                # OCR of this chunk starts now and runs while it (and the next chunk) encode
+                reading = asyncio.ensure_future(asyncio.to_thread(self._read_texts, batch)) \
+                    if any(p.ocr_image is not None for p in batch) else None
                 t0 = time.perf_counter()
                 try:
                     await loop.run_in_executor(encoder, self._encode, batch)
@@ -256,7 +273,7 @@ class IngestPipeline:
                     report.first_batch_s = time.perf_counter() - started
                 if writer is not None:
                     await writer  # at most one chunk being written while the next one encodes
-                writer = asyncio.create_task(self._write(batch, run_tags, report, progress))
+                writer = asyncio.create_task(self._write(batch, run_tags, report, progress, reading))
             if writer is not None:
                 await writer
             await producer  # re-raises a producer failure (e.g. store unavailable)
@@ -313,16 +330,22 @@ class IngestPipeline:
                         report.fail(p.item, result.message, result.status_code)
                     else:
                         ready.append(result)
-                        report.add_time("ocr", result.ocr_s)  # thread time, within "decode"
-                        report.ocr_failed += result.ocr_failed
                 await queue.put(ready)
         finally:
             queue.put_nowait(None)  # always unblock the consumer, also on failure or cancellation
 
     async def _write(
-        self, batch: list[_Prepared], tags: list[str], report: IngestReport, progress: ProgressFn | None
+        self, batch: list[_Prepared], tags: list[str], report: IngestReport, progress: ProgressFn | None,
+        reading: asyncio.Future[None] | None = None,
     ) -> None:
-        """Blobs first (in a thread), then the points of the chunk in one upsert."""
+        """Blobs first (in a thread), then the points of the chunk in one upsert (once its OCR is done)."""
+        if reading is not None:
+            t = time.perf_counter()
+            await reading
+            report.add_time("ocr_wait", time.perf_counter() - t)  # the writer waiting on OCR, not the encoder
+            for p in batch:
+                report.add_time("ocr", p.ocr_s)  # OCR thread time
+                report.ocr_failed += p.ocr_failed
         t0 = time.perf_counter()
         # Concurrent writes: each blob waits on its own fsync, so a chunk costs ~one fsync round.
         written = await asyncio.gather(
@@ -363,7 +386,7 @@ class IngestPipeline:
         if await self.store.existing_ids([prepared.point_id]):
             return prepared.point_id, False
         prepared = await asyncio.to_thread(self._decode, prepared)
-        await asyncio.to_thread(self._encode, [prepared])
+        await asyncio.gather(asyncio.to_thread(self._encode, [prepared]), asyncio.to_thread(self._read_text, prepared))
         refs = await asyncio.to_thread(self._write_blobs, prepared)
         await self.store.upsert([self._point(prepared, refs, clean_tags(tags))])
         return prepared.point_id, True
