@@ -458,7 +458,10 @@ def test_unsupported_sentences_are_marked_with_the_token_no_source_has(
         manual = created.json()["snippet"]
         answer = ("\U0001D400\U0001D40D\U0001D412\U0001D416\U0001D404\U0001D411: E-417 means the pump overheated [1]. Replace module QX-7713 and wait 20 min [1]. "
                   "Call us if it persists.")
-        checked = http.post("/v1/verify", json={"answer": answer, "snippet_ids": [manual["id"]]})
+        try:
+            checked = http.post("/v1/verify", json={"answer": answer, "snippet_ids": [manual["id"]]})
+        finally:  # the live server is shared by the session: leave its collection as the other tests expect
+            assert http.delete(f"/v1/snippets/{manual['id']}").status_code == 200
         assert checked.status_code == 200, checked.text
         verification = checked.json()
     assert [c["supported"] for c in verification["claims"]] == [True, False, None]
