@@ -48,6 +48,7 @@ from support_kb import SupportQuery, SupportSnippet, build_support_kb
 
 from retriever.knowledge_base import KnowledgeBase
 from retriever.ocr import OcrEngine
+from retriever.plan import RetrievalPlan
 from retriever.search import OcrFn
 from server.services.followups import SearchQuery, last_query, recent_query, rewrite_query, text_of
 from server.settings import Settings
@@ -125,7 +126,7 @@ async def search_with(
 ) -> Outcome:
     """Search ``query`` (hybrid + query OCR) with the images of the turns it names; hits of the primary page."""
     images = [case.images[i] for i in query.image_turns if i in case.images]
-    found = await kb.search(query.text or None, images or None, pool, mode="hybrid", ocr=ocr)
+    found = await kb.search(query.text or None, images or None, RetrievalPlan(pool=pool, mode="hybrid"), ocr=ocr)
     keys = [key_of(c) for c in found.candidates]
     timings = {**query.timings, **{k: v for k, v in found.timings.items()}}
     return Outcome(case.primary in keys[:1], case.primary in keys[:5], bool(set(case.relevant) & set(keys[:5])),

@@ -185,7 +185,8 @@ async def run_query(
 ) -> Record:
     """Search, then re-rank (clip) at every threshold; timings from the default-threshold run."""
     default = sweep[THRESHOLDS[0]]
-    found = await kb.search(query.text, [image] if image is not None else None, default.pool, mode=mode, ocr=ocr)
+    found = await kb.search(query.text, [image] if image is not None else None,
+                            RetrievalPlan(pool=default.pool, mode=mode), ocr=ocr)
     keys = [key_of(c) for c in found.candidates]
     relevant = set(query.relevant)
     kept: dict[float, tuple[int, int]] = {}

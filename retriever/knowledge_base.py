@@ -21,7 +21,7 @@ from retriever.errors import ConfigurationError, InvalidInput, NotFound, VlmragE
 from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
 from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem
-from retriever.plan import RetrievalMode
+from retriever.plan import RetrievalPlan
 from retriever.search import CandidatePool, OcrFn, Retriever
 from retriever.store.base import VectorStore, normalize_id
 from retriever.types import Candidate, SearchFilters, StoredPoint
@@ -63,12 +63,11 @@ class KnowledgeBase:
 
     # --- read --------------------------------------------------------------------------------------
     async def search(
-        self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20,
-        filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
-        exact: bool = False,
+        self, text: str | None = None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,
+        *, ocr: OcrFn | None = None,
     ) -> CandidatePool:
-        """CLIP (both vectors) and BM25 retrieval, RRF-fused; see ``retriever.search.Retriever``."""
-        return await self.retriever.search(text, images, pool, filters, mode=mode, ocr=ocr, exact=exact)
+        """CLIP (both vectors) and BM25 retrieval as ``plan`` says, fused; see ``retriever.search.Retriever``."""
+        return await self.retriever.search(text, images, plan, ocr=ocr)
 
     async def get(self, point_id: str) -> StoredPoint:
         """One snippet by id; ``NotFound`` if absent (or not even a valid id)."""

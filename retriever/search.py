@@ -42,9 +42,9 @@ from PIL import Image
 from retriever import lexical
 from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput
-from retriever.plan import RetrievalMode
+from retriever.plan import RetrievalPlan
 from retriever.store.base import LEXICAL_VECTOR, VECTOR_NAMES, VectorStore
-from retriever.types import Candidate, ScoredPoint, SearchFilters, SnippetPayload
+from retriever.types import Candidate, ScoredPoint, SnippetPayload
 
 log = logging.getLogger(__name__)
 
@@ -135,15 +135,17 @@ class Retriever:
         return await asyncio.to_thread(self._embed_sync, text, images)
 
     async def search_vectors(
-        self, query: QueryVectors, pool: int, filters: SearchFilters | None = None, *,
-        mode: RetrievalMode = "hybrid", text: str | None = None, image_text: str | None = None,
-        exact: bool = False,
+        self, query: QueryVectors, plan: RetrievalPlan | None = None, *,
+        text: str | None = None, image_text: str | None = None,
     ) -> list[Candidate]:
-        """Run every (query part x vector) search concurrently and fuse them (``exact``: no HNSW).
+        """Run every (query part x vector) search of ``plan`` concurrently and fuse them.
 
-        Dense lists (``image``, ``text``) unless ``mode`` is ``lexical``; BM25 lists (``text->lexical`` for
-        the query text, ``image->lexical`` for the text read from the query images) unless it is ``dense``.
+        Dense lists (``image``, ``text``) unless ``plan.mode`` is ``lexical``; BM25 lists (``text->lexical``
+        for the query text, ``image->lexical`` for the text read from the query images) unless it is
+        ``dense``; ``plan.pool`` candidates, ``plan.filters``, ``plan.exact`` (no HNSW).
         """
+        plan = plan or RetrievalPlan()
+        pool, filters, mode, exact = plan.pool, plan.filters, plan.mode, plan.exact
         if pool < 1:
             raise InvalidInput(f"pool must be at least 1, not {pool}", param="pool")
         names: list[str] = []
@@ -167,16 +169,18 @@ class Retriever:
         return rrf_fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool)
 
     async def search(
-        self, text: str | None, images: list[Image.Image] | None = None, pool: int = 20,
-        filters: SearchFilters | None = None, *, mode: RetrievalMode = "hybrid", ocr: OcrFn | None = None,
-        exact: bool = False,
+        self, text: str | None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,
+        *, ocr: OcrFn | None = None,
     ) -> CandidatePool:
-        """Embed (and OCR the images, concurrently), search and fuse; the pool comes best first.
+        """Embed (and OCR the images, concurrently), search and fuse as ``plan`` says; best first.
 
-        ``ocr`` reads the text in one query image (blocking; run in a thread beside CLIP). It is only used
-        when ``mode`` is not ``dense``; its failure costs the ``image->lexical`` list, never the search,
-        and is reported in ``CandidatePool.degraded``.
+        ``plan`` (default: ``RetrievalPlan()``) gives the pool size, filters, mode and ``exact``. ``ocr``
+        reads the text in one query image (blocking; run in a thread beside CLIP). It is only used when
+        the mode is not ``dense``; its failure costs the ``image->lexical`` list, never the search, and
+        is reported in ``CandidatePool.degraded``.
         """
+        plan = plan or RetrievalPlan()
+        mode = plan.mode
         started = time.perf_counter()
         images = list(images or [])
         timings: dict[str, float] = {}
@@ -208,8 +212,7 @@ class Retriever:
 
         query, image_text = await asyncio.gather(embed(), read_images())
         searched = time.perf_counter()
-        candidates = await self.search_vectors(query, pool, filters, mode=mode, text=text,
-                                                      image_text=image_text, exact=exact)
+        candidates = await self.search_vectors(query, plan, text=text, image_text=image_text)
         done = time.perf_counter()
         timings.setdefault("embed", 0.0)
         timings.update({"search": (done - searched) * 1000, "total": (done - started) * 1000})

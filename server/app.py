@@ -15,12 +15,10 @@ from typing import TYPE_CHECKING
 import httpx
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from PIL import Image
 
 from retriever.errors import VlmragError
 from retriever.knowledge_base import KnowledgeBase
 from retriever.rerank import ChatBackend, RerankService
-from retriever.search import OcrFn
 from server.auth import build_access_control
 from server.errors import error_responses, install_error_handlers
 from server.feedback import AnswerLog
@@ -77,18 +75,6 @@ def _ocr_engine(settings: Settings, stack: AsyncExitStack) -> OcrEngine | None:
     warming = threading.Thread(target=_warm, args=(engine,), name="vlmrag-ocr-warm", daemon=True)
     warming.start()  # ~1.5 s of imports and model load, not on the first photo's request
     return engine
-
-
-def _query_ocr(settings: Settings, engine: OcrEngine | None) -> OcrFn | None:
-    """The reader of the caller's images, bounded by ``ocr_query_timeout_s``; None when turned off."""
-    if engine is None or not settings.ocr_query_enabled:
-        return None
-
-    def read_text(image: Image.Image) -> str:
-        # cached: the same photo across a conversation's turns and retries is read once
-        return engine.read(image, timeout_s=settings.ocr_query_timeout_s, cached=True).text
-
-    return read_text
 
 
 def _warm(engine: OcrEngine) -> None:
@@ -190,7 +176,9 @@ def create_app(
             gate = ModelCallGate.from_settings(settings)
             answer_log = await asyncio.to_thread(AnswerLog.from_settings, settings)
             stack.callback(answer_log.close)
-            ocr = _query_ocr(settings, engine)
+            from server.wiring import build_query_ocr  # heavy imports (torch) only when the lifespan runs
+
+            ocr = build_query_ocr(settings, engine)
             verifier = Verifier(settings, reranker=reranker, knowledge_bases=kbs, answer_log=answer_log,
                                 metrics=metrics)
             chat_service = ChatService(

@@ -13,7 +13,8 @@ from fastapi import Depends, Query, Request
 from retriever.knowledge_base import KnowledgeBase
 from server.auth import AccessControl, Principal, get_access_control
 from server.feedback import AnswerLog
-from server.knowledge_bases import KnowledgeBases, choose_kb
+from server.knowledge_bases import KnowledgeBases
+from server.knowledge_bases.access import choose_kb
 from server.metrics import Metrics
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds

@@ -18,7 +18,6 @@ fails a chat (``ChatService._log_answer`` logs, counts and goes on).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -32,6 +31,7 @@ import sqlalchemy as sa
 
 from retriever.errors import InvalidInput, NotFound, StoreUnavailable
 from server.settings import Settings
+from server.sql import run_sql
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +179,7 @@ class AnswerLog:
                    max_comment_chars=settings.limit_feedback_comment_chars)
 
     async def _run(self, fn: Callable[[], T]) -> T:
-        try:
-            return await asyncio.to_thread(fn)
-        except sa.exc.SQLAlchemyError as exc:
-            raise StoreUnavailable(f"the feedback database is unavailable: {type(exc).__name__}") from exc
+        return await run_sql(fn, what="the feedback database")
 
     # ------------------------------------------------------------------ answers
     async def record(self, record: AnswerRecord) -> None:

@@ -15,7 +15,15 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from retriever.plan import OnToolResult, OnUnsupported, QueryMode, RetrievalMode, Scorer, VerifyMode
+from retriever.plan import (
+    OnToolResult,
+    OnUnsupported,
+    QueryMode,
+    RetrievalMode,
+    RetrievalPlan,
+    Scorer,
+    VerifyMode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +33,9 @@ def _split_csv(value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
+
+#: the one place retrieval defaults are written (retriever/plan.py); the settings below take them
+PLAN = RetrievalPlan()
 
 class Settings(BaseSettings):
     """Every knob of vlmrag. Environment: ``VLMRAG_<FIELD NAME IN UPPER CASE>``."""
@@ -114,7 +125,7 @@ class Settings(BaseSettings):
     model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
 
     # --- re-ranker -----------------------------------------------------------------------------
-    rerank_scorer: Scorer = Field("vlm", description="Default relevancy scorer: vlm | clip | none (CLIP order, no threshold).")
+    rerank_scorer: Scorer = Field(PLAN.scorer, description="Default relevancy scorer: vlm | clip | none (CLIP order, no threshold).")
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
     )
@@ -123,30 +134,30 @@ class Settings(BaseSettings):
     rerank_timeout_s: float = Field(30.0, gt=0)
 
     # --- retrieval & selection ----------------------------------------------------------------
-    retrieval_k: int = Field(5, ge=1, description="At most this many snippets are kept.")
-    retrieval_threshold: float = Field(0.5, ge=0, le=1, description="Minimum relevancy to keep a snippet.")
-    retrieval_margin: float | None = Field(None, ge=0, le=1, description="Keep only within margin of best.")
-    retrieval_min_k: int = Field(0, ge=0)
-    retrieval_pool: int = Field(20, ge=1, description="Candidate pool size N from CLIP search.")
+    retrieval_k: int = Field(PLAN.k, ge=1, description="At most this many snippets are kept.")
+    retrieval_threshold: float = Field(PLAN.threshold, ge=0, le=1, description="Minimum relevancy to keep a snippet.")
+    retrieval_margin: float | None = Field(PLAN.margin, ge=0, le=1, description="Keep only within margin of best.")
+    retrieval_min_k: int = Field(PLAN.min_k, ge=0)
+    retrieval_pool: int = Field(PLAN.pool, ge=1, description="Candidate pool size N from CLIP search.")
     retrieval_rrf_k: int = Field(60, ge=1)
     retrieval_mode: RetrievalMode = Field(
-        "hybrid", description="Default retrieval.mode: hybrid (BM25 + CLIP) | dense (CLIP) | lexical (BM25).",
+        PLAN.mode, description="Default retrieval.mode: hybrid (BM25 + CLIP) | dense (CLIP) | lexical (BM25).",
     )
     retrieval_query: QueryMode = Field(
-        "recent", description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",
+        PLAN.query, description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",
     )
     retrieval_recent_chars: int = Field(600, ge=1, description="Text budget of retrieval.query=recent.")
     retrieval_rewrite_max_tokens: int = Field(48, ge=1, description="Token cap of the query-rewrite call.")
     retrieval_on_tool_result: OnToolResult = Field(
-        "skip", description="A turn whose last message is a tool result: skip the search, or search anyway.",
+        PLAN.on_tool_result, description="A turn whose last message is a tool result: skip the search, or search anyway.",
     )
     retrieval_verify: VerifyMode = Field(
-        "lexical", description="Default retrieval.verify, the check of each answer sentence against the kept "
+        PLAN.verify, description="Default retrieval.verify, the check of each answer sentence against the kept "
         "snippets: off | lexical (identifiers, numbers with units, quotes; no model) | model (the relevancy model "
         "judges each sentence, on top of lexical).",
     )
     retrieval_on_unsupported: OnUnsupported = Field(
-        "flag", description="Default retrieval.on_unsupported: flag (only in `verification`) | disclaim (also "
+        PLAN.on_unsupported, description="Default retrieval.on_unsupported: flag (only in `verification`) | disclaim (also "
         "append verify_disclaimer to the answer).",
     )
     verify_disclaimer: str = Field(

@@ -23,7 +23,10 @@ from retriever.store.base import VectorStore
 from server.settings import Settings
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from retriever.ocr import OcrEngine
+    from retriever.search import OcrFn
 
 
 def build_blob_store(settings: Settings, namespace: str = "") -> BlobStore:
@@ -102,6 +105,18 @@ def build_ocr_engine(settings: Settings) -> OcrEngine:
     return OcrEngine(detect_side=settings.ocr_detect_side, coarse_side=min(settings.ocr_coarse_side,
                      settings.ocr_detect_side), timeout_s=settings.ocr_timeout_s, max_boxes=settings.ocr_max_boxes,
                      threads=settings.ocr_threads, cache=cache)
+
+
+def build_query_ocr(settings: Settings, engine: OcrEngine | None) -> OcrFn | None:
+    """The reader of the caller's images, bounded by ``ocr_query_timeout_s``; None when turned off."""
+    if engine is None or not settings.ocr_query_enabled:
+        return None
+
+    def read_text(image: Image.Image) -> str:
+        # cached: the same photo across a conversation's turns and retries is read once
+        return engine.read(image, timeout_s=settings.ocr_query_timeout_s, cached=True).text
+
+    return read_text
 
 
 async def build_knowledge_base(

@@ -290,3 +290,29 @@ def test_other_libraries_logs_are_quiet_unless_verbose(cli_env: Path, capsys) ->
     assert "Parsing model identifier" not in capsys.readouterr().err
     assert main(["search", "a pump", "--json", "-v"]) == 0
     assert "Parsing model identifier" in capsys.readouterr().err
+
+
+def test_search_resolves_its_plan_like_the_api(cli_env: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    """`vlmrag search` takes VLMRAG_RETRIEVAL_MODE (the settings' default), and --mode over it."""
+    folder = tmp_path / "kb"
+    folder.mkdir()
+    (folder / "codes.md").write_text("# Faults\nError E-417 means the pump overheated.\n\n# Filter\nClean it monthly.\n")
+    (folder / "other.md").write_text("# Cable\nUse the grey power cable.\n")
+    assert main(["ingest", str(folder)]) == 0
+
+    def lists(found: dict) -> set[str]:
+        return {name for r in found["results"] for name in r["vector_scores"]}
+
+    monkeypatch.setenv("VLMRAG_RETRIEVAL_MODE", "lexical")
+    code, found = run_json(capsys, "search", "E-417 overheated", "--json")
+    assert code == 0 and found["query"]["mode"] == "lexical"
+    assert found["results"] and lists(found) == {"text->lexical"}
+    assert "E-417" in found["results"][0]["text"]
+
+    code, found = run_json(capsys, "search", "E-417 overheated", "--json", "--mode", "dense")
+    assert code == 0 and found["query"]["mode"] == "dense"
+    assert found["results"] and not any(name.endswith("->lexical") for name in lists(found))
+
+    monkeypatch.setenv("VLMRAG_RETRIEVAL_MODE", "hybrid")
+    code, found = run_json(capsys, "search", "E-417 overheated", "--json")
+    assert {"text->lexical", "text->text"} <= lists(found)

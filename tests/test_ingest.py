@@ -21,6 +21,7 @@ from retriever.ingest import IngestPipeline, read_folder, read_jsonl, read_paths
 from retriever.ingest.readers import IngestItem, read_coco, read_pdf
 from retriever.ingest.rules import IngestRules, content_hash_of, point_id_for
 from retriever.knowledge_base import KnowledgeBase
+from retriever.plan import RetrievalPlan
 from retriever.types import SearchFilters, StoredPoint
 from tests.support.bad_images import OK, write_bad_images
 from tests.support.media import png_bytes, text_pdf
@@ -62,7 +63,7 @@ async def test_ingested_image_is_its_own_top1(kb: KnowledgeBase, sample_images, 
     report = await kb.ingest(read_folder(tmp_path / "photos"))
     assert (report.ingested, report.failed, report.seen) == (len(sample_images), 0, len(sample_images))
     for i, image in enumerate(sample_images):
-        result = await kb.search(images=[image], pool=3, filters=SearchFilters(kind=["image"]))
+        result = await kb.search(images=[image], plan=RetrievalPlan(pool=3, filters=SearchFilters(kind=["image"])))
         top = result.candidates[0]
         assert top.payload.source == f"photos/img{i}.png"
         assert top.vector_scores["image->image"] == pytest.approx(1.0, abs=1e-3)
@@ -76,7 +77,7 @@ async def test_exact_caption_finds_its_snippet(kb: KnowledgeBase, sample_images,
         path.with_suffix(".txt").write_text(caption)
     await kb.ingest(read_folder(folder))
     for caption, i in zip(captions, range(len(captions))):
-        result = await kb.search(caption, pool=6)
+        result = await kb.search(caption, plan=RetrievalPlan(pool=6))
         by_source = {c.payload.source: c for c in result.candidates}
         mine = by_source[f"captioned/img{i}.png"]
         assert mine.payload.text == caption and mine.payload.kind == "image_text"
@@ -173,7 +174,7 @@ async def test_markdown_file_ingested_as_passages(kb: KnowledgeBase, tmp_path: P
     md.write_text("# Start\nPress the green button.\n\n# Stop\nPress the red button.\n")
     report = await kb.ingest(read_paths([md]))
     assert report.ingested == 2
-    result = await kb.search("# Stop\nPress the red button.", pool=2)
+    result = await kb.search("# Stop\nPress the red button.", plan=RetrievalPlan(pool=2))
     assert result.candidates[0].payload.text == "# Stop\nPress the red button."
 
 

@@ -11,6 +11,7 @@ from PIL import Image, ImageDraw
 from retriever.errors import UpstreamError
 from retriever.ingest.readers import read_paths
 from retriever.ocr import OcrEngine
+from retriever.plan import RetrievalPlan
 from server.settings import Settings
 from server.wiring import build_knowledge_base
 from tests.support.media import encode_image, pdf_bytes, text_pdf
@@ -51,7 +52,7 @@ async def test_photos_and_scanned_pages_are_read_and_searchable(settings: Settin
         typed = next(p for name, p in points.items() if name.startswith("typed.pdf"))
         assert typed.ocr_text == "" and "v2.3.1" in typed.text  # a text layer needs no OCR
         for query, expected in (("E-417", photo), ("P-220-C", scanned), ("e417", photo)):
-            found = await kb.search(query, pool=3, mode="lexical")
+            found = await kb.search(query, plan=RetrievalPlan(pool=3, mode="lexical"))
             assert found.candidates[0].payload.content_hash == expected.content_hash, query
     finally:
         await kb.close()

@@ -17,6 +17,7 @@ from PIL import Image
 from retriever.blobs import LocalBlobStore
 from retriever.embedder import ClipEmbedder, load_embedder
 from retriever.errors import Conflict, NotFound
+from retriever.plan import RetrievalPlan
 from retriever.reindex import AliasVersions, EdgeVersions, drop_old_versions, reindex, version_number
 from retriever.store import open_store
 from retriever.store.base import VectorStore
@@ -339,7 +340,7 @@ def test_backfill_lexical_gives_an_old_edge_collection_bm25(
         await store.open()
         try:
             assert await store.has_lexical()
-            found = await Retriever(embedder, store).search("E-417", pool=3, mode="lexical")
+            found = await Retriever(embedder, store).search("E-417", plan=RetrievalPlan(pool=3, mode="lexical"))
             assert found.candidates[0].payload.text.startswith("Error E-417")
         finally:
             await store.close()

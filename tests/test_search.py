@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from retriever.errors import InvalidInput
+from retriever.plan import RetrievalPlan
 from retriever.search import Retriever, list_name, rrf_fuse
 from retriever.store.base import VectorStore
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload
@@ -62,7 +63,7 @@ async def indexed(store: VectorStore, embedder, corpus) -> tuple[Retriever, dict
 async def test_an_ingested_image_is_its_own_top_hit(indexed, sample_images) -> None:
     retriever, ids = indexed
     for n, image in enumerate(sample_images):
-        result = await retriever.search(None, [image], pool=5)
+        result = await retriever.search(None, [image], plan=RetrievalPlan(pool=5))
         top = result.candidates[0]
         assert top.id == ids[f"image{n}"]
         assert top.vector_scores[list_name("image", "image")] == pytest.approx(1.0, abs=1e-3)
@@ -72,7 +73,7 @@ async def test_an_ingested_image_is_its_own_top_hit(indexed, sample_images) -> N
 async def test_exact_passage_text_finds_its_snippet(indexed) -> None:
     retriever, ids = indexed
     for n, passage in enumerate(PASSAGES):
-        result = await retriever.search(passage, [], pool=10)
+        result = await retriever.search(passage, [], plan=RetrievalPlan(pool=10))
         top_ids = [c.id for c in result.candidates[:3]]
         assert ids[f"text{n}"] in top_ids
         hit = next(c for c in result.candidates if c.id == ids[f"text{n}"])
@@ -82,7 +83,7 @@ async def test_exact_passage_text_finds_its_snippet(indexed) -> None:
 
 async def test_text_query_searches_both_vectors(indexed) -> None:
     retriever, ids = indexed
-    result = await retriever.search(CAPTIONS[0], [], pool=20)
+    result = await retriever.search(CAPTIONS[0], [], plan=RetrievalPlan(pool=20))
     keys = set().union(*(c.vector_scores for c in result.candidates))
     assert keys == {"text->image", "text->text"}
     # Images without captions are reachable from text only through the image vector.
@@ -97,7 +98,7 @@ async def test_text_query_searches_both_vectors(indexed) -> None:
 
 async def test_text_and_image_query_fuses_four_lists(indexed, sample_images) -> None:
     retriever, ids = indexed
-    result = await retriever.search(CAPTIONS[2], [sample_images[2]], pool=5)
+    result = await retriever.search(CAPTIONS[2], [sample_images[2]], plan=RetrievalPlan(pool=5))
     top = result.candidates[0]
     assert top.id == ids["image2"]  # matches the caption exactly and is the image itself
     assert set(top.vector_scores) == {"text->image", "text->text", "image->image", "image->text"}
@@ -112,7 +113,7 @@ async def test_filters_are_respected(indexed, sample_images) -> None:
         (SearchFilters(kind=["image", "text"]), lambda c: c.payload.kind in ("image", "text")),
     ]
     for filters, ok in cases:
-        result = await retriever.search("water", [sample_images[0]], pool=20, filters=filters)
+        result = await retriever.search("water", [sample_images[0]], plan=RetrievalPlan(pool=20, filters=filters))
         assert result.candidates and all(ok(c) for c in result.candidates)
 
 
@@ -122,21 +123,21 @@ async def test_several_query_images_are_averaged(indexed, embedder, sample_image
     expected = embedder.embed_images(sample_images[:2]).sum(axis=0)
     np.testing.assert_allclose(query.image, expected / np.linalg.norm(expected), atol=1e-6)
     assert query.text is None
-    result = await retriever.search_vectors(query, pool=3)
+    result = await retriever.search_vectors(query, RetrievalPlan(pool=3))
     assert {ids["image0"], ids["image1"]} <= {c.id for c in result[:3]}
 
 
 async def test_pool_limits_candidates(indexed) -> None:
     retriever, _ = indexed
-    assert len((await retriever.search("router", [], pool=2)).candidates) == 2
+    assert len((await retriever.search("router", [], plan=RetrievalPlan(pool=2))).candidates) == 2
 
 
 async def test_empty_query_and_bad_pool_are_invalid(indexed) -> None:
     retriever, _ = indexed
     with pytest.raises(InvalidInput):
-        await retriever.search("   ", [], pool=5)
+        await retriever.search("   ", [], plan=RetrievalPlan(pool=5))
     with pytest.raises(InvalidInput):
-        await retriever.search("x", [], pool=0)
+        await retriever.search("x", [], plan=RetrievalPlan(pool=0))
 
 
 def _hits(*ids_scores: tuple[str, float]) -> list[ScoredPoint]:

@@ -37,7 +37,7 @@ from retriever.eval.metrics import (
 from retriever.eval.report import write_reports
 from retriever.ingest.pipeline import IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem, read_coco
-from retriever.plan import RetrievalMode, Scorer
+from retriever.plan import RetrievalPlan, Scorer
 from retriever.progress import ProgressBar
 from retriever.rerank import ImageLoader, RerankService, clip_relevancy
 from retriever.selection import select_adaptive
@@ -83,8 +83,7 @@ class EvalKnowledgeBase(SnippetImages, Protocol):
     ) -> IngestReport: ...
 
     async def search(
-        self, text: str | None = None, images: list[Image.Image] | None = None, pool: int = 20, *,
-        mode: RetrievalMode = "hybrid",
+        self, text: str | None = None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,
     ) -> _Retrieved: ...
 
 
@@ -238,7 +237,7 @@ class CocoEval:
     async def score_query(self, query: CocoQuery) -> dict[str, Any]:
         """Retrieve the pool for one caption and score it; the JSON-able record row."""
         t0 = time.perf_counter()
-        found = await self.kb.search(query.text, None, self.config.pool, mode="dense")
+        found = await self.kb.search(query.text, None, RetrievalPlan(pool=self.config.pool, mode="dense"))
         t1 = time.perf_counter()
         report = await self.reranker.score(query.text, [], found.candidates, scorer=self.config.scorer)
         t2 = time.perf_counter()
@@ -258,7 +257,8 @@ class CocoEval:
         """Select with the re-ranker at ``answer_threshold`` and ask the answering model."""
         candidates: list[Candidate] | None = row.get("_candidates")
         if candidates is None:  # a cached row: retrieve again (cheap), reuse the cached scores
-            candidates = (await self.kb.search(query.text, None, self.config.pool, mode="dense")).candidates
+            plan = RetrievalPlan(pool=self.config.pool, mode="dense")
+            candidates = (await self.kb.search(query.text, None, plan)).candidates
         scores = {c["id"]: c["relevancy"] for c in row["candidates"]}
         candidates = [c for c in candidates if c.id in scores]
         for cand in candidates:

@@ -34,7 +34,8 @@ from retriever.types import StoredPoint
 from server.api_models import SearchRequest, SourceItem
 from server.auth import Principal
 from server.errors import as_vlmrag_error, body_for
-from server.knowledge_bases import NAME_RE, KBSpec, choose_kb
+from server.knowledge_bases import NAME_RE, KBSpec
+from server.knowledge_bases.access import choose_kb
 from server.mcp.images import image_content, snippet_images
 from server.mcp.protocol import (
     ARGUMENTS,

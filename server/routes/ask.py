@@ -10,7 +10,7 @@ from fastapi.responses import StreamingResponse
 from server.api_models import AskForm, AskResponse
 from server.auth import ChatAuth
 from server.deps import CallerDep, ChatServiceDep, MetricsDep, SettingsDep, use_kb
-from server.knowledge_bases import choose_kb
+from server.knowledge_bases.access import choose_kb
 from server.limits import check_upload_count
 from server.routes.streaming import sse_response
 

@@ -7,7 +7,7 @@ from fastapi.responses import StreamingResponse
 
 from server.auth import ChatAuth
 from server.deps import CallerDep, ChatServiceDep, MetricsDep, SettingsDep, use_kb
-from server.knowledge_bases import choose_kb
+from server.knowledge_bases.access import choose_kb
 from server.protocol import ChatCompletionRequest, ChatCompletionResponse
 from server.routes.streaming import sse_response
 

@@ -27,7 +27,7 @@ async def add_snippet(
     text: Annotated[str | None, Form(description="Text or caption.")] = None,
     source: Annotated[str, Form(max_length=1024)] = "",
     tags: Annotated[list[str] | None, Form()] = None,
-    page: Annotated[int | None, Form(ge=0, description="Page number (PDF pages).")] = None,
+    page: Annotated[int | None, Form(ge=0, le=1_000_000, description="Page number (PDF pages).")] = None,
     extra: Annotated[
         Json[dict[str, Any]] | None, Form(max_length=65536, description="JSON object kept in the payload.")
     ] = None,

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from server.api_models import VerifyRequest, VerifyResponse
 from server.auth import ChatAuth
 from server.deps import CallerDep, VerifierDep, use_kb
-from server.knowledge_bases import choose_kb
+from server.knowledge_bases.access import choose_kb
 
 router = APIRouter(tags=["chat"], dependencies=[ChatAuth])
 

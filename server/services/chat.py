@@ -198,8 +198,7 @@ class ChatService:
         if not text.strip() and not images:
             raise InvalidInput("nothing to search for: the question has no text and no image",
                                param="messages", code="empty_query")
-        found = await kb.search(text or None, [q.decoded.image for q in images], plan.pool, plan.filters,
-                                mode=plan.mode, ocr=self.ocr, exact=plan.exact)
+        found = await kb.search(text or None, [q.decoded.image for q in images], plan, ocr=self.ocr)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
