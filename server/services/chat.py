@@ -110,7 +110,7 @@ class PreparedChat:
     created: int = field(default_factory=lambda: int(time.time()))
     owner: str = ""  # the caller's key_id: only it may rate the answer
     question: str = ""  # the last user message's text, for the answer log
-    plan: dict[str, Any] = field(default_factory=dict)  # the resolved retrieval plan, for the answer log
+    plan: RetrievalPlan | None = None  # the resolved retrieval plan (None: not resolved yet)
     verification: Verification | None = None  # the first choice checked against the kept snippets
 
     @property
@@ -264,7 +264,7 @@ class ChatService:
         timings = {"decode": decode_ms, **context.timings}
         prepared = self._prepared(body, request.model, context, timings, started, caller)
         prepared.search_query = query.text if query else None
-        prepared.question, prepared.plan = last_user_text(messages), asdict(plan)
+        prepared.question, prepared.plan = last_user_text(messages), plan
         return prepared
 
     async def _search_query(self, messages: list[dict[str, Any]], plan: RetrievalPlan) -> SearchQuery:
@@ -319,7 +319,7 @@ class ChatService:
         context.kb_name, context.instructions = kb_name, spec.system_prompt
         body = await self._body(messages, context, plan.enabled, request, max_tokens)
         prepared = self._prepared(body, None, context, {"decode": decode_ms, **context.timings}, started, caller)
-        prepared.question, prepared.plan = question, asdict(plan)
+        prepared.question, prepared.plan = question, plan
         return prepared
 
     async def _body(
@@ -431,8 +431,8 @@ class ChatService:
     async def _verify(self, prepared: PreparedChat, answer: str) -> str:
         """Check the answer against the kept snippets (``retrieval.verify``); the disclaimer to append, or ""."""
         plan = prepared.plan
-        mode = plan.get("verify", "off")
-        if mode == "off" or not plan.get("enabled") or not answer.strip():
+        mode = plan.verify if plan is not None else "off"
+        if plan is None or mode == "off" or not plan.enabled or not answer.strip():
             return ""  # no retrieval (a plain proxy turn, a tool result) or no text (tool calls): nothing to check
         kb = prepared.context.kb
         outcome = await self.verifier.check(answer, prepared.context.kept, mode,
@@ -440,7 +440,7 @@ class ChatService:
         prepared.timings["verify"] = outcome.ms
         prepared.context.degraded.extend(outcome.degraded)
         disclaimer = ""
-        if outcome.any_unsupported and plan.get("on_unsupported") == "disclaim":
+        if outcome.any_unsupported and plan.on_unsupported == "disclaim":
             disclaimer = "\n\n" + self.settings.verify_disclaimer
             outcome.verification.disclaimed = True
         prepared.verification = outcome.verification
@@ -467,7 +467,8 @@ class ChatService:
             completion_id=prepared.completion_id, key_id=prepared.owner, kb=context.kb_name,
             question=prepared.question, search_query=prepared.search_query,
             sources=[s.model_dump(include=_LOGGED_SOURCE_FIELDS) for s in prepared.sources],
-            model=prepared.model, settings={**prepared.plan, **observed}, created_at=time.time(), answer=answer,
+            model=prepared.model, created_at=time.time(), answer=answer,
+            settings={**(asdict(prepared.plan) if prepared.plan is not None else {}), **observed},
             verification=prepared.verification.model_dump() if prepared.verification is not None else None,
         )
         try:

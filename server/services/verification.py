@@ -78,7 +78,7 @@ class Verifier:
         claims = verify_lexical(answer, [SourceText(n, c.payload.text, c.payload.ocr_text)
                                          for n, c in enumerate(kept, start=1)])
         degraded: list[str] = []
-        calls, paths = 0, {}
+        calls, paths = 0, dict[str, int]()
         if mode == "model" and claims:
             calls, failed, paths = await self._judge(claims, kept, load_image)
             if failed:
