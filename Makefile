@@ -8,7 +8,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.vlmrag-vllm-stamp
 PYTEST_ARGS ?=
 
-.PHONY: help venv vllm-venv browser test test-fast lint run demo bench clean
+.PHONY: help venv vllm-venv browser postgres test test-fast lint run demo bench clean
 
 help:
 	@echo "make run        start vlmrag (settings from VLMRAG_* / .env; first run creates an admin key in .env)"
@@ -36,7 +36,13 @@ browser:
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
 	    || echo "could not install chromium: browser tests will be skipped"; }
 
-test: venv vllm-venv browser
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+	  { echo "installing Debian's postgresql (shared-state tests start their own server)"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) \
+	    || echo "could not install postgresql: its tests will be skipped"; }
+
+test: venv vllm-venv browser postgres
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: venv

@@ -6,4 +6,5 @@ pytest_plugins = [
     "tests.support.fixtures_server",
     "tests.support.fixtures_browser",
     "tests.support.fixtures_mcp",
+    "tests.support.fixtures_postgres",
 ]
