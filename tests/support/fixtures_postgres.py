@@ -58,8 +58,8 @@ def postgres_url() -> Iterator[str]:
     log = root / "server.log"
 
     def run(*argv: str) -> None:
-        done = subprocess.run(_as_user([str(bindir / argv[0]), *argv[1:]]), capture_output=True, text=True,
-                              timeout=120, cwd=root)
+        done = subprocess.run(_as_user([str(bindir / argv[0]), *argv[1:]]), check=False, capture_output=True,
+                              text=True, timeout=120, cwd=root)
         if done.returncode != 0:
             pytest.fail(f"{argv[0]} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}",
                         pytrace=False)
@@ -72,5 +72,5 @@ def postgres_url() -> Iterator[str]:
         yield f"postgresql+psycopg://vlmrag@127.0.0.1:{port}/vlmrag"
     finally:
         subprocess.run(_as_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]),
-                       capture_output=True, timeout=60, cwd=root)
+                       check=False, capture_output=True, timeout=60, cwd=root)
         shutil.rmtree(root, ignore_errors=True)
