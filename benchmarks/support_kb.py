@@ -42,7 +42,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-QueryKind = Literal["identifier", "display_photo", "paraphrase"]
+QueryKind = Literal["identifier", "display_photo", "paraphrase", "unanswerable"]
 
 #: TrueType fonts bundled with matplotlib (a dependency): present wherever vlmrag installs.
 FONT_FILES = (
@@ -227,9 +227,15 @@ def render_part(number: str, kind: str, rng: random.Random) -> bytes:
 
 def build_support_kb(
     n_devices: int = 12, *, codes_per_device: int = 6, display_photos_per_code: int = 1,
-    part_photos: bool = True, seed: int = 0,
+    part_photos: bool = True, seed: int = 0, unanswerable: bool = True,
 ) -> tuple[list[SupportSnippet], list[SupportQuery]]:
-    """The snippets and the queries (with ground truth); deterministic for a seed."""
+    """The snippets and the queries (with ground truth); deterministic for a seed.
+
+    ``unanswerable`` appends questions the KB cannot answer (nothing is relevant): per device a code
+    and a part number next to its own but not in the KB (as text, and the code as a display photo),
+    one device the KB does not hold, and off-topic questions. They come last and draw from their own
+    random stream, so the answerable queries of a seed are the same with or without them.
+    """
     rng = random.Random(seed)
     devices = _catalogue(n_devices, codes_per_device, rng)
     snippets: list[SupportSnippet] = []
@@ -277,7 +283,35 @@ def build_support_kb(
         version = device.versions[-1][0]
         queries.append(SupportQuery("identifier", f"what changed in firmware {version}?",
                                     relevant=[page_of[version]], primary=page_of[version], identifier=version))
+    if unanswerable:
+        queries.extend(_unanswerable(devices, codes_per_device, random.Random(seed * 7919 + 104729)))
     return snippets, queries
+
+
+OFF_TOPIC = ("what is the weather in Paris tomorrow?", "recommend a good pizza recipe",
+             "who won the football world cup in 1998?", "how do I renew my passport?",
+             "write a poem about the sea", "what is the capital of Australia?")
+
+
+def _unanswerable(devices: list[_Device], codes_per_device: int, rng: random.Random) -> list[SupportQuery]:
+    """Questions about codes, parts and devices the KB does not hold, and off-topic ones (nothing relevant)."""
+    out: list[SupportQuery] = []
+    known = {code for d in devices for code, _ in d.codes}
+    for d, device in enumerate(devices):
+        base = 100 + 10 * d
+        code = f"E-{base + rng.randint(codes_per_device, 9)}"  # beside the device's own codes, not one of them
+        assert code not in known
+        out.append(SupportQuery("unanswerable", f"my {device.name} shows {code}, what does it mean?", identifier=code))
+        out.append(SupportQuery("unanswerable", rng.choice(("what does this mean?", "what is this error?")),
+                                image=render_display(code, device.name, random.Random(rng.getrandbits(32))),
+                                identifier=code))
+        part = f"P-{base + rng.randint(4, 9)}-{rng.choice('EFGH')}"
+        out.append(SupportQuery("unanswerable", f"where can I order {part}?", identifier=part))
+    for n in range(max(1, len(devices) // 2)):
+        name = f"{rng.choice(PRODUCT_NAMES)} {9000 + 100 * n + rng.randint(0, 9) * 10}"
+        out.append(SupportQuery("unanswerable", f"how do I reset the {name}?"))
+    out.extend(SupportQuery("unanswerable", text) for text in OFF_TOPIC)
+    return out
 
 
 def write_support_kb(out: Path, snippets: list[SupportSnippet], queries: list[SupportQuery]) -> None:

@@ -59,6 +59,9 @@ class BlobStore(Protocol):
     def path_for(self, key: str) -> Path | None:
         """A local file path for ``key`` if the backend has one (for zero-copy responses), else None."""
 
+    def delete_all(self) -> int | None:
+        """Remove every blob of this store (a knowledge base's namespace); the count when the backend knows it."""
+
 
 class LocalBlobStore:
     """Blobs as files under ``root``; writes are atomic (temp file, fsync, rename, fsync dir)."""
@@ -114,9 +117,10 @@ class LocalBlobStore:
         path = self._path(key)
         return path if path.is_file() else None
 
-    def delete_all(self) -> None:
+    def delete_all(self) -> int | None:
         """Remove every blob under this store's root (a knowledge base's namespace)."""
         shutil.rmtree(self.root, ignore_errors=True)
+        return None
 
 
 def _fsync_dir(directory: Path) -> None:

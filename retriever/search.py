@@ -159,7 +159,7 @@ class Retriever:
             self._lexical_checked = True
             if not await self.store.has_lexical():
                 log.warning("collection %s has no lexical (BM25) vector: searching CLIP only; "
-                            "`vlmrag backfill-lexical` adds it", getattr(self.store, "collection", "?"))
+                            "`vlmrag backfill-lexical` adds it", self.store.description)
         if mode != "dense":
             for kind, words in (("text", text), ("image", image_text)):
                 sparse = lexical.query_vector(words or "")

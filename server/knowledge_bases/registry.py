@@ -176,6 +176,4 @@ async def _all_points(kb: KnowledgeBase):  # type: ignore[no-untyped-def]
 
 def drop_blobs(kb: KnowledgeBase) -> None:
     """Remove the KB's blob namespace (nothing outside it references its blobs)."""
-    delete_all = getattr(kb.blobs, "delete_all", None)
-    if delete_all is not None:
-        delete_all()
+    kb.blobs.delete_all()
