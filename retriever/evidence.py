@@ -1,0 +1,97 @@
+"""Evidence-aware relevancy without a model: what every list found, on one documented scale.
+
+The ``clip`` scorer's relevancy, (1 + best cosine) / 2, ignores the BM25 and OCR evidence that found
+a candidate, so its threshold is a rank cut. This scorer reads the evidence itself, from the query
+(its text and the text OCR read from its images) and the candidate (its text and OCR text):
+
+* **Identifiers decide when the query names any** (codes, part numbers, versions; the same
+  identifier tokenization as BM25 and the answer check, ``retriever/verify.py::identifier_facts``).
+  A candidate holding all of them scores in [0.95, 1.0]; some of them in [0.6, 0.9) by the share
+  held; none of them at most ``NO_IDENTIFIER_CAP`` (0.3): a question about ``E-417`` is not
+  answered by the page of ``E-471``, however similar it looks.
+* **Otherwise words and similarity**: ``coverage`` is the share of the query's BM25 tokens (stemmed,
+  stop words out) the candidate holds, giving 0.1 + 0.8 x coverage; a dense list's cosine counts by
+  how far it stands out of its own list, (c - median) / (1 - median), giving 0.2 + 0.75 x that, so
+  a flat list (every display photo looks alike to CLIP; random weights) is weak evidence and a
+  near-identical image strong. The candidate gets the larger of the two.
+
+So ``threshold`` means the same in every mode: 0.5 keeps a candidate that holds the query's
+identifiers, shares most of its words, or is a clear outlier of a dense list; a question the KB
+cannot answer (a code it does not hold, an off-topic question) keeps nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+from retriever import lexical
+from retriever.types import Candidate
+
+ALL_IDENTIFIERS = 0.95  # every identifier of the query held: [0.95, 1.0] by word coverage
+SOME_IDENTIFIERS = 0.6  # some held: [0.6, 0.9) by the share held
+NO_IDENTIFIER_CAP = 0.3  # the query names identifiers the candidate lacks: at most this
+WORDS_FLOOR, WORDS_SPAN = 0.1, 0.8  # no identifiers in the query: 0.1 + 0.8 x coverage
+DENSE_FLOOR, DENSE_SPAN = 0.2, 0.75  # 0.2 + 0.75 x how far the cosine stands out of its list
+
+
+def query_identifiers(*texts: str) -> set[str]:
+    """The identifier keys (``E-417`` -> ``e417``) in the query's text and its images' OCR text."""
+    from retriever.verify import identifier_facts
+
+    return {key for text in texts if text for _start, _end, key in identifier_facts(text)}
+
+
+def _candidate_text(candidate: Candidate) -> str:
+    return f"{candidate.payload.text or ''}\n{candidate.payload.ocr_text or ''}"
+
+
+def _coverage(query_tokens: set[int], candidate: Candidate) -> float:
+    if not query_tokens:
+        return 0.0
+    held = set(lexical.document_vector(_candidate_text(candidate)).indices)
+    return len(query_tokens & held) / len(query_tokens)
+
+
+def _dense_standout(candidates: Sequence[Candidate]) -> dict[str, float]:
+    """Per candidate, its best (c - median) / (1 - median) over the dense lists that returned it, in [0, 1]."""
+    lists: dict[str, list[float]] = {}
+    for cand in candidates:
+        for name, score in cand.vector_scores.items():
+            if not name.endswith("->lexical"):
+                lists.setdefault(name, []).append(score)
+    medians = {name: statistics.median(scores) for name, scores in lists.items() if len(scores) >= 3}
+    out: dict[str, float] = {}
+    for cand in candidates:
+        best = 0.0
+        for name, score in cand.vector_scores.items():
+            median = medians.get(name)
+            if median is None or median >= 1.0:
+                continue
+            best = max(best, (score - median) / (1.0 - median))
+        out[cand.id] = min(1.0, max(0.0, best))
+    return out
+
+
+def evidence_relevancy(query_text: str, image_text: str, candidates: Sequence[Candidate]) -> dict[str, float]:
+    """Relevancy in [0, 1] per candidate id from the query's identifiers, words and the dense lists (see module)."""
+    wanted = query_identifiers(query_text, image_text)
+    query_tokens = set(lexical.query_vector(f"{query_text}\n{image_text}".strip()).indices)
+    standout = _dense_standout(candidates)
+    scores: dict[str, float] = {}
+    for cand in candidates:
+        coverage = _coverage(query_tokens, cand)
+        words = WORDS_FLOOR + WORDS_SPAN * coverage
+        dense = DENSE_FLOOR + DENSE_SPAN * standout[cand.id]
+        if wanted:
+            held = len(wanted & query_identifiers(_candidate_text(cand))) / len(wanted)
+            if held >= 1.0:
+                score = ALL_IDENTIFIERS + (1.0 - ALL_IDENTIFIERS) * coverage
+            elif held > 0:
+                score = SOME_IDENTIFIERS + 0.3 * held
+            else:
+                score = min(NO_IDENTIFIER_CAP, max(words, dense))
+        else:
+            score = max(words, dense)
+        scores[cand.id] = round(min(1.0, max(0.0, score)), 6)
+    return scores

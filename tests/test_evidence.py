@@ -1,0 +1,49 @@
+"""The evidence-aware no-model relevancy (retriever/evidence.py): identifiers decide, flat lists are weak."""
+
+from __future__ import annotations
+
+from retriever.evidence import NO_IDENTIFIER_CAP, evidence_relevancy, query_identifiers
+from retriever.types import Candidate, SnippetPayload
+
+
+def cand(cid: str, text: str = "", ocr: str = "", **scores: float) -> Candidate:
+    return Candidate(cid, SnippetPayload(kind="text", text=text, ocr_text=ocr), 0.5,
+                     {name.replace("_", "->"): v for name, v in scores.items()})
+
+
+def test_query_identifiers_use_the_bm25_tokenization() -> None:
+    assert query_identifiers("what does E-417 mean?", "") == {"e417"}
+    assert query_identifiers("", "ERROR E-417\nAquaPure 2000") == {"e417"}  # from the photo's OCR text
+    assert query_identifiers("my pump stops", "") == set()
+
+
+def test_an_exact_identifier_match_is_near_certain_and_a_neighbour_is_not() -> None:
+    pool = [cand("exact", "| E-417 | pump overheated | let it cool |", text_text=0.1),
+            cand("neighbour", "| E-471 | filter blocked | clean it |", text_text=0.9),
+            cand("photo", "", "ERROR E-417", image_image=0.2)]
+    scores = evidence_relevancy("what does E-417 mean?", "", pool)
+    assert scores["exact"] >= 0.95 and scores["photo"] >= 0.95  # text or OCR text: the same evidence
+    assert scores["neighbour"] <= NO_IDENTIFIER_CAP  # a close cosine does not make E-471 answer E-417
+
+
+def test_a_code_the_kb_does_not_hold_keeps_nothing_at_the_default_threshold() -> None:
+    pool = [cand(str(i), f"| E-10{i} | fault {i} | do {i} |", text_text=0.3 + 0.05 * i) for i in range(6)]
+    scores = evidence_relevancy("my AquaPure shows E-107", "", pool)
+    assert max(scores.values()) < 0.5
+
+
+def test_words_count_when_the_query_names_no_identifier() -> None:
+    pool = [cand("match", "When the pump overheats, let it cool for 20 minutes."),
+            cand("other", "Clean the filter monthly."), cand("third", "Use the grey cable.")]
+    scores = evidence_relevancy("the pump overheats", "", pool)
+    assert scores["match"] > 0.5 > scores["other"]
+    off_topic = evidence_relevancy("what is the weather in Paris tomorrow?", "", pool)
+    assert max(off_topic.values()) < 0.5
+
+
+def test_a_flat_dense_list_is_weak_and_a_standout_is_strong() -> None:
+    flat = [cand(str(i), image_image=0.80 + 0.001 * i) for i in range(10)]
+    scores = evidence_relevancy("", "", flat)
+    assert max(scores.values()) < 0.5
+    peaked = [*flat, cand("same", image_image=0.995)]
+    assert evidence_relevancy("", "", peaked)["same"] > 0.9
