@@ -18,7 +18,7 @@ from retriever.errors import ConfigurationError
 from retriever.ingest.pipeline import IngestPipeline
 from retriever.knowledge_base import KnowledgeBase
 from retriever.search import Retriever
-from retriever.store import EdgeStore, open_store
+from retriever.store import open_store
 from retriever.store.base import VectorStore
 from server.settings import Settings
 
@@ -76,8 +76,7 @@ async def open_configured_store(settings: Settings, collection: str | None = Non
         write_consistency_factor=settings.qdrant_write_consistency_factor,
         read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
     )
-    if isinstance(store, EdgeStore):
-        store.hnsw_ef = settings.hnsw_ef or None  # once HNSW is built; 0 (None): by the shard's size
+    store.hnsw_ef = settings.hnsw_ef or None  # Edge, once HNSW is built; 0 (None): by the shard's size
     return store
 
 

@@ -19,12 +19,14 @@ import numpy as np
 import pytest
 
 from retriever.knowledge_base import KnowledgeBase
+from retriever.store import open_store
 from retriever.store.edge import EdgeStore
 from retriever.types import PointRecord, SnippetPayload
 from server.app import create_app
 from server.services.hnsw_builds import AUTO_RETRY_AFTER_S, HnswBuild, HnswBuilds, unindexed_points
 from server.settings import Settings
 from tests.support.fake_vllm import FakeVLLM
+from tests.support.fixtures_retriever import TEST_COLLECTION
 from tests.support.fixtures_server import running_client
 
 POINTS = 400
@@ -140,11 +142,18 @@ async def test_deleting_a_kb_stops_its_build(settings: Settings, knowledge_base:
 
 
 async def test_a_qdrant_server_needs_no_build(settings: Settings) -> None:
-    builds = HnswBuilds(settings)
-    remote = SimpleNamespace(store=object())  # anything but an EdgeStore
-    build = await builds.start("default", remote, force=True)  # type: ignore[arg-type]
-    assert build.state == "not_needed" and build.reason == "a Qdrant server builds HNSW itself"
-    assert await builds.maybe_start("default", remote) is None  # type: ignore[arg-type]
+    builds = HnswBuilds(settings.model_copy(update={"hnsw_auto": True, "hnsw_min_points": 1}))
+    store = await open_store(qdrant_url=":memory:", api_key="", path=settings.embedded_store_path,
+                             collection=TEST_COLLECTION)
+    try:
+        await store.ensure_collection(4, "test-embedder")
+        await store.upsert([PointRecord(str(uuid.uuid4()), {"text": [1.0, 0.0, 0.0, 0.0]}, SnippetPayload(kind="text"))])
+        remote = SimpleNamespace(store=store)  # a KnowledgeBase on a Qdrant server (qdrant-client local mode)
+        build = await builds.start("default", remote, force=True)  # type: ignore[arg-type]
+        assert build.state == "not_needed" and build.reason == "a Qdrant server builds HNSW itself"
+        assert await builds.maybe_start("default", remote) is None  # type: ignore[arg-type]
+    finally:
+        await store.close()
 
 
 def test_unindexed_points_counts_points_outside_the_graphs() -> None:

@@ -499,3 +499,92 @@ async def test_adapters_agree_on_lexical_search(make_store) -> None:
     (edge_ids, _), (local_ids, _) = [await observe(store) for store in stores.values()]
     assert [set(ids) for ids in edge_ids] == [set(ids) for ids in local_ids]
     assert pid(3) not in {i for ids in edge_ids for i in ids}
+
+
+# --- whole-collection operations: drop, index_info, versions, export/import --------------------
+
+
+def make_mixed_points() -> list[PointRecord]:
+    """Dense-only points of every kind and text points with (and one without) a BM25 vector."""
+    dense, _ = make_points(9)
+    lexical = [PointRecord(pid(100 + n), p.vectors, p.payload, p.lexical)
+               for n, p in enumerate(make_lexical_points(seed=3))]
+    return dense + lexical
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_export_then_import_restores_every_vector_and_payload(kind: str, make_store, tmp_path: Path) -> None:
+    source = await make_store(kind)
+    points = make_mixed_points()
+    await source.upsert(points)
+    pages = [page async for page in source.export_points(batch=4)]
+    assert len(pages) == -(-len(points) // 4) and all(0 < len(page) <= 4 for page in pages)
+    exported = {p.id: p for page in pages for p in page}
+    assert set(exported) == {p.id for p in points}
+    for want in points:
+        got = exported[want.id]
+        assert got.payload == want.payload
+        assert set(got.vectors) == set(want.vectors)
+        for name, vector in want.vectors.items():
+            np.testing.assert_allclose(got.vectors[name], vector, atol=SCORE_ATOL)
+        if want.lexical:
+            assert got.lexical is not None and got.lexical.indices == want.lexical.indices
+            np.testing.assert_allclose(got.lexical.values, want.lexical.values, rtol=1e-6)
+        else:
+            assert not got.lexical
+
+    restored = await make_store(kind, path=tmp_path / "restored")
+    assert [await restored.import_points(page) for page in pages] == [len(page) for page in pages]
+    assert await restored.count() == len(points)
+    assert await restored.facet_counts("kind") == await source.facet_counts("kind")
+    for query in ("E-417", "pump filter"):
+        want_hits = await source.search_lexical(query_vector(query), 5)
+        got_hits = await restored.search_lexical(query_vector(query), 5)
+        assert want_hits and [h.id for h in got_hits] == [h.id for h in want_hits]
+    for point in points[:9]:
+        name = next(iter(point.vectors))
+        assert (await restored.search(name, point.vectors[name], 1))[0].id == point.id
+    again = {p.id: p for page in [page async for page in restored.export_points()] for p in page}
+    assert {i: p.payload for i, p in again.items()} == {i: p.payload for i, p in exported.items()}
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_export_of_a_missing_collection_is_empty(kind: str, make_store) -> None:
+    store = await make_store(kind, ensure=False)
+    assert [page async for page in store.export_points()] == []
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_drop_removes_the_collection(kind: str, make_store, tmp_path: Path) -> None:
+    folder = tmp_path / "dropped"
+    store = await make_store(kind, path=folder)
+    await store.upsert(make_points(6)[0])
+    await store.drop()
+    again = await make_store(kind, path=folder, ensure=False)
+    assert await again.embedder_id() is None and await again.count() == 0
+    if kind == "edge":
+        assert not (folder / TEST_COLLECTION).exists()
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_index_info_counts_points_and_says_who_builds_hnsw(kind: str, make_store) -> None:
+    from retriever.store.hnsw import HnswParams
+
+    store = await make_store(kind)
+    empty = await store.index_info()
+    assert set(empty) == {"points", "segments", "indexed_vectors"} and empty["points"] == 0
+    await store.upsert(make_points(9)[0])
+    info = await store.index_info()
+    assert info["points"] == 9 and info["segments"] >= 1 and 0 <= info["indexed_vectors"] <= 2 * 9
+    assert store.local_index_build is (kind == "edge")
+    if kind != "edge":
+        with pytest.raises(InvalidInput, match="builds HNSW itself"):
+            await store.build_index(HnswParams())
+
+
+@pytest.mark.parametrize("kind", STORE_KINDS)
+async def test_versions_name_the_served_collection(kind: str, make_store) -> None:
+    store = await make_store(kind)
+    versions = store.versions()
+    assert await versions.current() == TEST_COLLECTION
+    assert await versions.versions() == [TEST_COLLECTION]

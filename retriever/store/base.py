@@ -8,9 +8,14 @@ locks and unreachable servers, ``Conflict`` for an embedder mismatch, ``NotFound
 from __future__ import annotations
 
 import re
-from typing import Protocol, runtime_checkable
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
+
+if TYPE_CHECKING:
+    from retriever.reindex import Versions
+    from retriever.store.hnsw import BuildResult, HnswParams
 
 
 @runtime_checkable
@@ -19,6 +24,10 @@ class VectorStore(Protocol):
 
     #: human-readable description, e.g. "qdrant-edge:/data/qdrant" or "qdrant:http://host:6333"
     description: str
+    #: HNSW search beam (``VLMRAG_HNSW_EF``); None: the adapter's default (a Qdrant server: its own)
+    hnsw_ef: int | None
+    #: whether ``build_index`` builds HNSW here, beside the server (Edge); a Qdrant server builds its own
+    local_index_build: bool
 
     async def ensure_collection(self, dim: int, embedder_id: str) -> None:
         """Create the collection (with payload indexes) if missing; refuse a different embedder."""
@@ -65,6 +74,24 @@ class VectorStore(Protocol):
         """The embedder identity stored with the collection, None if the collection is new."""
 
     async def close(self) -> None: ...
+
+    async def drop(self) -> None:
+        """Remove the whole collection (points, indexes, files) and close the store."""
+
+    async def index_info(self) -> dict[str, int]:
+        """``points``, ``segments`` and ``indexed_vectors`` (HNSW-indexed, summed over the dense vectors)."""
+
+    async def build_index(self, hnsw: HnswParams) -> BuildResult:
+        """Build HNSW while serving (only where ``local_index_build``; InvalidInput elsewhere)."""
+
+    def versions(self) -> Versions:
+        """The manager of this collection's versions (re-index, ``--drop-old``: retriever/reindex.py)."""
+
+    def export_points(self, batch: int = 256) -> AsyncIterator[list[PointRecord]]:
+        """Every stored point with all its vectors (dense and ``lexical``) and payload, ``batch`` at a time."""
+
+    async def import_points(self, points: list[PointRecord]) -> int:
+        """Write exported points back as they were (after ``ensure_collection``); returns how many."""
 
 
 # --- helpers shared by the adapters (not part of the protocol) ------------------------------------

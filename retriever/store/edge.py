@@ -38,9 +38,9 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import qdrant_edge as qe
 
@@ -55,8 +55,18 @@ from retriever.store.base import (
     lexical_order,
     normalize_id,
 )
-from retriever.store.hnsw import SHARD_CONFIG_FILE, HnswParams, auto_hnsw_ef, hnsw_shard_config
+from retriever.store.hnsw import (
+    SHARD_CONFIG_FILE,
+    BuildResult,
+    HnswParams,
+    auto_hnsw_ef,
+    build_while_serving,
+    hnsw_shard_config,
+)
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
+
+if TYPE_CHECKING:
+    from retriever.reindex import Versions
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +192,20 @@ def _upsert_sync(shard: qe.EdgeShard, points: list[PointRecord], lexical: bool) 
     shard.update(qe.UpdateOperation.upsert_points(edge_points))
 
 
+def _exported(record: Any) -> PointRecord:
+    """A scrolled record (``with_vector``) as the PointRecord that wrote it."""
+    vectors = dict(record.vector or {})
+    sparse = vectors.pop(LEXICAL_VECTOR, None)
+    lexical = SparseVector(list(sparse.indices), [float(v) for v in sparse.values]) if sparse is not None else None
+    return PointRecord(str(record.id), {name: _vector(v) for name, v in vectors.items()},
+                       SnippetPayload.from_dict(record.payload or {}), lexical)
+
+
 class EdgeStore:
     """A collection stored as one Qdrant Edge shard under ``path``."""
+
+    #: HNSW is built here, in a child process beside the server (``build_index``)
+    local_index_build = True
 
     def __init__(self, path: Path, collection: str) -> None:
         self.path = Path(path)
@@ -389,6 +411,35 @@ class EdgeStore:
         info = await self._call(self._shard.info)
         return {"points": int(info.points_count), "segments": int(info.segments_count),
                 "indexed_vectors": int(info.indexed_vectors_count)}
+
+    async def build_index(self, hnsw: HnswParams) -> BuildResult:
+        """Build HNSW on a copy in a child process and swap it in (retriever/store/hnsw.py)."""
+        return await build_while_serving(self, hnsw)
+
+    async def drop(self) -> None:
+        await self.close()
+        await asyncio.to_thread(shutil.rmtree, self.shard_dir, True)
+
+    def versions(self) -> Versions:
+        from retriever.reindex import EdgeVersions
+
+        return EdgeVersions(self.path, self.collection)
+
+    async def export_points(self, batch: int = 256) -> AsyncIterator[list[PointRecord]]:
+        offset: str | None = None
+        while self._shard is not None:
+            request = qe.ScrollRequest(offset=offset, limit=max(1, batch), filter=None,
+                                       with_payload=True, with_vector=True)
+            records, next_offset = await self._call(self._shard.scroll, request)
+            if records:
+                yield [_exported(r) for r in records]
+            if next_offset is None or not records:
+                return
+            offset = str(next_offset)
+
+    async def import_points(self, points: list[PointRecord]) -> int:
+        await self.upsert(points)
+        return len(points)
 
     # --- writes --------------------------------------------------------------------------------
     def _require(self) -> qe.EdgeShard:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 from qdrant_client import AsyncQdrantClient, models
@@ -41,6 +41,10 @@ from retriever.store.base import (
     normalize_id,
 )
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
+
+if TYPE_CHECKING:
+    from retriever.reindex import Versions
+    from retriever.store.hnsw import BuildResult, HnswParams
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +99,20 @@ def _point_structs(points: list[PointRecord], lexical: bool) -> list[models.Poin
     ]
 
 
+def _exported(record: Any) -> PointRecord:
+    """A scrolled record (``with_vectors``) as the PointRecord that wrote it."""
+    vectors = dict(record.vector or {}) if isinstance(record.vector, dict) else {}
+    sparse = vectors.pop(LEXICAL_VECTOR, None)
+    lexical = SparseVector(list(sparse.indices), [float(v) for v in sparse.values]) if sparse is not None else None
+    return PointRecord(str(record.id), {name: _vector(v) for name, v in vectors.items()},
+                       SnippetPayload.from_dict(record.payload or {}), lexical)
+
+
 class RemoteStore:
     """A collection on a Qdrant server (or in qdrant-client's local mode) via the async client."""
+
+    #: the server builds HNSW itself (its optimizer); ``build_index`` refuses
+    local_index_build = False
 
     def __init__(
         self, client: AsyncQdrantClient, collection: str, *, shard_number: int = 1,
@@ -111,6 +127,12 @@ class RemoteStore:
         self._replicas = replication_factor
         self._write_factor = write_consistency_factor
         self._consistency = _consistency(read_consistency)
+        self._version_kwargs: dict[str, Any] = {
+            "url": url, "shard_number": shard_number, "replication_factor": replication_factor,
+            "write_consistency_factor": write_consistency_factor, "read_consistency": read_consistency,
+        }
+        #: unused: the server searches with its collection's ``hnsw_config.ef``
+        self.hnsw_ef: int | None = None
         # Local mode ignores consistency; passing it there only produces warnings.
         self._read_kwargs: dict[str, Any] = {"consistency": self._consistency} if url else {}
         self._exists: bool | None = None
@@ -205,6 +227,46 @@ class RemoteStore:
 
     async def close(self) -> None:
         await self._call(self.client.close())
+
+    async def drop(self) -> None:
+        await self._call(self.client.delete_collection(self.collection))
+        self._exists = False
+        await self.close()
+
+    async def index_info(self) -> dict[str, int]:
+        if await self._missing():
+            return {"points": 0, "segments": 0, "indexed_vectors": 0}
+        info = await self._call(self.client.get_collection(self.collection))
+        return {"points": int(info.points_count or 0), "segments": int(info.segments_count or 0),
+                "indexed_vectors": int(info.indexed_vectors_count or 0)}
+
+    async def build_index(self, hnsw: HnswParams) -> BuildResult:
+        raise InvalidInput(f"{self.description}: a Qdrant server builds HNSW itself")
+
+    def versions(self) -> Versions:
+        """Versions as aliased collections on this client (which stays this store's to close)."""
+        from retriever.reindex import AliasVersions
+
+        return AliasVersions(self.client, self.collection, **self._version_kwargs)
+
+    async def export_points(self, batch: int = 256) -> AsyncIterator[list[PointRecord]]:
+        if await self._missing():
+            return
+        offset: str | None = None
+        while True:
+            records, next_offset = await self._call(self.client.scroll(
+                self.collection, limit=max(1, batch), offset=offset, with_payload=True, with_vectors=True,
+                **self._read_kwargs,
+            ))
+            if records:
+                yield [_exported(r) for r in records]
+            if next_offset is None or not records:
+                return
+            offset = str(next_offset)
+
+    async def import_points(self, points: list[PointRecord]) -> int:
+        await self.upsert(points)
+        return len(points)
 
     # --- writes --------------------------------------------------------------------------------
     async def _require(self) -> None:

@@ -21,14 +21,13 @@ from pathlib import Path
 
 from retriever.errors import InvalidInput, StoreUnavailable
 from retriever.reindex import (
-    AliasVersions,
     EdgeVersions,
     ProgressFn,
     Versions,
     drop_old_versions,
     reindex,
 )
-from retriever.store import RemoteStore, open_store
+from retriever.store import VectorStore, open_store
 from server.settings import Settings
 from server.wiring import build_blob_store
 
@@ -57,8 +56,11 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(_run(args, settings))
 
 
-async def _open_versions(settings: Settings) -> tuple[Versions, RemoteStore | None]:
-    """The version manager for the configured store (and the remote store owning the client)."""
+async def _open_versions(settings: Settings) -> tuple[Versions, VectorStore | None]:
+    """The version manager for the configured store (and the opened store owning its client).
+
+    The embedded store is not opened here: its versions are opened one by one (one process per shard).
+    """
     if not settings.qdrant_url.strip():
         return EdgeVersions(Path(settings.embedded_store_path), settings.collection), None
     opened = await open_store(
@@ -68,16 +70,7 @@ async def _open_versions(settings: Settings) -> tuple[Versions, RemoteStore | No
         write_consistency_factor=settings.qdrant_write_consistency_factor,
         read_consistency=settings.qdrant_read_consistency, timeout_s=settings.qdrant_timeout_s,
     )
-    assert isinstance(opened, RemoteStore)
-    url = settings.qdrant_url.strip()
-    local = url == ":memory:" or url.startswith("local:")
-    versions = AliasVersions(
-        opened.client, settings.collection, url="" if local else url,
-        shard_number=settings.qdrant_shard_number, replication_factor=settings.qdrant_replication_factor,
-        write_consistency_factor=settings.qdrant_write_consistency_factor,
-        read_consistency=settings.qdrant_read_consistency,
-    )
-    return versions, opened
+    return opened.versions(), opened
 
 
 def _progress_printer() -> ProgressFn:
@@ -116,7 +109,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 max_image_pixels=settings.limit_image_pixels, progress=_progress_printer(),
             )
         except StoreUnavailable as exc:
-            if isinstance(versions, EdgeVersions):
+            if owner is None:  # the embedded store
                 raise StoreUnavailable(
                     f"{exc.message}. The embedded store belongs to one process: stop `vlmrag serve` and run "
                     "reindex again, or use a Qdrant server (VLMRAG_QDRANT_URL) for re-indexing while serving"

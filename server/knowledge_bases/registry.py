@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from retriever.errors import Conflict, InvalidInput, NotFound
 from retriever.knowledge_base import KnowledgeBase
-from retriever.store.edge import EdgeStore
-from retriever.store.remote import RemoteStore
 from server.api_models import RetrievalKnobs
 from server.knowledge_bases.catalog import KBCatalog, KBSpec
 from server.knowledge_bases.naming import DEFAULT_KB, NAME_RE, blob_namespace, check_name, collection_for
@@ -150,28 +147,7 @@ def check_defaults(values: dict[str, Any]) -> dict[str, Any]:
 
 async def drop_collection(kb: KnowledgeBase) -> None:
     """Remove the KB's collection from its store and close the store."""
-    store = kb.store
-    if isinstance(store, RemoteStore):
-        await store.client.delete_collection(store.collection)
-        await kb.close()
-    elif isinstance(store, EdgeStore):
-        await kb.close()
-        await asyncio.to_thread(shutil.rmtree, store.shard_dir, True)
-    else:  # another adapter: delete every point, keep the empty collection
-        ids = [p.id async for p in _all_points(kb)]
-        if ids:
-            await store.delete(ids)
-        await kb.close()
-
-
-async def _all_points(kb: KnowledgeBase):  # type: ignore[no-untyped-def]
-    offset: str | None = None
-    while True:
-        page, offset = await kb.store.scroll(1000, offset)
-        for point in page:
-            yield point
-        if offset is None or not page:
-            return
+    await kb.store.drop()
 
 
 def drop_blobs(kb: KnowledgeBase) -> None:

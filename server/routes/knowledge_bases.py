@@ -11,7 +11,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Response
 
 from retriever.errors import Forbidden, NotFound
-from retriever.store.edge import EdgeStore
 from server.api_models import (
     HnswBuildInfo,
     IndexInfo,
@@ -94,7 +93,7 @@ async def _build_info(name: str, kbs: KnowledgeBasesDep, builds: HnswBuildsDep) 
     build = builds.status(name)
     info = HnswBuildInfo(**build.to_dict()) if build is not None else HnswBuildInfo(kb=name, state="idle")
     store = (await kbs.get(name)).store
-    if isinstance(store, EdgeStore):
+    if store.local_index_build:
         info.index = IndexInfo(**await store.index_info())
     return info
 

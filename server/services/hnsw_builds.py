@@ -18,9 +18,8 @@ from typing import Any, Literal
 
 from retriever.errors import Conflict
 from retriever.knowledge_base import KnowledgeBase
-from retriever.store.base import VECTOR_NAMES
-from retriever.store.edge import EdgeStore
-from retriever.store.hnsw import HnswParams, build_while_serving, default_build_threads
+from retriever.store.base import VECTOR_NAMES, VectorStore
+from retriever.store.hnsw import HnswParams, default_build_threads
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -81,7 +80,7 @@ class HnswBuilds:
         if self.running(kb_name):
             raise Conflict(f"an HNSW build of knowledge base {kb_name!r} is already running")
         store = kb.store
-        if not isinstance(store, EdgeStore):
+        if not store.local_index_build:
             return self._record(HnswBuild(kb_name, "not_needed", trigger, reason="a Qdrant server builds HNSW itself"))
         info = await store.index_info()
         build = HnswBuild(kb_name, "running", trigger, points=info["points"])
@@ -104,7 +103,7 @@ class HnswBuilds:
 
         Never raises: the ingestion it follows has succeeded, and a build can wait for the next one.
         """
-        if not self.settings.hnsw_auto or self.running(kb_name) or not isinstance(kb.store, EdgeStore):
+        if not self.settings.hnsw_auto or self.running(kb_name) or not kb.store.local_index_build:
             return None
         last = self._builds.get(kb_name)
         if last is not None and last.state == "failed" and time.time() - (last.finished_at or 0) < AUTO_RETRY_AFTER_S:
@@ -120,9 +119,9 @@ class HnswBuilds:
             log.warning("HNSW auto-build of knowledge base %s not started: %s", kb_name, exc)
             return None
 
-    async def _run(self, build: HnswBuild, store: EdgeStore) -> None:
+    async def _run(self, build: HnswBuild, store: VectorStore) -> None:
         try:
-            result = await build_while_serving(store, self.params)
+            result = await store.build_index(self.params)
         except asyncio.CancelledError:
             build.state, build.reason = "failed", "cancelled (shutdown or knowledge base deleted)"
             raise
