@@ -78,6 +78,8 @@ class RelevancyScorer(Protocol):
     description: ClassVar[str]
     threshold: ClassVar[bool]  # False: keep the top k by fused score, no threshold
 
+    def __init__(self, judge: YesNoJudge) -> None: ...
+
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
     ) -> ScoreReport: ...
