@@ -1,7 +1,8 @@
 """Relevancy scorers behind one protocol, and the registry the API, the CLI and the chat page read.
 
 A scorer is a class with a ``name``, a one-line ``description``, whether the plan's ``threshold``
-applies to its scores (``threshold``; ``False`` keeps the top k by fused score) and
+applies to its scores (``threshold``; ``False`` keeps the top k by fused score), whether it calls
+the relevancy model (``uses_model``) and
 ``async score(query_text, query_images, candidates, load_image) -> ScoreReport``. It is built per
 request with the ``RerankService`` (its ``judge``: backend, concurrency, timeout, the Yes/No
 probability). Adding a scorer is one class here (or anywhere) plus one line in ``SCORERS``:
@@ -77,6 +78,7 @@ class RelevancyScorer(Protocol):
     name: ClassVar[str]
     description: ClassVar[str]
     threshold: ClassVar[bool]  # False: keep the top k by fused score, no threshold
+    uses_model: ClassVar[bool]  # True: it calls the relevancy model (the judge's backend)
 
     def __init__(self, judge: YesNoJudge) -> None: ...
 
@@ -132,6 +134,7 @@ class ClipScorer:
     name: ClassVar[str] = "clip"
     description: ClassVar[str] = "CLIP similarity mapped to [0, 1], no model call; the threshold is a cosine threshold."
     threshold: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = False
 
     def __init__(self, judge: YesNoJudge | None = None) -> None:
         self.judge = judge
@@ -148,6 +151,7 @@ class NoneScorer:
     name: ClassVar[str] = "none"
     description: ClassVar[str] = "No re-ranking: the top k by fused retrieval score, no threshold."
     threshold: ClassVar[bool] = False
+    uses_model: ClassVar[bool] = False
 
     def __init__(self, judge: YesNoJudge | None = None) -> None:
         self.judge = judge
@@ -165,6 +169,7 @@ class VlmScorer:
     name: ClassVar[str] = "vlm"
     description: ClassVar[str] = "The vision-language model judges each snippet (P(yes) of a Yes/No question)."
     threshold: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = True
 
     def __init__(self, judge: YesNoJudge) -> None:
         self.judge = judge
