@@ -9,13 +9,44 @@ means a field in ``RetrievalKnobs``, the same field here (with the setting that 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Annotated, Any, Literal
 
+from pydantic import GetCoreSchemaHandler, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import core_schema
+
+from retriever.scorers import SCORERS as SCORER_REGISTRY
 from retriever.types import SearchFilters
 
-Scorer = Literal["vlm", "clip", "none"]
-SCORERS: tuple[str, ...] = get_args(Scorer)
+
+def _check_scorer(name: str) -> str:
+    if name not in SCORER_REGISTRY:
+        raise ValueError(f"unknown scorer {name!r}; one of {', '.join(SCORER_REGISTRY)}")
+    return name
+
+
+class _RegisteredScorer:
+    """Pydantic marker: a str that must name a scorer in ``retriever/scorers.py::SCORERS``.
+
+    Checked and listed (the JSON schema's ``enum``) against the registry when used, so a scorer
+    registered later is accepted by every model without editing it.
+    """
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(_check_scorer, core_schema.str_schema())
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler,
+    ) -> JsonSchemaValue:
+        return {"type": "string", "enum": list(SCORER_REGISTRY)}
+
+
+Scorer = Annotated[str, _RegisteredScorer()]  # a registered scorer's name (vlm, clip, none…)
+SCORERS: Mapping[str, object] = SCORER_REGISTRY  # the live registry (``name in SCORERS``, ``list(SCORERS)``)
 QueryMode = Literal["last", "recent", "rewrite"]  # what of a conversation is searched
 RetrievalMode = Literal["hybrid", "dense", "lexical"]  # BM25 + CLIP fused, CLIP only, BM25 only
 OnToolResult = Literal["skip", "search"]  # a turn ending in a tool result: no new search, or search anyway

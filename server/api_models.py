@@ -303,6 +303,19 @@ class SearchResponse(BaseModel):
     timings: dict[str, float] = Field(default_factory=dict)
 
 
+class ScorerInfo(BaseModel):
+    name: str
+    description: str
+    threshold: bool = Field(description="Whether the relevancy threshold applies (false: the top k by fused score).")
+
+
+class ScorerList(BaseModel):
+    """The registered relevancy scorers (``retrieval.scorer`` / ``scorer`` values) and the server's default."""
+
+    scorers: list[ScorerInfo]
+    default: str
+
+
 class SnippetInfo(BaseModel):
     id: str
     kind: str

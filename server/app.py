@@ -38,6 +38,7 @@ from server.routes import (
     knowledge_bases,
     models,
     pages,
+    scorers,
     search,
     snippets,
     verify,
@@ -208,7 +209,7 @@ def create_app(
     install_error_handlers(app, on_error=metrics.observe_error)
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    for module in (chat, ask, search, snippets, ingest_files, knowledge_bases, feedback, verify, models, health,
+    for module in (chat, ask, search, scorers, snippets, ingest_files, knowledge_bases, feedback, verify, models, health,
                    pages):
         app.include_router(module.router)
     if settings.mcp_enabled:

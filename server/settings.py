@@ -125,7 +125,9 @@ class Settings(BaseSettings):
     model_alias: str = Field("vlmrag", description="Model id exposed by GET /v1/models.")
 
     # --- re-ranker -----------------------------------------------------------------------------
-    rerank_scorer: Scorer = Field(PLAN.scorer, description="Default relevancy scorer: vlm | clip | none (CLIP order, no threshold).")
+    rerank_scorer: Scorer = Field(
+        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | clip | none; GET /v1/scorers).",
+    )
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
     )

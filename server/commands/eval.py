@@ -31,6 +31,7 @@ from retriever.eval.coco import (
 )
 from retriever.eval.report import markdown_table
 from retriever.rerank import RerankService, image_data_url
+from retriever.scorers import SCORERS, threshold_scorers
 from retriever.types import Candidate
 from server.prompting import PromptBuilder, PromptSnippet
 from server.settings import Settings
@@ -59,7 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--clip-thresholds", type=float, nargs="+", default=None,
                         help="CLIP-map thresholds (default: 9 between the 5th and 95th percentile seen).")
     parser.add_argument("--margin", type=float, default=None, help="Selection margin (default VLMRAG_RETRIEVAL_MARGIN).")
-    parser.add_argument("--scorer", choices=("vlm", "clip"), default=None, help="Default VLMRAG_RERANK_SCORER.")
+    parser.add_argument("--scorer", choices=threshold_scorers(), default=None,
+                        help="A scorer whose scores a threshold applies to (default VLMRAG_RERANK_SCORER).")
     parser.add_argument("--answers", action="store_true", help="Also generate and record an answer per query.")
     parser.add_argument("--kb-dir", type=Path, default=None, help="The evaluation's data dir (default OUTDIR/kb).")
     parser.add_argument("--fresh", action="store_true", help="Discard cached scores in OUTDIR.")
@@ -108,19 +110,20 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
         raise InvalidInput("--thresholds must lie in [0, 1] (relevancy is a probability)", param="thresholds")
     scorer = args.scorer or settings.rerank_scorer
+    uses_model = SCORERS[scorer].uses_model
     config = EvalConfig(
         annotations=args.coco, images_dir=args.images, limit=args.limit, captions_per_image=args.captions_per_image,
         pool=args.pool or settings.retrieval_pool, k=args.k or settings.retrieval_k,
         thresholds=tuple(args.thresholds), clip_thresholds=tuple(args.clip_thresholds) if args.clip_thresholds else None,
         margin=args.margin if args.margin is not None else settings.retrieval_margin, scorer=scorer,
-        rerank_model=settings.effective_rerank_model if scorer == "vlm" else "",
+        rerank_model=settings.effective_rerank_model if uses_model else "",
         answer_threshold=settings.retrieval_threshold,
     )
     kb = await build_knowledge_base(eval_settings(settings, args.out, args.kb_dir))
     clients: list[VLLMClient] = []
     try:
         backend = None
-        if scorer == "vlm":
+        if uses_model:
             backend = VLLMClient.from_settings(settings, urls=settings.effective_rerank_url,
                                                model=settings.effective_rerank_model)
             clients.append(backend)

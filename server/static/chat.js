@@ -31,7 +31,7 @@ const ui = {
   kb: $("opt-kb"),
   k: $("opt-k"),
   threshold: $("opt-threshold"),
-  reranker: $("opt-reranker"),
+  scorer: $("opt-scorer"),
   enabled: $("opt-enabled"),
   overlay: $("drop-overlay"),
   dialog: $("image-dialog"),
@@ -46,6 +46,7 @@ const state = {
   turn: 0,
   nextAttachmentId: 1,
   savedModel: "", // the model id (knowledge base) picked last time
+  savedScorer: "", // the scorer picked last time
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -56,7 +57,9 @@ function loadSettings() {
     const saved = JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || "{}");
     if (saved.k != null) ui.k.value = saved.k;
     if (saved.threshold != null) ui.threshold.value = saved.threshold;
-    if (typeof saved.reranker === "boolean") ui.reranker.checked = saved.reranker;
+    if (typeof saved.scorer === "string") state.savedScorer = saved.scorer;
+    else if (typeof saved.reranker === "boolean") state.savedScorer = saved.reranker ? "vlm" : "clip"; // older pages
+    if ([...ui.scorer.options].some((o) => o.value === state.savedScorer)) ui.scorer.value = state.savedScorer;
     if (typeof saved.enabled === "boolean") ui.enabled.checked = saved.enabled;
     state.savedModel = typeof saved.model === "string" ? saved.model : "";
   } catch {
@@ -65,9 +68,10 @@ function loadSettings() {
 }
 
 function saveSettings() {
+  state.savedScorer = ui.scorer.value;
   try {
     localStorage.setItem(SETTINGS_STORAGE, JSON.stringify({
-      k: ui.k.value, threshold: ui.threshold.value, reranker: ui.reranker.checked, enabled: ui.enabled.checked,
+      k: ui.k.value, threshold: ui.threshold.value, scorer: ui.scorer.value, enabled: ui.enabled.checked,
       model: ui.kb.value,
     }));
   } catch {
@@ -78,12 +82,31 @@ function saveSettings() {
 /** The request's `retrieval` options from the controls (blank fields: server defaults). */
 function retrievalOptions() {
   if (!ui.enabled.checked) return { enabled: false };
-  const options = { enabled: true, scorer: ui.reranker.checked ? "vlm" : "clip" };
+  const options = { enabled: true };
+  if (ui.scorer.value) options.scorer = ui.scorer.value;
   const k = parseInt(ui.k.value, 10);
   if (Number.isFinite(k) && k >= 1) options.k = k;
   const threshold = parseFloat(ui.threshold.value);
   if (Number.isFinite(threshold) && threshold >= 0 && threshold <= 1) options.threshold = threshold;
   return options;
+}
+
+/** The scorer options from GET /v1/scorers (the server's registry), the saved one or the server's default
+ * selected; the options in the page stay when the call fails. */
+async function loadScorers(select, saved) {
+  let body;
+  try {
+    body = await apiFetch("/v1/scorers");
+  } catch {
+    return select.value;
+  }
+  const scorers = (body && Array.isArray(body.scorers)) ? body.scorers.filter((s) => s && typeof s.name === "string") : [];
+  if (scorers.length === 0) return select.value;
+  select.replaceChildren(...scorers.map((s) => el("option", { value: s.name, title: s.description || "" }, s.name)));
+  const names = scorers.map((s) => s.name);
+  select.value = names.includes(saved) ? saved : names.includes(body.default) ? body.default : names[0];
+  select.dataset.source = "server"; // built from the registry (the page's own options are the fallback)
+  return select.value;
 }
 
 function showKeyForm(message) {
@@ -94,7 +117,10 @@ function showKeyForm(message) {
 
 async function refreshAuth() {
   const auth = await probeAuth();
-  if (auth.keyAccepted) await loadKnowledgeBases(ui.kb, ui.kb.value || state.savedModel);
+  if (auth.keyAccepted) {
+    await loadKnowledgeBases(ui.kb, ui.kb.value || state.savedModel);
+    await loadScorers(ui.scorer, state.savedScorer);
+  }
   if (auth.authRequired) {
     showKeyForm(auth.keyAccepted
       ? "Key accepted. It is kept in this browser only."
@@ -604,7 +630,7 @@ ui.newChat.addEventListener("click", () => {
   showError("");
   ui.question.focus();
 });
-for (const input of [ui.kb, ui.k, ui.threshold, ui.reranker, ui.enabled]) input.addEventListener("change", saveSettings);
+for (const input of [ui.kb, ui.k, ui.threshold, ui.scorer, ui.enabled]) input.addEventListener("change", saveSettings);
 ui.kb.addEventListener("change", () => ui.newChat.click()); // another KB: another conversation
 
 ui.keyForm.addEventListener("submit", async (event) => {

@@ -113,6 +113,7 @@ def test_question_with_image_streams_answer_and_source_cards(
     assert page.title().startswith("vlmrag")
     assert page.locator("#api-key-form").is_hidden(), "auth is off: no key field"
     set_k(page, TINY_K)
+    page.wait_for_selector("#opt-scorer[data-source='server']", state="attached")  # options from /v1/scorers
 
     # Two images attached, previews shown, one removed again before sending.
     page.set_input_files("#image-input", files=[image_file(sample_images[0], "gradient.png"),
@@ -142,7 +143,8 @@ def test_question_with_image_streams_answer_and_source_cards(
     assert last["content"][0] == {"type": "text", "text": "What does this gradient show?"}
     images = [part for part in last["content"] if part["type"] == "image_url"]
     assert len(images) == 1 and images[0]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert sent["retrieval"] == {"enabled": True, "scorer": "vlm", "k": 1}
+    # The scorer select was built from GET /v1/scorers, the server's default selected.
+    assert sent["retrieval"] == {"enabled": True, "scorer": live_server.settings.rerank_scorer, "k": 1}
 
     payloads = sse_payloads(response.text())
     text = streamed_text(payloads)
@@ -198,7 +200,9 @@ def test_second_turn_sends_history_and_retrieval_options(live_server: LiveServer
     page.click("#settings summary")
     page.fill("#opt-k", TINY_K)
     page.fill("#opt-threshold", "0")
-    page.uncheck("#opt-reranker")
+    page.wait_for_selector("#opt-scorer[data-source='server']", state="attached")
+    assert page.locator("#opt-scorer option").evaluate_all("os => os.map(o => o.value)") == ["vlm", "clip", "none"]
+    page.select_option("#opt-scorer", "none")
 
     page.fill("#question", "How long is the warranty?")
     with page.expect_response("**/v1/chat/completions") as first_info:
@@ -208,7 +212,7 @@ def test_second_turn_sends_history_and_retrieval_options(live_server: LiveServer
     first_kept = [s for s in final_sources(sse_payloads(first_info.value.text())) if s["kept"]]
     assert len(first_kept) == 1, "k=1 was applied by the server (its default is 3)"
     assert first_info.value.request.post_data_json["retrieval"] == {
-        "enabled": True, "scorer": "clip", "k": 1, "threshold": 0,
+        "enabled": True, "scorer": "none", "k": 1, "threshold": 0,
     }
 
     page.fill("#question", "And for the frame?")
@@ -224,7 +228,8 @@ def test_second_turn_sends_history_and_retrieval_options(live_server: LiveServer
     # Settings survive a reload (kept in the browser), and "New conversation" forgets the history.
     page.reload()
     assert page.input_value("#opt-k") == TINY_K
-    assert not page.is_checked("#opt-reranker")
+    page.wait_for_selector("#opt-scorer[data-source='server']", state="attached")
+    assert page.input_value("#opt-scorer") == "none"
     page.click("#new-chat")
     assert page.locator(".message").count() == 0
 
