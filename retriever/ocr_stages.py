@@ -64,6 +64,9 @@ class StagePolicy:
     # No box at coarse_side, but this fraction of pixels (at 320 px) has a strong edge: small print
     # (a printed page photographed) is likely, and one detection at the fine budget looks for it.
     detail_edges: float = 0.02  # 0: no second look (pure early exit)
+    # Coarse boxes that all span most of the photo (grain or a smooth gradient the detector takes for
+    # one block) on a photo with under this share of strong edges: no text, nothing else runs.
+    block_edges: float = 0.005  # 0: such blocks go to recognition and the fine pass (~250 ms)
 
     @classmethod
     def page(cls, side: int = 960) -> StagePolicy:
@@ -72,7 +75,7 @@ class StagePolicy:
 
     def key(self) -> str:
         """What a cached reading depends on."""
-        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.min_score}/{self.max_boxes}/{self.detail_edges}"
+        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.min_score}/{self.max_boxes}/{self.detail_edges}/{self.block_edges}"
 
 
 @dataclass(slots=True)
@@ -207,7 +210,10 @@ class OcrStages:
         boxes, side, times.active_peak = self.detect(image, policy.coarse_side)
         times.detect_ms = (time.perf_counter() - t0) * 1000
         times.sides, times.boxes = (side,), len(boxes)
-        if not len(boxes) and policy.coarse_side < policy.fine_side and policy.detail_edges > 0:
+        if len(boxes) and policy.block_edges > 0 and _all_blocks(boxes, image.size) \
+                and fine_detail(image) < policy.block_edges:
+            boxes = boxes[:0]  # a block without a strong edge in it holds no text
+        elif not len(boxes) and policy.coarse_side < policy.fine_side and policy.detail_edges > 0:
             t = time.perf_counter()
             if fine_detail(image) >= policy.detail_edges:  # small print the coarse pass cannot see
                 boxes, side, _ = self.detect(image, _budget_side(image.size, policy))
@@ -305,6 +311,12 @@ def fine_detail(image: Image.Image, side: int = 320, step: int = 48) -> float:
     across = np.abs(np.diff(grey, axis=1)) > step
     down = np.abs(np.diff(grey, axis=0)) > step
     return float(max(across.mean(), down.mean()))
+
+
+def _all_blocks(boxes: np.ndarray, size: tuple[int, int], share: float = 0.75) -> bool:
+    """Whether every box spans over ``share`` of the image's width and of its height (no text line does)."""
+    spans = boxes.max(axis=1) - boxes.min(axis=1)  # (n, 2): width, height of each box
+    return bool(((spans[:, 0] > share * size[0]) & (spans[:, 1] > share * size[1])).all())
 
 
 def _budget_side(size: tuple[int, int], policy: StagePolicy) -> int:
