@@ -11,9 +11,11 @@ box, no spin-waiting), in this order:
    side (~15 ms at 160 px). Text lower than ~1/40 of the photo's long side (a whole printed page
    photographed) is not seen at 160 px, so a photo without a box there gets one cheap check
    (``fine_detail``: the share of strong grey-level edges at 320 px, ~3 ms): small print has many
-   (0.03-0.15), a smooth photo almost none. Over ``detail_edges``: one detection of the whole image
+   (0.01-0.15), a smooth photo almost none. Over ``detail_edges``: one detection of the whole image
    at the fine budget (``fine_side``, ``fine_pixels``: ~200 ms). Otherwise done, nothing else runs;
-   this is most product photos.
+   this is most product photos. Boxes that all span most of the photo (``_all_blocks``: grain or a
+   gradient taken for one block) on a photo with almost no strong edge (``block_edges``) are no
+   text either: done, without the recognition and fine pass they used to cost (~250 ms).
 2. **recognition** of the detected boxes only, cropped from the full-resolution image (small print
    keeps its detail), batched (sorted by aspect ratio, padded per batch).
 3. **fine detection**, only where boxes were read poorly (a label found as one block, a page whose
@@ -63,7 +65,7 @@ class StagePolicy:
     rec_batch: int = 8
     # No box at coarse_side, but this fraction of pixels (at 320 px) has a strong edge: small print
     # (a printed page photographed) is likely, and one detection at the fine budget looks for it.
-    detail_edges: float = 0.02  # 0: no second look (pure early exit)
+    detail_edges: float = 0.01  # 0: no second look (pure early exit)
     # Coarse boxes that all span most of the photo (grain or a smooth gradient the detector takes for
     # one block) on a photo with under this share of strong edges: no text, nothing else runs.
     block_edges: float = 0.005  # 0: such blocks go to recognition and the fine pass (~250 ms)
@@ -302,7 +304,7 @@ class OcrStages:
 
 def fine_detail(image: Image.Image, side: int = 320, step: int = 48) -> float:
     """The fraction of pixels, on ``image`` reduced to ``side`` px, whose neighbour differs by over ``step``
-    grey levels: ~0.03-0.15 for a printed page, ~0 for smooth photos (sensor grain averages out)."""
+    grey levels: ~0.01-0.15 for a printed page, ~0 for smooth photos (sensor grain averages out)."""
     width, height = image.size
     ratio = min(1.0, side / max(width, height))
     size = (max(2, round(width * ratio)), max(2, round(height * ratio)))

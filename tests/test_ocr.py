@@ -285,6 +285,8 @@ def test_a_photographed_page_as_a_query_photo_is_read(ocr: OcrEngine) -> None:
     assert photo.stages is not None and len(photo.stages.sides) == 2 and photo.stages.sides[0] == 160
     assert recall(photo.text, words) >= 0.95 and recall(photo.text, words) >= recall(page.text, words) - 0.03
     assert "E-100" in photo.text.split() and f"E-{100 + 37 * 19}" in photo.text.split()  # first and last line
+    sparse, sparse_words = render_page(lines=8, text_px=14)  # fewer, smaller lines: fewer edges
+    assert recall(ocr.read(sparse, timeout_s=120).text, sparse_words) >= 0.95
 
 
 def test_the_small_print_check_leaves_smooth_photos_alone() -> None:
