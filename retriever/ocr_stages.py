@@ -8,9 +8,14 @@ models from its wheel) run on ONNX Runtime sessions built by us (intra-op thread
 box, no spin-waiting), in this order:
 
 1. **coarse detection** on the image reduced (area averaging) to ``coarse_side`` px on its long
-   side (~15 ms at 160 px). No text box: done, nothing else runs; this is most product photos.
-   The price: text lower than ~1/40 of the photo's long side (a whole printed page photographed)
-   is not seen at 160 px, and such a photo reads nothing (benchmarks/bench_ocr.py measures it).
+   side (~15 ms at 160 px). Text lower than ~1/40 of the photo's long side (a whole printed page
+   photographed) is not seen at 160 px, so a photo without a box there gets one cheap check
+   (``fine_detail``: the share of strong grey-level edges at 320 px, ~3 ms): small print has many
+   (0.01-0.15), a smooth photo almost none. Over ``detail_edges``: one detection of the whole image
+   at the fine budget (``fine_side``, ``fine_pixels``: ~200 ms). Otherwise done, nothing else runs;
+   this is most product photos. Boxes that all span most of the photo (``_all_blocks``: grain or a
+   gradient taken for one block) on a photo with almost no strong edge (``block_edges``) are no
+   text either: done, without the recognition and fine pass they used to cost (~250 ms).
 2. **recognition** of the detected boxes only, cropped from the full-resolution image (small print
    keeps its detail), batched (sorted by aspect ratio, padded per batch).
 3. **fine detection**, only where boxes were read poorly (a label found as one block, a page whose
@@ -58,6 +63,12 @@ class StagePolicy:
     max_boxes: int = 300
     min_score: float = 0.5  # lines read with less are dropped (after the classifier's second chance)
     rec_batch: int = 8
+    # No box at coarse_side, but this fraction of pixels (at 320 px) has a strong edge: small print
+    # (a printed page photographed) is likely, and one detection at the fine budget looks for it.
+    detail_edges: float = 0.01  # 0: no second look (pure early exit)
+    # Coarse boxes that all span most of the photo (grain or a smooth gradient the detector takes for
+    # one block) on a photo with under this share of strong edges: no text, nothing else runs.
+    block_edges: float = 0.005  # 0: such blocks go to recognition and the fine pass (~250 ms)
 
     @classmethod
     def page(cls, side: int = 960) -> StagePolicy:
@@ -66,7 +77,7 @@ class StagePolicy:
 
     def key(self) -> str:
         """What a cached reading depends on."""
-        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.min_score}/{self.max_boxes}"
+        return f"{self.coarse_side}/{self.fine_side}/{self.fine_pixels}/{self.min_score}/{self.max_boxes}/{self.detail_edges}/{self.block_edges}"
 
 
 @dataclass(slots=True)
@@ -183,14 +194,14 @@ class OcrStages:
             _check(deadline)
             ids = order[start:start + batch]
             read = self.recognizer(TextRecInput(img=[crops[i] for i in ids]))
-            for i, text, score in zip(ids, read.txts, read.scores, strict=True):
+            for i, text, score in zip(ids, read.txts or (), read.scores or (), strict=True):
                 out[i] = (str(text).strip(), float(score))
         return out
 
     def upside_down(self, crops: list[np.ndarray]) -> list[bool]:
         """Which crops the direction classifier finds turned by 180 degrees (confidently)."""
         found = self.classifier(crops)
-        return [label == "180" and score > self.classifier.cls_thresh for label, score in found.cls_res]
+        return [label == "180" and score > self.classifier.cls_thresh for label, score in found.cls_res or ()]
 
     # --- one read --------------------------------------------------------------------------------
     def read(self, image: Image.Image, policy: StagePolicy, deadline: float | None = None,
@@ -201,6 +212,16 @@ class OcrStages:
         boxes, side, times.active_peak = self.detect(image, policy.coarse_side)
         times.detect_ms = (time.perf_counter() - t0) * 1000
         times.sides, times.boxes = (side,), len(boxes)
+        if len(boxes) and policy.block_edges > 0 and _all_blocks(boxes, image.size) \
+                and fine_detail(image) < policy.block_edges:
+            boxes = boxes[:0]  # a block without a strong edge in it holds no text
+        elif not len(boxes) and policy.coarse_side < policy.fine_side and policy.detail_edges > 0:
+            t = time.perf_counter()
+            if fine_detail(image) >= policy.detail_edges:  # small print the coarse pass cannot see
+                boxes, side, _ = self.detect(image, _budget_side(image.size, policy))
+                times.sides += (side,)
+            times.detect_ms += (time.perf_counter() - t) * 1000
+            times.boxes = len(boxes)
         if not len(boxes):
             return [], times  # the early exit: no text box, nothing else runs
         bgr = cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR)  # full size: the crops come from it
@@ -281,6 +302,31 @@ class OcrStages:
         times.classify_ms += (time.perf_counter() - t) * 1000
 
 
+def fine_detail(image: Image.Image, side: int = 320, step: int = 48) -> float:
+    """The fraction of pixels, on ``image`` reduced to ``side`` px, whose neighbour differs by over ``step``
+    grey levels: ~0.01-0.15 for a printed page, ~0 for smooth photos (sensor grain averages out)."""
+    width, height = image.size
+    ratio = min(1.0, side / max(width, height))
+    size = (max(2, round(width * ratio)), max(2, round(height * ratio)))
+    small = image if size == (width, height) else image.resize(size, Image.Resampling.BOX)
+    grey = np.asarray(small.convert("L"), dtype=np.int16)
+    across = np.abs(np.diff(grey, axis=1)) > step
+    down = np.abs(np.diff(grey, axis=0)) > step
+    return float(max(across.mean(), down.mean()))
+
+
+def _all_blocks(boxes: np.ndarray, size: tuple[int, int], share: float = 0.75) -> bool:
+    """Whether every box spans over ``share`` of the image's width and of its height (no text line does)."""
+    spans = boxes.max(axis=1) - boxes.min(axis=1)  # (n, 2): width, height of each box
+    return bool(((spans[:, 0] > share * size[0]) & (spans[:, 1] > share * size[1])).all())
+
+
+def _budget_side(size: tuple[int, int], policy: StagePolicy) -> int:
+    """The longest side a detection of the whole image may use within ``fine_side`` and ``fine_pixels``."""
+    long_side, short_side = max(size), max(1, min(size))
+    return int(min(policy.fine_side, long_side, (policy.fine_pixels * long_side / short_side) ** 0.5))
+
+
 def _crop(bgr: np.ndarray, box: np.ndarray) -> np.ndarray:
     from rapidocr.utils.process_img import get_rotate_crop_image
 
@@ -312,4 +358,4 @@ def _check(deadline: float | None) -> None:
         raise ModelUnavailable("OCR ran past its deadline", code="ocr_timeout", retry_after=1.0)
 
 
-__all__ = ["OcrStages", "StagePolicy", "StageTimes", "models_dir", "session_options"]
+__all__ = ["OcrStages", "StagePolicy", "StageTimes", "fine_detail", "models_dir", "session_options"]
