@@ -15,6 +15,9 @@ Lists are named ``"<query part>-><vector>"`` (``text->image``, ``image->lexical`
   (BM25 returning one or two pages is informative by itself).
 * ``dbsf`` — Qdrant's distribution-based score fusion: each list's scores normalised by its own
   mean ± 3 standard deviations, clipped to [0, 1], summed over every list.
+* ``dbsf_best`` — DBSF's normalisation with best-field combination: per query part the best
+  normalised score over its lists, the parts summed (a snippet's two vectors are two views of one
+  document, as for ``rrf``).
 
 ``FUSIONS`` maps the names to the functions; ``retriever/plan.py::Fusion`` lists the same names.
 """
@@ -101,23 +104,40 @@ def weighted_rrf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
     return _best_field(lists, rrf_k, limit, weights)
 
 
+def _normalised(hits: list[ScoredPoint]) -> dict[str, float]:
+    """Qdrant's DBSF normalisation of one list: (s - (mean - 3 sd)) / 6 sd, clipped to [0, 1]."""
+    if not hits:
+        return {}
+    values = [h.score for h in hits]
+    mean = statistics.fmean(values)
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return {h.id: 0.5 if sd <= 0 else min(1.0, max(0.0, (h.score - (mean - 3 * sd)) / (6 * sd))) for h in hits}
+
+
 def dbsf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
-    """Qdrant's distribution-based score fusion: (s - (mean - 3 sd)) / 6 sd per list, clipped, summed."""
+    """Qdrant's distribution-based score fusion: every list normalised (``_normalised``), summed over lists."""
     fused: dict[str, float] = {}
     for hits in lists.values():
-        if not hits:
-            continue
-        values = [h.score for h in hits]
-        mean = statistics.fmean(values)
-        sd = statistics.pstdev(values) if len(values) > 1 else 0.0
-        for hit in hits:
-            norm = 0.5 if sd <= 0 else (hit.score - (mean - 3 * sd)) / (6 * sd)
-            fused[hit.id] = fused.get(hit.id, 0.0) + min(1.0, max(0.0, norm))
+        for pid, norm in _normalised(hits).items():
+            fused[pid] = fused.get(pid, 0.0) + norm
     n_lists = max(1, sum(1 for hits in lists.values() if hits))
     return _candidates(lists, fused, 1.0 / n_lists, limit)
 
 
-FUSIONS: dict[str, FusionFn] = {"rrf": rrf, "weighted_rrf": weighted_rrf, "dbsf": dbsf}
+def dbsf_best(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
+    """DBSF normalisation, best field: per query part the best normalised score over its lists, parts summed."""
+    best: dict[str, dict[str, float]] = {}
+    for name, hits in lists.items():
+        part = _part(name)
+        for pid, norm in _normalised(hits).items():
+            parts = best.setdefault(pid, {})
+            parts[part] = max(parts.get(part, 0.0), norm)
+    fused = {pid: sum(parts.values()) for pid, parts in best.items()}
+    n_parts = max(1, len({_part(name) for name, hits in lists.items() if hits}))
+    return _candidates(lists, fused, 1.0 / n_parts, limit)
+
+
+FUSIONS: dict[str, FusionFn] = {"rrf": rrf, "weighted_rrf": weighted_rrf, "dbsf": dbsf, "dbsf_best": dbsf_best}
 
 
 def fuse(lists: Lists, rrf_k: int, limit: int, method: str = "rrf") -> list[Candidate]:

@@ -127,7 +127,7 @@ class Settings(BaseSettings):
 
     # --- re-ranker -----------------------------------------------------------------------------
     rerank_scorer: Scorer = Field(
-        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | clip | none; GET /v1/scorers).",
+        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | evidence | clip | none; GET /v1/scorers).",
     )
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
