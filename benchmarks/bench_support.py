@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from support_kb import SupportQuery, SupportSnippet, build_support_kb
 
 from retriever.embedder import ClipEmbedder
-from retriever.evidence import evidence_relevancy
+from retriever.fusion import FUSIONS
 from retriever.images import decode_image
 from retriever.ingest.readers import IngestItem
 from retriever.knowledge_base import KnowledgeBase
@@ -54,7 +54,6 @@ from retriever.ocr import OcrEngine
 from retriever.plan import RetrievalMode, RetrievalPlan
 from retriever.rerank import RerankService
 from retriever.search import OcrFn
-from retriever.selection import select_adaptive
 from retriever.types import Candidate
 from server.services.planning import resolve_plan
 from server.settings import Settings
@@ -68,7 +67,8 @@ THRESHOLDS = (0.5, 0.9, 0.95, 0.97)  # 0.5 is the default; the others: the sweep
 STAGES = ("embed", "ocr", "search", "rerank")
 GOAL_RECALL = {"identifier": 0.95, "display_photo": 0.9}
 GOAL_PRECISION = 0.8
-SCORER = "clip"  # --scorer
+SCORER = "evidence"  # --scorer
+FUSION = "rrf"  # --fusion
 GOAL_UNANSWERABLE_EMPTY = 0.9  # issue 19: a question the KB cannot answer keeps nothing
 GOAL_OCR_ADDS_MS = 500.0
 NOISE = "tiny random-weights CLIP: the dense half (CLIP lists) is noise here; BM25 and OCR are real"
@@ -79,7 +79,7 @@ def bench_settings(data_dir: Path, clip_config: Path, *, ocr: bool) -> Settings:
     """Service defaults with the tiny CLIP, data under ``data_dir``, no query-embedding cache (honest embed times)."""
     return bare_settings(
         data_dir=data_dir, clip_model=str(clip_config), clip_pretrained="none", clip_device="cpu",
-        auth_disabled=True, embed_cache_entries=0, rerank_scorer="clip", retrieval_k=5,
+        auth_disabled=True, embed_cache_entries=0, rerank_scorer=SCORER, retrieval_fusion=FUSION, retrieval_k=5,
         ocr_enabled=ocr, ocr_query_enabled=ocr,
     )
 
@@ -178,7 +178,7 @@ def plans(settings: Settings) -> dict[float, RetrievalPlan]:
     out = {}
     for threshold in THRESHOLDS:
         plan = resolve_plan(settings, None)
-        plan.threshold = threshold
+        plan.threshold, plan.scorer = threshold, SCORER
         out[threshold] = plan
     return out
 
@@ -190,7 +190,7 @@ async def run_query(
     """Search, then re-rank (clip) at every threshold; timings from the default-threshold run."""
     default = sweep[THRESHOLDS[0]]
     found = await kb.search(query.text, [image] if image is not None else None,
-                            RetrievalPlan(pool=default.pool, mode=mode), ocr=ocr)
+                            RetrievalPlan(pool=default.pool, mode=mode, fusion=default.fusion), ocr=ocr)
     keys = [key_of(c) for c in found.candidates]
     relevant = set(query.relevant)
     kept: dict[float, tuple[int, int]] = {}
@@ -199,17 +199,9 @@ async def run_query(
     origins: Counter[str] = Counter()
     for threshold, plan in sweep.items():
         candidates = copy.deepcopy(found.candidates)
-        if SCORER == "evidence":
-            t = time.perf_counter()
-            scores = evidence_relevancy(query.text, found.image_text, candidates)
-            for cand in candidates:
-                cand.relevancy = scores[cand.id]
-            picked = select_adaptive(candidates, k=plan.k, threshold=plan.threshold, margin=plan.margin,
-                                     min_k=plan.min_k).kept
-            rerank_ms = (time.perf_counter() - t) * 1000
-        else:
-            outcome = await reranker.rerank(query.text, images, candidates, plan)
-            picked, rerank_ms = list(outcome.kept), outcome.timings["rerank"]
+        outcome = await reranker.rerank(query.text, images, candidates, plan,
+                                        image_text=found.image_text)
+        picked, rerank_ms = list(outcome.kept), outcome.timings["rerank"]
         kept[threshold] = (len(picked), sum(key_of(c) in relevant for c in picked))
         if threshold == THRESHOLDS[0]:
             timings["rerank"] = rerank_ms
@@ -317,13 +309,16 @@ def print_goals(cells: Cells, ocr_adds: float | None) -> None:
         verdict = ("recall yes" if met_recall else "recall NO") + (", precision yes" if met_precision else ", precision NO")
         print(f"| {kind} | >= {goal} | {h['r5']:.3f} | {d['r5']:.3f} | {lx['r5']:.3f} | >= {GOAL_PRECISION} "
               f"| {fmt_prec(precision)} | {fmt_prec(d['kept'][t0][0])} | {verdict} |")
-    print(f"\nWhy hybrid keeps noise with the clip scorer: a candidate that any CLIP list returned gets "
-          f"(1 + its best cosine) / 2 as relevancy, its BM25 score ignored; one found by BM25 only gets the "
-          f"fused score. Kept at {t0}, by which lists found them:")
+    if SCORER == "clip":
+        print(f"\nWhy hybrid keeps noise with the clip scorer: a candidate that any CLIP list returned gets "
+              f"(1 + its best cosine) / 2 as relevancy, its BM25 score ignored; one found by BM25 only gets the "
+              f"fused score. Kept at {t0}, by which lists found them:")
+    else:
+        print(f"\nKept at {t0} with the {SCORER} scorer, by which lists found them:")
     for kind in GOAL_RECALL:
         o = cells[("hybrid", True, kind)]["origins"]
-        print(f"- hybrid+OCR {kind}: {o['clip']} from CLIP lists only, {o['both']} from CLIP and BM25 (judged by "
-              f"the cosine), {o['bm25']} from BM25 only (judged by the fused score)")
+        print(f"- hybrid+OCR {kind}: {o['clip']} from CLIP lists only, {o['both']} from CLIP and BM25, "
+              f"{o['bm25']} from BM25 only")
     print("Ceiling without a threshold cut: an identifier or display-photo query has 1-2 relevant snippets (its "
           "page and the KB photo of its code), so keeping k=5 caps precision at 0.2-0.4.")
     print(f"\nUnanswerable questions (codes, parts, devices not in the KB; off-topic) that keep nothing at "
@@ -341,12 +336,13 @@ def print_goals(cells: Cells, ocr_adds: float | None) -> None:
 
 
 def print_sweep(cells: Cells) -> None:
-    print("\n### kept context vs threshold (clip scorer, k=5; precision / recall / queries that kept nothing)")
-    print("A candidate found by BM25 only has no cosine: its clip relevancy is the fused RRF score scaled to "
-          "(0, 1] (rank 1 of every list = 1.0, rank 5 of one list of one part = 61/65 = 0.94), so on the "
-          "lexical rows the threshold cuts by fused rank, not by similarity; and for a query of two parts (a "
-          "photo and its text) a candidate only one part found scores at most 61/61/2 = 0.5: at the default "
-          "threshold 0.5 only rank 1 of the image->lexical list survives.")
+    print(f"\n### kept context vs threshold ({SCORER} scorer, k=5; precision / recall / queries that kept nothing)")
+    if SCORER == "clip":
+        print("A candidate found by BM25 only has no cosine: its clip relevancy is the fused RRF score scaled to "
+              "(0, 1] (rank 1 of every list = 1.0, rank 5 of one list of one part = 61/65 = 0.94), so on the "
+              "lexical rows the threshold cuts by fused rank, not by similarity; and for a query of two parts (a "
+              "photo and its text) a candidate only one part found scores at most 61/61/2 = 0.5: at the default "
+              "threshold 0.5 only rank 1 of the image->lexical list survives.")
     print("| mode | OCR | query kind | " + " | ".join(f"@{t}" for t in THRESHOLDS) + " |")
     print("|---|---|---|" + "---:|" * len(THRESHOLDS))
     for mode in MODES:
@@ -420,7 +416,7 @@ async def bench(devices: int, seed: int) -> int:
                 await built.kb.close()
             engine.close()
     print_query_reads(records[("hybrid", True)])
-    print(f"\n## support KB retrieval (pool 20, {SCORER} scorer, k=5; latency in ms, p50; seed {seed})")
+    print(f"\n## support KB retrieval (pool 20, {FUSION} fusion, {SCORER} scorer, k=5; latency in ms, p50; seed {seed})")
     print(f"NOTE: {NOISE}; 'OCR on' = KB ingested with OCR + query-time OCR, 'off' = neither; "
           "dense mode never reads query images (OCR p50 '–').")
     for mode in MODES:
@@ -437,12 +433,14 @@ def main() -> int:
     parser.add_argument("--devices", type=int, default=12, help="product lines in the generated KB (default 12)")
     parser.add_argument("--seed", type=int, default=0,
                         help="generator seed (names, codes, photos); 0 is the one thresholds were tuned on")
-    parser.add_argument("--scorer", choices=("clip", "evidence"), default="clip",
+    parser.add_argument("--scorer", choices=("clip", "evidence"), default="evidence",
                         help="the no-model relevancy: clip (cosine) or evidence (retriever/evidence.py)")
+    parser.add_argument("--fusion", choices=tuple(FUSIONS), default="rrf",
+                        help="how the lists are fused (retriever/fusion.py; default rrf)")
     parser.add_argument("--quick", action="store_true", help="4 devices (a smoke run for `make bench`)")
     args = parser.parse_args()
-    global SCORER
-    SCORER = args.scorer
+    global SCORER, FUSION
+    SCORER, FUSION = args.scorer, args.fusion
     return asyncio.run(bench(4 if args.quick else args.devices, args.seed))
 
 

@@ -107,15 +107,17 @@ class RerankService:
 
     async def rerank(
         self, query_text: str, query_images: list[bytes], candidates: list[Candidate], plan: RetrievalPlan,
-        *, load_image: ImageLoader | None = None,
+        *, load_image: ImageLoader | None = None, image_text: str = "",
     ) -> RerankOutcome:
         """Score every candidate, then keep up to ``plan.k``; mutates the candidates.
 
         ``load_image`` reads candidate images (their knowledge base's); default: the one given at construction.
+        ``image_text``: the text OCR read in the query images (``CandidatePool.image_text``).
         """
         scorer = self.scorer(plan.scorer)
         started = time.perf_counter()
-        report = await scorer.score(query_text, query_images, candidates, load_image or self.load_image)
+        report = await scorer.score(query_text, query_images, candidates, load_image or self.load_image,
+                                    image_text=image_text)
         for cand in candidates:
             cand.relevancy = report.scores[cand.id]
         if scorer.threshold:
@@ -138,10 +140,11 @@ class RerankService:
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], *, scorer: str = "vlm",
-        load_image: ImageLoader | None = None,
+        load_image: ImageLoader | None = None, image_text: str = "",
     ) -> ScoreReport:
         """Relevancy in [0, 1] for every candidate by ``scorer``, without selection; never raises for upstream failures."""
-        return await self.scorer(scorer).score(query_text, query_images, candidates, load_image or self.load_image)
+        return await self.scorer(scorer).score(query_text, query_images, candidates, load_image or self.load_image,
+                                               image_text=image_text)
 
     async def yes_probability(
         self, messages: list[dict[str, Any]], sem: asyncio.Semaphore, *, what: str = "a question",

@@ -3,7 +3,8 @@
 A scorer is a class with a ``name``, a one-line ``description``, whether the plan's ``threshold``
 applies to its scores (``threshold``; ``False`` keeps the top k by fused score), whether it calls
 the relevancy model (``uses_model``) and
-``async score(query_text, query_images, candidates, load_image) -> ScoreReport``. It is built per
+``async score(query_text, query_images, candidates, load_image, *, image_text="") -> ScoreReport``
+(``image_text``: what OCR read in the query images, when the search read them). It is built per
 request with the ``RerankService`` (its ``judge``: backend, concurrency, timeout, the Yes/No
 probability). Adding a scorer is one class here (or anywhere) plus one line in ``SCORERS``:
 ``retriever/plan.py::Scorer`` validates against the registry, ``GET /v1/scorers`` lists it, the chat
@@ -19,6 +20,10 @@ page builds its options from that, and ``vlmrag eval --scorer`` offers it when i
   is a cosine threshold; with the default 0.5 it keeps every positively similar candidate, so
   degrading to ``clip`` behaves like classic CLIP top-k. Cosine ranges differ per list
   (text->image ~0.3, image->image ~0.8): tune CLIP thresholds separately (``vlmrag eval``).
+* ``evidence`` — no model: what every list found, on one scale (``retriever/evidence.py``): an exact
+  identifier match (every identifier of the query, in the candidate's text or OCR text) is
+  near-certain, shared words count by coverage, a dense cosine by how far it stands out of its own
+  list (a flat list is weak evidence). The degraded ``vlm`` scorer falls back to it.
 * ``none`` — no scoring: the top k by fused score are kept (relevancy is still the clip map).
 """
 
@@ -32,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from prompts import render
+from retriever.evidence import evidence_relevancy
 from retriever.images import data_url as image_data_url
 from retriever.types import Candidate
 
@@ -40,6 +46,7 @@ log = logging.getLogger(__name__)
 PATH_CLIP_FALLBACK = "clip_fallback"
 PATH_CLIP = "clip"
 PATH_NONE = "none"
+PATH_EVIDENCE = "evidence"
 _MARK = "\x00"  # image marker delimiter; stripped from untrusted text so it cannot forge one
 
 ImageLoader = Callable[[Candidate], Awaitable[bytes | None]]  # a candidate's image bytes, None if it has none
@@ -84,6 +91,7 @@ class RelevancyScorer(Protocol):
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
+        *, image_text: str = "",
     ) -> ScoreReport: ...
 
 
@@ -141,8 +149,29 @@ class ClipScorer:
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
+        *, image_text: str = "",
     ) -> ScoreReport:
         return clip_report(candidates)
+
+
+class EvidenceScorer:
+    """What every list found (identifiers, words, standout cosines) on one scale; no model call."""
+
+    name: ClassVar[str] = "evidence"
+    description: ClassVar[str] = ("No model: exact identifier matches near-certain, shared words by coverage, "
+                                  "a dense cosine by how far it stands out of its list.")
+    threshold: ClassVar[bool] = True
+    uses_model: ClassVar[bool] = False
+
+    def __init__(self, judge: YesNoJudge | None = None) -> None:
+        self.judge = judge
+
+    async def score(
+        self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
+        *, image_text: str = "",
+    ) -> ScoreReport:
+        scores = evidence_relevancy(query_text, image_text, candidates)
+        return ScoreReport(scores, {c.id: PATH_EVIDENCE for c in candidates}, self.name)
 
 
 class NoneScorer:
@@ -158,6 +187,7 @@ class NoneScorer:
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
+        *, image_text: str = "",
     ) -> ScoreReport:
         return ScoreReport({c.id: clip_relevancy(c) for c in candidates}, {c.id: PATH_NONE for c in candidates},
                            self.name)
@@ -176,6 +206,7 @@ class VlmScorer:
 
     async def score(
         self, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate], load_image: ImageLoader,
+        *, image_text: str = "",
     ) -> ScoreReport:
         """Relevancy in [0, 1] for every candidate; never raises for upstream failures."""
         if self.judge.backend is None or not candidates:
@@ -228,6 +259,7 @@ class VlmScorer:
 # The registry: one line per scorer, in the order the chat page and the CLI list them.
 SCORERS: dict[str, type[RelevancyScorer]] = {
     VlmScorer.name: VlmScorer,
+    EvidenceScorer.name: EvidenceScorer,
     ClipScorer.name: ClipScorer,
     NoneScorer.name: NoneScorer,
 }

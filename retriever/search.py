@@ -16,7 +16,8 @@ uncaptioned image first; averaging over the vectors a snippet has over-rewards s
 snippets. Ties (same best rank in different lists) go to the higher raw cosine, so an exact
 match (cosine 1.0) comes first; and the pool interleaves the lists, so every modality reaches
 the re-ranker. ``clip_score`` is the fused score scaled to (0, 1]: 1.0 = first in a list for
-every query part.
+every query part. ``plan.fusion`` picks the method (``retriever/fusion.py``: ``rrf`` as above,
+``weighted_rrf`` by each list's informativeness, Qdrant's ``dbsf``).
 
 Several query images are averaged: their normalised embeddings are summed and re-normalised (the
 centroid direction), one query instead of one search per image.
@@ -42,9 +43,10 @@ from PIL import Image
 from retriever import lexical
 from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput
+from retriever.fusion import fuse, rrf
 from retriever.plan import RetrievalPlan
 from retriever.store.base import LEXICAL_VECTOR, VECTOR_NAMES, VectorStore
-from retriever.types import Candidate, ScoredPoint, SnippetPayload
+from retriever.types import Candidate
 
 log = logging.getLogger(__name__)
 
@@ -78,34 +80,7 @@ class CandidatePool:
     image_text: str = ""  # the text read from the query images
 
 
-def rrf_fuse(lists: dict[str, list[ScoredPoint]], rrf_k: int, limit: int) -> list[Candidate]:
-    """Best-field RRF over lists named ``"<part>-><vector>"`` (see module docstring); best first."""
-    best: dict[str, dict[str, float]] = {}  # id -> query part -> best reciprocal rank
-    payloads: dict[str, SnippetPayload] = {}
-    scores: dict[str, dict[str, float]] = {}
-    for name, hits in lists.items():
-        part = name.split("->")[0]
-        for rank, hit in enumerate(hits, start=1):
-            parts = best.setdefault(hit.id, {})
-            parts[part] = max(parts.get(part, 0.0), 1.0 / (rrf_k + rank))
-            payloads.setdefault(hit.id, hit.payload)
-            scores.setdefault(hit.id, {}).setdefault(name, hit.score)
-    fused = {pid: sum(parts.values()) for pid, parts in best.items()}
-    n_parts = max(1, len({name.split("->")[0] for name in lists}))
-    scale = (rrf_k + 1) / n_parts
-    top_bm25 = {name: max((h.score for h in hits), default=0.0) for name, hits in lists.items()
-                if name.endswith(LEXICAL_VECTOR)}
-
-    def tie_break(pid: str) -> float:
-        # raw cosines, and BM25 scores as a fraction of their list's best, so the scales compare
-        return max(v / top_bm25[n] if n in top_bm25 and top_bm25[n] > 0 else v for n, v in scores[pid].items())
-
-    order = sorted(fused, key=lambda pid: (-fused[pid], -tie_break(pid), pid))
-    return [
-        Candidate(id=pid, payload=payloads[pid], clip_score=fused[pid] * scale,
-                  vector_scores=scores[pid], rank=position)
-        for position, pid in enumerate(order[:limit], start=1)
-    ]
+rrf_fuse = rrf  # best-field RRF (retriever/fusion.py), the name tests and callers know
 
 
 class Retriever:
@@ -166,7 +141,7 @@ class Retriever:
                 if sparse:
                     names.append(list_name(kind, LEXICAL_VECTOR))
                     tasks.append(self.store.search_lexical(sparse, pool, filters))
-        return rrf_fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool)
+        return fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool, plan.fusion)
 
     async def search(
         self, text: str | None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,

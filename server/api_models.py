@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from retriever.plan import OnToolResult, OnUnsupported, QueryMode, RetrievalMode, Scorer, VerifyMode
+from retriever.plan import Fusion, OnToolResult, OnUnsupported, QueryMode, RetrievalMode, Scorer, VerifyMode
 
 
 class RetrievalFilters(BaseModel):
@@ -42,6 +42,10 @@ class RetrievalKnobs(BaseModel):
         None, description="`hybrid`: BM25 and CLIP lists fused (default); `dense`: CLIP only; `lexical`: BM25 only.",
     )
     exact: bool | None = Field(None, description="Exact vector search, no HNSW (slower on large stores; default off).")
+    fusion: Fusion | None = Field(
+        None, description="How the ranked lists are fused: `rrf` (best-field reciprocal rank), `weighted_rrf` "
+        "(each list weighted by how far its best stands out) or `dbsf` (Qdrant's distribution-based score fusion).",
+    )
 
 
 class RetrievalOptions(RetrievalKnobs):

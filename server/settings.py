@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from retriever.plan import (
+    Fusion,
     OnToolResult,
     OnUnsupported,
     QueryMode,
@@ -126,7 +127,7 @@ class Settings(BaseSettings):
 
     # --- re-ranker -----------------------------------------------------------------------------
     rerank_scorer: Scorer = Field(
-        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | clip | none; GET /v1/scorers).",
+        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | evidence | clip | none; GET /v1/scorers).",
     )
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
@@ -144,6 +145,10 @@ class Settings(BaseSettings):
     retrieval_rrf_k: int = Field(60, ge=1)
     retrieval_mode: RetrievalMode = Field(
         PLAN.mode, description="Default retrieval.mode: hybrid (BM25 + CLIP) | dense (CLIP) | lexical (BM25).",
+    )
+    retrieval_fusion: Fusion = Field(
+        PLAN.fusion, description="Default retrieval.fusion: rrf (best-field RRF) | weighted_rrf (lists weighted by "
+        "how far their best stands out) | dbsf (Qdrant's distribution-based score fusion); retriever/fusion.py.",
     )
     retrieval_query: QueryMode = Field(
         PLAN.query, description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",

@@ -47,3 +47,19 @@ def test_a_flat_dense_list_is_weak_and_a_standout_is_strong() -> None:
     assert max(scores.values()) < 0.5
     peaked = [*flat, cand("same", image_image=0.995)]
     assert evidence_relevancy("", "", peaked)["same"] > 0.9
+
+
+async def test_the_evidence_scorer_is_registered_and_reads_the_query_photos_ocr_text() -> None:
+    """Through RerankService by name: the code read from the query photo decides, as the chat service passes it."""
+    from retriever.plan import RetrievalPlan
+    from retriever.rerank import RerankService
+
+    pool = [cand("page", "| E-417 | pump overheated | let it cool |", text_text=0.1),
+            cand("other", "| E-471 | filter blocked | clean it |", text_text=0.9)]
+    service = RerankService(None, lambda c: None)
+    plan = RetrievalPlan(k=5, threshold=0.5, scorer="evidence")
+    out = await service.rerank("what does this mean?", [], pool, plan, image_text="ERROR E-417")
+    assert [c.id for c in out.kept] == ["page"] and out.scorer == "evidence"
+    blind = await service.rerank("what does this mean?", [], [cand("page", "| E-417 | pump |", text_text=0.1),
+                                                              cand("other", "| E-471 |", text_text=0.9)], plan)
+    assert [c.id for c in blind.kept] != ["page"]  # without the photo's text nothing singles the page out

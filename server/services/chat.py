@@ -203,7 +203,7 @@ class ChatService:
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
         outcome = await self.reranker.rerank(text, rerank_images, found.candidates, plan,
-                                             load_image=kb.snippet_image)
+                                             load_image=kb.snippet_image, image_text=found.image_text)
         timings.update({name: round(ms, 3) for name, ms in outcome.timings.items() if name != "total"})
         timings.setdefault("rerank", 0.0)
         return SelectedContext(list(outcome.kept), list(outcome.dropped), outcome.scorer,
