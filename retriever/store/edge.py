@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -440,6 +441,11 @@ class EdgeStore:
     async def import_points(self, points: list[PointRecord]) -> int:
         await self.upsert(points)
         return len(points)
+
+    @asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        async with self._writes:  # what snapshot_to holds while it copies the shard
+            yield
 
     # --- writes --------------------------------------------------------------------------------
     def _require(self) -> qe.EdgeShard:
