@@ -246,3 +246,47 @@ async def _delete_one(settings: Settings) -> None:
         await kb.delete(text_only.id)
     finally:
         await kb.close()
+
+
+# --- consistency while ingesting ---------------------------------------------------------------------
+async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowledge_base, tmp_path: Path) -> None:
+    """Every archived point's blobs are in the archive, and its points are the first N ingested: one moment."""
+    from retriever.backup.collection import point_blobs
+    from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
+    from server.services.backups import BackupService
+    from tests.support.fixtures_retriever import make_sample_images
+    from tests.support.media import png_bytes
+
+    images = [png_bytes(im) for im in make_sample_images(60, size=48)]
+    order: list[str] = []
+
+    async def ingest() -> None:
+        for i, image in enumerate(images):
+            snippet_id, _ = await knowledge_base.add_snippet(image, f"part {i}", f"parts/{i}.png")
+            order.append(snippet_id)
+
+    async def no_open(collection: str, namespace: str):  # type: ignore[no-untyped-def]
+        raise AssertionError("only the default KB")
+
+    kbs = KnowledgeBases(settings, KBCatalog(database_url(settings)), no_open, default=knowledge_base)
+    service = BackupService(settings, kbs)
+    writer = asyncio.create_task(ingest())
+    while len(order) < 10:
+        await asyncio.sleep(0.01)
+    out = tmp_path / "during.vlmrag.tar"
+    summary = await service.backup(out)
+    during = len(order)
+    await writer
+    kbs.catalog.close()
+    assert 10 <= summary["kbs"]["default"]["points"] < len(images), "the backup did not overlap the ingestion"
+    with ArchiveReader(out) as reader:
+        reader.verify()
+        lines = reader.read("kbs/default/points.jsonl").decode().splitlines()
+        ids = [json.loads(line)["id"] for line in lines]
+        members = set(reader.members)
+        for line in lines:
+            for key in point_blobs(json.loads(line)["payload"]):
+                assert f"kbs/default/blobs/{key}" in members
+    count = len(ids)
+    assert count == summary["kbs"]["default"]["points"] and count <= during
+    assert set(ids) == set(order[:count])  # exactly the points stored up to one moment

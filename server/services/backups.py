@@ -51,7 +51,8 @@ ARCHIVE_SUFFIX = ".vlmrag.tar"
 
 
 def archive_name(at: float | None = None, kb: str | None = None) -> str:
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(at or time.time()))
+    at = at or time.time()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(at)) + f".{int(at * 1000) % 1000:03d}Z"
     return f"vlmrag-{stamp}{'-' + kb if kb else ''}{ARCHIVE_SUFFIX}"
 
 
