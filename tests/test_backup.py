@@ -290,3 +290,74 @@ async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowled
     count = len(ids)
     assert count == summary["kbs"]["default"]["points"] and count <= during
     assert set(ids) == set(order[:count])  # exactly the points stored up to one moment
+
+
+# --- incremental, migration, PostgreSQL ----------------------------------------------------------------
+def test_incremental_backup_restores_with_its_base(data: Settings, tmp_path: Path, capsys) -> None:
+    from tests.support.backup_data import add_snippet
+
+    full = tmp_path / "full.vlmrag.tar"
+    assert main(["backup", str(full)]) == 0
+    asyncio.run(add_snippet(data))
+    after = read_all(data)
+    incremental = tmp_path / "incr.vlmrag.tar"
+    capsys.readouterr()
+    assert main(["backup", str(incremental), "--incremental", str(full), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["kind"] == "incremental" and summary["base"] == full.name
+    assert summary["kbs"]["default"]["blobs"] == 2 and summary["kbs"]["pumps"]["blobs"] == 0
+    assert incremental.stat().st_size < full.stat().st_size
+    shutil.rmtree(data.data_dir)
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    shutil.move(incremental, moved / incremental.name)
+    assert main(["restore", str(moved / incremental.name)]) == 2  # its base is not beside it
+    lines = error_lines(capsys)
+    assert len(lines) == 1 and "base" in lines[0]
+    assert main(["restore", str(moved / incremental.name), "--base", str(full)]) == 0
+    assert_same_content(read_all(data), after)
+
+
+def test_edge_to_qdrant_client_and_back(data: Settings, tmp_path: Path, monkeypatch) -> None:
+    """The migration path: embedded store -> a Qdrant (qdrant-client local mode stands in) -> embedded."""
+    before = read_all(data)
+    from_edge = tmp_path / "edge.vlmrag.tar"
+    assert main(["backup", str(from_edge)]) == 0
+    monkeypatch.setenv("VLMRAG_QDRANT_URL", f"local:{tmp_path / 'qdrant-server'}")
+    assert main(["restore", str(from_edge)]) == 0
+    assert_same_content(read_all(bare_settings()), before)
+    # local mode opens a folder once per process, so one KB per archive here (a Qdrant server has no such limit)
+    archives = [tmp_path / f"server-{kb}.vlmrag.tar" for kb in ("default", "pumps")]
+    for archive, kb in zip(archives, ("default", "pumps")):
+        assert main(["backup", str(archive), "--kb", kb]) == 0
+    monkeypatch.delenv("VLMRAG_QDRANT_URL")
+    shutil.rmtree(data.data_dir)
+    for archive in archives:
+        assert main(["restore", str(archive)]) == 0
+    assert_same_content(read_all(data), before)
+
+
+def test_rows_dumped_from_postgresql_restore_into_sqlite(cli_env: Path, embedder: ClipEmbedder, postgres_url: str,
+                                                         tmp_path: Path, monkeypatch) -> None:
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"backup_{uuid.uuid4().hex[:8]}"  # a database of its own: other tests share the server
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    monkeypatch.setenv("VLMRAG_DATABASE_URL", postgres_url.rsplit("/", 1)[0] + f"/{name}")
+    settings = bare_settings()
+    asyncio.run(populate(settings, embedder))
+    before = read_all(settings)
+    assert before["rows"]["answers"] and before["rows"]["feedback"]
+    out = tmp_path / "pg.vlmrag.tar"
+    assert main(["backup", str(out)]) == 0
+    monkeypatch.delenv("VLMRAG_DATABASE_URL")
+    shutil.rmtree(settings.data_dir)
+    assert main(["restore", str(out)]) == 0
+    after = bare_settings()
+    assert after.database_url == ""  # SQLite under the data dir now
+    assert_same_content(read_all(after), before)

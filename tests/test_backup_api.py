@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import httpx
-import pytest
 
 from retriever.backup import ArchiveReader
 from server.app import create_app

@@ -131,3 +131,16 @@ def assert_same_content(got: dict[str, Any], want: dict[str, Any]) -> None:
 def local_blob_files(settings: Settings) -> list[Path]:
     root = LocalBlobStore(settings.blob_dir).root
     return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+async def add_snippet(settings: Settings) -> None:
+    """One more image snippet in the default KB (with a new blob and thumbnail)."""
+    from server.wiring import build_embedder
+    from tests.support.fixtures_retriever import make_sample_images
+
+    kb = await build_knowledge_base(settings, embedder=build_embedder(settings.model_copy(
+        update={"clip_backend": "torch"})))
+    try:
+        await kb.add_snippet(png_bytes(make_sample_images(8)[7]), "a later snippet", "later.png")
+    finally:
+        await kb.close()
