@@ -38,7 +38,8 @@ from retriever.backup import (
 )
 from retriever.backup.collection import Progress
 from retriever.backup.restore import served_count
-from retriever.errors import Conflict, InvalidInput, NotFound
+from retriever.blobs import LocalBlobStore
+from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from retriever.reindex import EdgeVersions, Versions
 from retriever.store import VectorStore
 from server.backup_tables import dump_tables, load_tables
@@ -144,6 +145,9 @@ class BackupService:
                     "database": database,
                 }
                 manifest = await asyncio.to_thread(writer.finish, manifest)
+            except OSError as exc:  # disk full, folder gone: ours, not the caller's
+                await asyncio.to_thread(writer.abort)
+                raise StoreUnavailable(f"writing the backup {out} failed: {exc}") from exc
             except BaseException:
                 await asyncio.to_thread(writer.abort)
                 raise
@@ -329,6 +333,8 @@ async def _restore(
         versions, owner = await open_versions(settings, collection_for(settings, target))
         try:
             blobs = build_blob_store(settings, blob_namespace(target))
+            if isinstance(blobs, LocalBlobStore):  # no fsync per blob: import_collection syncs once after them
+                blobs = LocalBlobStore(blobs.root, fsync=False)
             result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress)
         finally:
             if owner is not None:
