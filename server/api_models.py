@@ -449,3 +449,36 @@ class FeedbackList(BaseModel):
 
     items: list[FeedbackItem]
     next_cursor: str | None = None
+
+
+class BackupRequest(BaseModel):
+    """POST /v1/admin/backup: every KB or one, full or incremental over an archive of the backup folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kb: str | None = Field(None, max_length=48, description="Only this knowledge base.")
+    incremental: str | None = Field(None, max_length=200, description="Name of an archive in VLMRAG_BACKUP_DIR: "
+                                    "its blobs are left out.")
+
+
+class BackupInfo(BaseModel):
+    """One archive: what its manifest says (``error``: an archive that cannot be read)."""
+
+    name: str
+    path: str
+    bytes: int | None = None
+    created_at: float | None = None
+    kind: str | None = None
+    base: str | None = None
+    vlmrag_version: str | None = None
+    format_version: int | None = None
+    embedders: list[dict[str, Any]] = Field(default_factory=list)
+    database: dict[str, int] = Field(default_factory=dict, description="rows per table")
+    kbs: dict[str, dict[str, Any]] = Field(default_factory=dict, description="points, blobs, blobs_in_base, "
+                                           "embedder_id per KB")
+    error: str | None = None
+
+
+class BackupList(BaseModel):
+    items: list[BackupInfo]
+    schedule: dict[str, Any] | None = Field(None, description="interval_s, keep, last, last_error (when scheduled)")

@@ -31,6 +31,7 @@ from server.prompting import PromptBuilder
 from server.remote_images import build_remote_image_client
 from server.routes import (
     ask,
+    backups,
     chat,
     feedback,
     health,
@@ -44,6 +45,7 @@ from server.routes import (
     verify,
 )
 from server.routes.pages import STATIC_DIR
+from server.services.backups import BackupSchedule, BackupService
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
@@ -187,12 +189,19 @@ def create_app(
                 metrics=metrics, gate=gate, remote_images=remote, ocr=ocr,
                 answer_log=answer_log, verifier=verifier,
             )
+            backup_service = BackupService(settings, kbs)
+            schedule = None
+            if settings.backup_dir and settings.backup_interval_s > 0:
+                schedule = BackupSchedule(backup_service, settings.backup_interval_s, settings.backup_keep)
+                schedule.start()
+                stack.push_async_callback(schedule.close)  # before the stores close
             app.state.vlmrag = AppState(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
                 rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
                 answer_log=answer_log, hnsw_builds=hnsw_builds, verifier=verifier,
                 ingestion=IngestionService(settings, kbs, metrics, hnsw_builds),
+                backups=backup_service, backup_schedule=schedule,
             )
             if settings.mcp_enabled:  # FastAPI runs no mounted app's lifespan: the MCP session manager runs here
                 app.state.mcp = await stack.enter_async_context(run_mcp(app.state.vlmrag, version=app.version))
@@ -210,7 +219,7 @@ def create_app(
     install_middleware(app, settings)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     for module in (chat, ask, search, scorers, snippets, ingest_files, knowledge_bases, feedback, verify, models, health,
-                   pages):
+                   backups, pages):
         app.include_router(module.router)
     if settings.mcp_enabled:
         mount_mcp(app)

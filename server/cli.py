@@ -41,6 +41,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
     "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),
     "feedback": ("server.commands.feedback", "Export the ratings of answers (JSON lines or CSV)."),
+    "backup": ("server.commands.backup", "Write a consistent archive of the knowledge bases (points, blobs, rows)."),
+    "restore": ("server.commands.restore", "Restore a backup archive into a new version, switched atomically."),
     "mcp": ("server.commands.mcp", "Serve the knowledge base as MCP tools over stdio (for Claude Desktop, Cursor, ...)."),
 }
 COMMAND_MODULES = tuple(module for module, _ in COMMANDS.values())

@@ -16,6 +16,7 @@ from server.feedback import AnswerLog
 from server.knowledge_bases import KnowledgeBases
 from server.knowledge_bases.access import choose_kb
 from server.metrics import Metrics
+from server.services.backups import BackupService
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
@@ -92,6 +93,10 @@ async def get_verifier(request: Request) -> Verifier:
     return state_of(request).verifier
 
 
+async def get_backups(request: Request) -> BackupService:
+    return state_of(request).backups
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ChatServiceDep = Annotated[ChatService, Depends(get_chat_service)]
@@ -105,3 +110,4 @@ AnswerLogDep = Annotated[AnswerLog, Depends(get_answer_log)]
 HnswBuildsDep = Annotated[HnswBuilds, Depends(get_hnsw_builds)]
 IngestionDep = Annotated[IngestionService, Depends(get_ingestion)]
 VerifierDep = Annotated[Verifier, Depends(get_verifier)]
+BackupsDep = Annotated[BackupService, Depends(get_backups)]

@@ -209,6 +209,16 @@ class Settings(BaseSettings):
     )
     rate_limit_kb_burst: int = Field(400, ge=1)
 
+    # --- backups (server/services/backups.py) --------------------------------------------------
+    backup_dir: str = Field(
+        "", description="Folder of the archives POST /v1/admin/backup and the schedule write (GET /v1/admin/backups "
+        "lists them); empty: no backups through the API.",
+    )
+    backup_interval_s: float = Field(
+        0.0, ge=0, description="The server writes a backup of every KB into backup_dir this often; 0 = never.",
+    )
+    backup_keep: int = Field(7, ge=1, description="Full backups the schedule keeps in backup_dir (the newest).")
+
     # --- server ------------------------------------------------------------------------------
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)

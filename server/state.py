@@ -13,6 +13,7 @@ from server.feedback import AnswerLog
 from server.gate import ModelCallGate
 from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
+from server.services.backups import BackupSchedule, BackupService
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
 from server.services.ingestion import IngestionService
@@ -40,3 +41,5 @@ class AppState:
     hnsw_builds: HnswBuilds  # HNSW builds of embedded stores beside the server (server/services/hnsw_builds.py)
     ingestion: IngestionService  # uploaded files and single snippets (server/services/ingestion.py)
     verifier: Verifier  # answers checked against their sources (server/services/verification.py), ChatService's
+    backups: BackupService  # archives of the KBs (server/services/backups.py): POST /v1/admin/backup, the schedule
+    backup_schedule: BackupSchedule | None = None  # VLMRAG_BACKUP_INTERVAL_S > 0 with VLMRAG_BACKUP_DIR set

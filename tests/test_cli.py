@@ -216,7 +216,8 @@ def test_every_command_registers_and_help_lists_them() -> None:
 
 def _minimal_args(name: str) -> list[str]:
     return {"ingest": ["x"], "delete": ["--source", "s"], "eval": ["--coco", "a.json", "--out", "o"],
-            "reindex": ["--drop-old"], "kb": ["list"], "feedback": ["export"]}.get(name, [])
+            "reindex": ["--drop-old"], "kb": ["list"], "feedback": ["export"], "backup": ["out.tar"],
+            "restore": ["in.tar"]}.get(name, [])
 
 
 @pytest.mark.subprocess

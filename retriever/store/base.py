@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from retriever.types import PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
@@ -92,6 +93,13 @@ class VectorStore(Protocol):
 
     async def import_points(self, points: list[PointRecord]) -> int:
         """Write exported points back as they were (after ``ensure_collection``); returns how many."""
+
+    def frozen(self) -> AbstractAsyncContextManager[None]:
+        """While held, this process's writes wait and reads go on: a point-in-time view (backups).
+
+        Edge: the shard's write lock (ingestion, deletes and HNSW swaps queue behind it). A Qdrant
+        server has no such lock: there it freezes only this process's writes through this store.
+        """
 
 
 # --- helpers shared by the adapters (not part of the protocol) ------------------------------------

@@ -39,6 +39,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -199,6 +200,11 @@ def _exported(record: Any) -> PointRecord:
     lexical = SparseVector(list(sparse.indices), [float(v) for v in sparse.values]) if sparse is not None else None
     return PointRecord(str(record.id), {name: _vector(v) for name, v in vectors.items()},
                        SnippetPayload.from_dict(record.payload or {}), lexical)
+
+
+def _scroll_exported(shard: qe.EdgeShard, request: qe.ScrollRequest) -> tuple[list[PointRecord], Any]:
+    records, next_offset = shard.scroll(request)
+    return [_exported(r) for r in records], next_offset
 
 
 class EdgeStore:
@@ -430,16 +436,22 @@ class EdgeStore:
         while self._shard is not None:
             request = qe.ScrollRequest(offset=offset, limit=max(1, batch), filter=None,
                                        with_payload=True, with_vector=True)
-            records, next_offset = await self._call(self._shard.scroll, request)
-            if records:
-                yield [_exported(r) for r in records]
-            if next_offset is None or not records:
+            # converted in the worker thread too: ~70 µs a point at 512-d, which would stall the event loop
+            points, next_offset = await self._call(_scroll_exported, self._shard, request)
+            if points:
+                yield points
+            if next_offset is None or not points:
                 return
             offset = str(next_offset)
 
     async def import_points(self, points: list[PointRecord]) -> int:
         await self.upsert(points)
         return len(points)
+
+    @asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        async with self._writes:  # what snapshot_to holds while it copies the shard
+            yield
 
     # --- writes --------------------------------------------------------------------------------
     def _require(self) -> qe.EdgeShard:

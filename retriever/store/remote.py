@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
@@ -140,6 +141,7 @@ class RemoteStore:
         self._embedder: str | None = None
         self._lexical = False  # the collection has the ``lexical`` sparse vector
         self._warned_no_lexical = False
+        self._writes = asyncio.Lock()  # held by ``frozen`` (a backup's point-in-time view of this process's writes)
 
     async def _call(self, awaitable: Awaitable[T]) -> T:
         """Await a client call, translating its errors into retriever.errors."""
@@ -268,6 +270,11 @@ class RemoteStore:
         await self.upsert(points)
         return len(points)
 
+    @asynccontextmanager
+    async def frozen(self) -> AsyncIterator[None]:
+        async with self._writes:
+            yield
+
     # --- writes --------------------------------------------------------------------------------
     async def _require(self) -> None:
         if not self._exists:
@@ -287,14 +294,16 @@ class RemoteStore:
                         "(dense search only); reindex to add them", self.collection)
         # pydantic validation of thousands of 512-d vectors takes a while: keep it off the loop.
         structs = await asyncio.to_thread(_point_structs, points, self._lexical)
-        await self._call(self.client.upsert(self.collection, points=structs, wait=True))
+        async with self._writes:
+            await self._call(self.client.upsert(self.collection, points=structs, wait=True))
 
     async def delete(self, ids: list[str]) -> int:
         present = await self.existing_ids(ids)
         if present:
-            await self._call(self.client.delete(
-                self.collection, points_selector=models.PointIdsList(points=sorted(present)), wait=True,
-            ))
+            async with self._writes:
+                await self._call(self.client.delete(
+                    self.collection, points_selector=models.PointIdsList(points=sorted(present)), wait=True,
+                ))
         return len(present)
 
     async def delete_by_filter(self, filters: SearchFilters) -> int:
@@ -303,9 +312,10 @@ class RemoteStore:
             raise InvalidInput("delete_by_filter needs at least one filter (source, tags, kind or content_hash)")
         matched = await self.count(filters)
         if matched:
-            await self._call(self.client.delete(
-                self.collection, points_selector=models.FilterSelector(filter=query_filter), wait=True,
-            ))
+            async with self._writes:
+                await self._call(self.client.delete(
+                    self.collection, points_selector=models.FilterSelector(filter=query_filter), wait=True,
+                ))
         return matched
 
     # --- reads ---------------------------------------------------------------------------------

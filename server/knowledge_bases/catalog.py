@@ -27,6 +27,8 @@ _table = sa.Table(
     sa.Column("spec", sa.Text, nullable=False),  # JSON of KBSpec
     sa.Column("created_at", sa.Float, nullable=False),
 )
+#: the table itself, for the backup's dump and load (server/backup_tables.py)
+CATALOG_TABLE = _table
 
 
 @dataclass(slots=True)

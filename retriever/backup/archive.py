@@ -1,0 +1,240 @@
+"""The backup archive: one uncompressed tar, every member checksummed, ``manifest.json`` last.
+
+An archive is written under a temporary name beside its final one (``.NAME.partial-<hex>``), fsynced,
+then renamed: a reader never sees a half-written archive under the final name, and a crash leaves the
+previous archive of that name as it was. The manifest names every other member with its size and
+sha256; ``ArchiveReader.verify`` checks them all before a restore touches anything. Blobs are already
+compressed images and vectors are float16, so the tar is not compressed (compressing costs CPU for a
+few per cent).
+
+Members (retriever/backup/collection.py writes the ``kbs/`` ones, server/backup_tables.py the ``db/`` ones)::
+
+    kbs/<kb>/points.jsonl            one point a line: {"id", "payload", "vectors": [names], "sparse": {...}}
+    kbs/<kb>/vectors/<name>.f16      that vector's rows, float16 little-endian, in points.jsonl order
+    kbs/<kb>/blobs/<key>             a blob's bytes under its content-addressed key
+    db/<table>.jsonl                 rows of the SQL tables (catalog, answers, feedback)
+    manifest.json                    see ``MANIFEST_FIELDS``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any, Self
+
+from retriever.errors import InvalidInput
+
+FORMAT = "vlmrag-backup"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL_MARK = ".partial-"
+#: manifest keys: format, format_version, vlmrag_version, created_at, kind ("full" | "incremental"),
+#: base ({"file", "manifest_sha256"} of the archive an incremental one leaves blobs in), kbs
+#: ({name: collection entry, collection.py}), embedders ([{"id", "dim"}]), database ({table: rows}),
+#: members ({path: {"size", "sha256"}})
+MANIFEST_FIELDS = ("format", "format_version", "vlmrag_version", "created_at", "kind", "base", "kbs",
+                   "embedders", "database", "members")
+_CHUNK = 1 << 20
+
+
+def vlmrag_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("vlmrag")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class _Hashing(io.RawIOBase):
+    """A reader that hashes what passes through it (tarfile reads members through it)."""
+
+    def __init__(self, inner: IO[bytes]) -> None:
+        self.inner, self.digest = inner, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.inner.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class ArchiveWriter:
+    """Writes members into ``.NAME.partial-<hex>``; ``finish`` adds the manifest and renames it to ``final``."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = Path(final)
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.final.parent / f".{self.final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
+        self._file = open(self.partial, "wb")  # noqa: SIM115 - closed by finish/abort
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.members: dict[str, dict[str, Any]] = {}
+
+    def _info(self, name: str, size: int) -> tarfile.TarInfo:
+        if name in self.members or name == MANIFEST:
+            raise ValueError(f"archive member {name} written twice")
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, int(time.time()), 0o644
+        return info
+
+    def add_file(self, name: str, path: Path) -> None:
+        size = path.stat().st_size
+        with open(path, "rb") as source:
+            reader = _Hashing(source)
+            self._tar.addfile(self._info(name, size), reader)  # type: ignore[arg-type]
+        self.members[name] = {"size": size, "sha256": reader.digest.hexdigest()}
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._tar.addfile(self._info(name, len(data)), io.BytesIO(data))
+        self.members[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Add the manifest (with every member's checksum), make it durable, rename to the final name."""
+        manifest = {**manifest, "members": dict(sorted(self.members.items()))}
+        data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
+        info = tarfile.TarInfo(MANIFEST)
+        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+        self._tar.addfile(info, io.BytesIO(data))
+        self._tar.close()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        os.replace(self.partial, self.final)
+        _fsync_dir(self.final.parent)
+        return manifest
+
+    def abort(self) -> None:
+        try:
+            self._tar.close()
+        except (OSError, tarfile.TarError):
+            pass
+        self._file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def bad_archive(path: Path, why: str) -> InvalidInput:
+    return InvalidInput(f"backup archive {path} {why}; nothing was changed", param="archive",
+                        code="bad_backup_archive")
+
+
+class ArchiveReader:
+    """An archive opened for reading: its manifest checked on open, members verified by ``verify``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise InvalidInput(f"no backup archive {self.path}", param="archive", code="not_found")
+        try:
+            self._tar = tarfile.open(self.path, mode="r:")  # noqa: SIM115 - closed by close()
+            self._index = {m.name: m for m in self._tar.getmembers() if m.isfile()}
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise bad_archive(self.path, f"is not a readable tar ({exc}): truncated or not a vlmrag backup") from exc
+        self.manifest_bytes = self._read_manifest()
+        self.manifest_sha256 = hashlib.sha256(self.manifest_bytes).hexdigest()
+        try:
+            manifest = json.loads(self.manifest_bytes)
+        except ValueError as exc:
+            raise bad_archive(self.path, "has a manifest that is not JSON (corrupted)") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise bad_archive(self.path, "is not a vlmrag backup (no vlmrag manifest)")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise bad_archive(self.path, f"has format version {manifest.get('format_version')!r}; this vlmrag "
+                              f"({vlmrag_version()}) reads version {FORMAT_VERSION}")
+        if not isinstance(manifest.get("members"), dict) or not isinstance(manifest.get("kbs"), dict):
+            raise bad_archive(self.path, "has a manifest without members or kbs (corrupted)")
+        self.manifest: dict[str, Any] = manifest
+
+    def _read_manifest(self) -> bytes:
+        member = self._index.get(MANIFEST)
+        if member is None:
+            raise bad_archive(self.path, "has no manifest: it is truncated (or the backup did not finish)")
+        handle = self._tar.extractfile(member)
+        data = handle.read() if handle is not None else b""
+        if len(data) != member.size:
+            raise bad_archive(self.path, "is truncated inside its manifest")
+        return data
+
+    @property
+    def members(self) -> dict[str, dict[str, Any]]:
+        return self.manifest["members"]
+
+    def names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.members if n.startswith(prefix))
+
+    def verify(self) -> None:
+        """Check every member's size and sha256 against the manifest (InvalidInput on the first mismatch)."""
+        extra = sorted(set(self._index) - set(self.members) - {MANIFEST})
+        if extra:
+            raise bad_archive(self.path, f"holds {extra[0]}, which its manifest does not list (corrupted)")
+        for name, expected in self.members.items():
+            member = self._index.get(name)
+            if member is None:
+                raise bad_archive(self.path, f"lacks {name}, which its manifest lists: it is truncated")
+            digest, size = hashlib.sha256(), 0
+            try:
+                for chunk in self._chunks(name):
+                    digest.update(chunk)
+                    size += len(chunk)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise bad_archive(self.path, f"cannot be read at {name} ({exc}): it is truncated") from exc
+            if size != expected.get("size"):
+                raise bad_archive(self.path, f"has {size} bytes of {name}, not {expected.get('size')}: truncated")
+            if digest.hexdigest() != expected.get("sha256"):
+                raise bad_archive(self.path, f"fails the checksum of {name}: it is corrupted")
+
+    def _chunks(self, name: str) -> Iterator[bytes]:
+        handle = self._tar.extractfile(self._index[name])
+        if handle is None:
+            return
+        while chunk := handle.read(_CHUNK):
+            yield chunk
+
+    def open(self, name: str) -> IO[bytes]:
+        member = self._index.get(name)
+        handle = self._tar.extractfile(member) if member is not None else None
+        if handle is None:
+            raise bad_archive(self.path, f"lacks {name}")
+        return handle
+
+    def read(self, name: str) -> bytes:
+        with self.open(name) as handle:
+            return handle.read()
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an archive (checked for format and version, members not verified)."""
+    with ArchiveReader(path) as reader:
+        return reader.manifest
+
+
+def stale_partials(directory: Path) -> list[Path]:
+    """Temporary files of backups that never finished (killed) in ``directory``."""
+    return sorted(p for p in Path(directory).glob(f".*{PARTIAL_MARK}*") if p.is_file())

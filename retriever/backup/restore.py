@@ -1,0 +1,92 @@
+"""Restore one archived collection into a new version and switch to it atomically.
+
+The served version is never written: the archive goes into ``<collection>__vN`` (N one past every
+version there is, at least 2, so a half-restored version is never the plain name a store opens by
+default), its count is checked, and only then does the collection switch to it (the ``__current``
+symlink of the embedded store, the alias of a Qdrant server: retriever/reindex.py). A failure or a
+kill before the switch leaves the served version as it was; the next restore takes the next number.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from retriever.backup.archive import ArchiveReader
+from retriever.backup.collection import Progress, import_collection
+from retriever.blobs import BlobStore
+from retriever.errors import Conflict, StoreUnavailable
+from retriever.reindex import Versions
+from retriever.store.base import version_name, version_number
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class RestoredCollection:
+    kb: str
+    collection: str
+    version: str
+    previous: str | None
+    points: int
+    dropped: list[str] = field(default_factory=list)
+
+
+async def served_count(versions: Versions) -> tuple[str | None, int]:
+    """The served version and its point count (opening it: a store held by a server is refused here)."""
+    current = await versions.current()
+    if current is None:
+        return None, 0
+    store = await versions.open(current)
+    try:
+        return current, await store.count()
+    finally:
+        await versions.release(store)
+
+
+async def next_version(versions: Versions) -> str:
+    numbers = [version_number(versions.collection, n) or 1 for n in await versions.versions()]
+    current = await versions.current()
+    if current is not None:
+        numbers.append(version_number(versions.collection, current) or 1)
+    return version_name(versions.collection, max([1, *numbers]) + 1)
+
+
+async def restore_collection(
+    readers: list[ArchiveReader], kb: str, versions: Versions, blobs: BlobStore, *, replace: bool = False,
+    progress: Progress | None = None, on_batch: Callable[[int], None] | None = None,
+) -> RestoredCollection:
+    """Archived ``kb`` into a new version of ``versions``' collection, then switch (see the module doc).
+
+    A served version with points is replaced only with ``replace`` (its version is dropped after the
+    switch); otherwise ``Conflict``.
+    """
+    entry = readers[0].manifest["kbs"][kb]
+    previous, count = await served_count(versions)
+    if count and not replace:
+        raise Conflict(f"knowledge base {kb!r} ({versions.collection}) holds {count} snippets; restore with "
+                       "--replace to replace it, or --as NEW into a new knowledge base; nothing was changed")
+    new = await next_version(versions)
+    target = await versions.open(new)
+    try:
+        await target.ensure_collection(int(entry["dim"]), str(entry["embedder_id"]))
+        written = await import_collection(readers, kb, target, blobs, progress, on_batch)
+        stored = await target.count()
+        if stored != int(entry["points"]) or written != stored:
+            raise StoreUnavailable(f"restoring {kb} wrote {stored} of {entry['points']} points; nothing was switched")
+        await versions.switch(new)
+    except BaseException:
+        await versions.release(target)
+        try:
+            await versions.drop(new)
+        except Exception:  # the served version is untouched; the leftover only costs disk
+            log.warning("could not remove the unfinished version %s", new, exc_info=True)
+        raise
+    await versions.release(target)
+    log.info("restored %s: %d points into %s (was %s)", kb, written, new, previous)
+    result = RestoredCollection(kb, versions.collection, new, previous, written)
+    if replace and previous is not None and previous != new:
+        await versions.drop(previous)
+        result.dropped.append(previous)
+    return result

@@ -1,0 +1,89 @@
+"""``vlmrag backup OUT [--kb K] [--incremental BASE] [--json]``: one archive of every knowledge base (or one).
+
+Points with their payloads and every vector, their blobs, the KB catalog and the answer/feedback log,
+and a manifest with the sha256 of every member (format: retriever/backup/archive.py), written under a
+temporary name and renamed when complete. ``--incremental BASE`` leaves out the blobs the archive BASE
+holds (keep BASE beside it: a restore reads them there). The embedded store belongs to one process:
+while ``vlmrag serve`` holds it, back up through the server (``POST /v1/admin/backup``, into
+``VLMRAG_BACKUP_DIR``).
+
+``--json`` prints the archive's summary: ``{"name", "path", "bytes", "created_at", "kind", "base",
+"vlmrag_version", "format_version", "embedders", "database", "kbs": {name: {"points", "blobs",
+"blobs_in_base", "embedder_id"}}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+from retriever.errors import StoreUnavailable
+from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
+from server.services.backups import BackupService
+from server.settings import Settings
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    parser = subparsers.add_parser("backup", help="Write a consistent archive of the knowledge bases.",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, metavar="OUT", help="The archive to write (e.g. kb.vlmrag.tar).")
+    # its own dest: the global --kb scopes the settings to one collection; a backup names KBs itself
+    parser.add_argument("--kb", dest="backup_kb", metavar="KB", help="Only this knowledge base.")
+    parser.add_argument("--incremental", type=Path, metavar="BASE",
+                        help="Leave out the blobs the archive BASE already holds.")
+    parser.add_argument("--json", action="store_true", help="Machine-readable summary (keys above).")
+    parser.set_defaults(func=run)
+
+
+def unscoped(settings: Settings, args: argparse.Namespace) -> tuple[Settings, str | None]:
+    """The service-wide settings and the KB named by the global ``--kb`` (which scoped them to its collection)."""
+    from server.knowledge_bases import kb_of
+
+    if not settings.blob_namespace:
+        return settings, getattr(args, "kb", None)
+    name = kb_of(settings)
+    return settings.model_copy(update={"collection": settings.collection.removesuffix(f"__kb_{name}"),
+                                       "blob_namespace": ""}), name
+
+
+def progress_printer(quiet: bool):  # type: ignore[no-untyped-def]
+    last: dict[str, int] = {}
+
+    def report(phase: str, done: int, total: int) -> None:
+        if not quiet and (done - last.get(phase, -10_000) >= 10_000 or done == total):
+            last[phase] = done
+            print(f"{phase}: {done}/{total}", file=sys.stderr, flush=True)
+
+    return report
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(_run(args, settings))
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from server.commands.kb import _opener
+
+    settings, scoped = unscoped(settings, args)
+    kbs = KnowledgeBases(settings, KBCatalog(database_url(settings)), _opener(settings, False))
+    try:
+        service = BackupService(settings, kbs)
+        result = await service.backup(args.out, kb=args.backup_kb or scoped, incremental=args.incremental,
+                                      progress=progress_printer(args.json))
+    except StoreUnavailable as exc:
+        if "locked" in exc.message:
+            raise StoreUnavailable(f"{exc.message}. While `vlmrag serve` runs, back up through it: "
+                                   "POST /v1/admin/backup (writes into VLMRAG_BACKUP_DIR)") from exc
+        raise
+    finally:
+        await kbs.close()
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    kbs_line = ", ".join(f"{n} ({k['points']} points, {k['blobs']} blobs)" for n, k in result["kbs"].items())
+    print(f"backup {result['path']}: {result['bytes']} bytes, {result['kind']}; {kbs_line}; "
+          f"rows {result['database']}")
+    return 0
