@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -26,6 +26,9 @@ from retriever.search import CandidatePool, OcrFn, Retriever
 from retriever.store.base import VectorStore, normalize_id
 from retriever.types import Candidate, SearchFilters, StoredPoint
 
+if TYPE_CHECKING:
+    from retriever.text_embedder import TextEmbedder
+
 log = logging.getLogger(__name__)
 
 _SCROLL_PAGE = 1000
@@ -39,10 +42,12 @@ class KnowledgeBase:
     def __init__(
         self, embedder: ClipEmbedder | None, store: VectorStore, blobs: BlobStore, *,
         retriever: Retriever | None = None, pipeline: IngestPipeline | None = None, collection: str = "",
+        text_embedder: TextEmbedder | None = None,
     ) -> None:
         # embedder=None: a read/delete-only knowledge base (stats, get, delete) that skips loading
         # the CLIP model; search and ingestion then raise ConfigurationError.
         self.embedder = embedder
+        self.text_embedder = text_embedder  # the ``passage`` vector's model, shared like CLIP; None: none
         self.store = store
         self.blobs = blobs
         self._retriever = retriever or (Retriever(embedder, store) if embedder else None)
@@ -117,9 +122,9 @@ class KnowledgeBase:
 
     async def stats(self) -> dict[str, Any]:
         """Snippet count, counts by kind and by source, embedder identity, store and blob backends."""
-        count, by_kind, by_source, lexical = await asyncio.gather(
+        count, by_kind, by_source, lexical, passage = await asyncio.gather(
             self.store.count(), self.store.facet_counts("kind"), self.store.facet_counts("source"),
-            self.store.has_lexical(),
+            self.store.has_lexical(), self.store.passage_spec(),
         )
         return {
             "count": count,
@@ -131,6 +136,10 @@ class KnowledgeBase:
             "blobs": getattr(self.blobs, "description", type(self.blobs).__name__),
             # False: a collection made before BM25: dense search only until `vlmrag backfill-lexical`
             "lexical": lexical,
+            # the text embedder of the ``passage`` vector; null: a collection made without it (CLIP text
+            # and BM25 only) until `vlmrag backfill-passage`
+            "passage": {"embedder": passage.embedder_id, "dim": passage.dim} if passage else None,
+            "text_embedder": self.text_embedder.identity if self.text_embedder else None,
         }
 
     # --- write -------------------------------------------------------------------------------------

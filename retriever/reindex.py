@@ -33,17 +33,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from retriever.blobs import BlobStore
 from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, VlmragError
-from retriever.ingest.rules import IngestRules, has_text
+from retriever.ingest.rules import IngestRules, has_text, passage_text
 from retriever.lexical import snippet_lexical
-from retriever.store.base import VERSION_SEP, VectorStore, version_name, version_number
+from retriever.store.base import PASSAGE_VECTOR, VERSION_SEP, VectorStore, version_name, version_number
 from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore, point_current_at
-from retriever.store.remote import META_DIM, META_EMBEDDER, RemoteStore
-from retriever.types import PointRecord, StoredPoint
+from retriever.store.remote import META_DIM, META_EMBEDDER, META_PASSAGE_EMBEDDER, RemoteStore
+from retriever.types import PassageSpec, PointRecord, StoredPoint
+
+if TYPE_CHECKING:
+    from retriever.text_embedder import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +173,12 @@ class AliasVersions:
         identity, dim = metadata.get(META_EMBEDDER), metadata.get(META_DIM)
         if identity is None or not dim:
             raise Conflict(f"collection {legacy!r} has no vlmrag embedder metadata; cannot retire it safely")
+        vectors = info.config.params.vectors
+        passage_params = vectors.get(PASSAGE_VECTOR) if isinstance(vectors, dict) else None
+        passage = PassageSpec(int(passage_params.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown")
+                              ) if passage_params is not None else None
         target = await self.open(clone)
-        await target.ensure_collection(int(dim), identity)
+        await target.ensure_collection(int(dim), identity, passage)
         offset: Any = None
         while True:
             records, offset = await self.client.scroll(legacy, limit=256, offset=offset, with_payload=True,
@@ -230,8 +237,10 @@ class _PointRebuilder:
     that no longer decodes leaves its snippet with its text vector only, or skips it without text.
     """
 
-    def __init__(self, embedder: ClipEmbedder, blobs: BlobStore, rules: IngestRules) -> None:
+    def __init__(self, embedder: ClipEmbedder, blobs: BlobStore, rules: IngestRules,
+                 text_embedder: TextEmbedder | None = None, passage_ocr: bool = True) -> None:
         self.embedder, self.blobs, self.rules = embedder, blobs, rules
+        self.text_embedder, self.passage_ocr = text_embedder, passage_ocr
         self.skipped_ids: set[str] = set()  # reported once, not retried by the catch-up pass
 
     def rebuild(self, page: list[StoredPoint], result: ReindexResult) -> list[PointRecord]:
@@ -259,6 +268,13 @@ class _PointRebuilder:
         if texts:
             for pid, vec in zip(text_ids, self.embedder.embed_texts(texts)):
                 vectors.setdefault(pid, {})["text"] = vec.tolist()
+        if self.text_embedder is not None:  # the `passage` vector, from the stored text and OCR text
+            kept = [p for p in page if p.id in vectors]
+            passages = self.text_embedder.embed_passages(
+                [passage_text(p.payload.text, p.payload.ocr_text, self.passage_ocr) for p in kept])
+            for p, vec in zip(kept, passages):
+                if vec is not None:
+                    vectors[p.id]["passage"] = vec.tolist()
         # BM25 vectors are not copied over: recomputed from the stored text and OCR text, which is how a
         # collection made before `lexical` gets it (Edge cannot add a vector to an existing shard)
         return [PointRecord(p.id, vectors[p.id], p.payload, snippet_lexical(p.payload))
@@ -308,6 +324,7 @@ async def reindex(
     versions: Versions, embedder: ClipEmbedder, blobs: BlobStore, *, source: VectorStore | None = None,
     switch: bool = True, drop_old: bool = False, batch_size: int = 64, max_image_bytes: int = 50 << 20,
     max_image_pixels: int = 40_000_000, progress: ProgressFn | None = None, same_model: bool = False,
+    text_embedder: TextEmbedder | None = None, passage_ocr: bool = True,
 ) -> ReindexResult:
     """Build the next version with ``embedder`` from the served one, catch up, switch, drop old.
 
@@ -315,7 +332,8 @@ async def reindex(
     holding an embedded store); otherwise it is opened here and closed before returning. An
     interrupted run is resumed: a newer version built for the same embedder is completed, not
     rebuilt. ``same_model``: rebuild with the served model when the served version lacks the BM25
-    ``lexical`` vector (``vlmrag backfill-lexical``).
+    ``lexical`` vector (``vlmrag backfill-lexical``) or the ``passage`` vector of ``text_embedder``
+    (``vlmrag backfill-passage``). With ``text_embedder`` the new version has ``passage`` vectors.
     """
     started = time.perf_counter()
     if batch_size < 1:
@@ -329,7 +347,9 @@ async def reindex(
     newest = max(numbers + [old_number])
     own_source = source is None
     source = source if source is not None else await versions.open(old)
-    if await source.embedder_id() == embedder.identity and not (same_model and not await source.has_lexical()):
+    passage = text_embedder.spec if text_embedder is not None else None
+    lacks = (not await source.has_lexical()) or (passage is not None and await source.passage_spec() != passage)
+    if await source.embedder_id() == embedder.identity and not (same_model and lacks):
         if own_source:
             await versions.release(source)
         raise Conflict(f"{old} already uses {embedder.identity}; nothing to re-index")
@@ -338,15 +358,18 @@ async def reindex(
         new = version_name(versions.collection, newest + 1)
     target = await versions.open(new)
     try:
-        await target.ensure_collection(embedder.dim, embedder.identity)
+        await target.ensure_collection(embedder.dim, embedder.identity, passage)
+        if passage is not None and await target.passage_spec() != passage:
+            raise Conflict(f"{new} was started without the passage vector")
     except Conflict:  # an abandoned build for another model: start the next number
         await versions.release(target)
         new = version_name(versions.collection, newest + 1)
         target = await versions.open(new)
-        await target.ensure_collection(embedder.dim, embedder.identity)
+        await target.ensure_collection(embedder.dim, embedder.identity, passage)
     result = ReindexResult(old=old, new=new, embedder=embedder.identity)
     rebuilder = _PointRebuilder(embedder, blobs, IngestRules(max_image_bytes=max_image_bytes,
-                                                             max_image_pixels=max_image_pixels))
+                                                             max_image_pixels=max_image_pixels),
+                                text_embedder, passage_ocr)
     try:
         log.info("re-indexing %s -> %s with %s", old, new, embedder.identity)
         result.copied = await _copy(source, target, rebuilder, result, batch_size, progress, "copy")

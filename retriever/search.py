@@ -36,6 +36,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -45,8 +46,11 @@ from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput
 from retriever.fusion import fuse, rrf
 from retriever.plan import RetrievalPlan
-from retriever.store.base import LEXICAL_VECTOR, VECTOR_NAMES, VectorStore
+from retriever.store.base import LEXICAL_VECTOR, PASSAGE_VECTOR, VECTOR_NAMES, VectorStore
 from retriever.types import Candidate
+
+if TYPE_CHECKING:
+    from retriever.text_embedder import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +68,10 @@ class QueryVectors:
 
     text: np.ndarray | None = None
     image: np.ndarray | None = None
+    passage: np.ndarray | None = None  # the text embedder's vector of the query text (``text->passage``)
 
     def items(self) -> list[tuple[str, np.ndarray]]:
+        """The CLIP parts (``text``, ``image``), searched against both CLIP vectors."""
         return [(kind, vec) for kind, vec in (("text", self.text), ("image", self.image)) if vec is not None]
 
 
@@ -86,16 +92,21 @@ rrf_fuse = rrf  # best-field RRF (retriever/fusion.py), the name tests and calle
 class Retriever:
     """Query embedding + multi-vector search + RRF fusion over one VectorStore."""
 
-    def __init__(self, embedder: ClipEmbedder, store: VectorStore, rrf_k: int = 60) -> None:
+    def __init__(self, embedder: ClipEmbedder, store: VectorStore, rrf_k: int = 60,
+                 text_embedder: TextEmbedder | None = None) -> None:
         self.embedder = embedder
         self.store = store
         self.rrf_k = rrf_k
+        self.text_embedder = text_embedder
         self._lexical_checked = False
+        self._passage_checked = False
 
     def _embed_sync(self, text: str | None, images: list[Image.Image]) -> QueryVectors:
         vectors = QueryVectors()
         if text:  # the query methods go through the embedder's cache (a repeated question: no forward pass)
             vectors.text = self.embedder.embed_query_text(text)
+            if self.text_embedder is not None:
+                vectors.passage = self.text_embedder.embed_query(text)
         if images:
             mean = self.embedder.embed_query_images(images).sum(axis=0)
             vectors.image = (mean / max(float(np.linalg.norm(mean)), 1e-12)).astype(np.float32)
@@ -130,6 +141,9 @@ class Retriever:
                 for vector_name in VECTOR_NAMES:
                     names.append(list_name(kind, vector_name))
                     tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters, exact=exact))
+            if query.passage is not None and await self._has_passage():
+                names.append(list_name("text", PASSAGE_VECTOR))
+                tasks.append(self.store.search(PASSAGE_VECTOR, query.passage.tolist(), pool, filters, exact=exact))
         if mode != "dense" and not self._lexical_checked:
             self._lexical_checked = True
             if not await self.store.has_lexical():
@@ -142,6 +156,15 @@ class Retriever:
                     names.append(list_name(kind, LEXICAL_VECTOR))
                     tasks.append(self.store.search_lexical(sparse, pool, filters))
         return fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool, plan.fusion)
+
+    async def _has_passage(self) -> bool:
+        """Whether the collection has the ``passage`` vector (logged once when it lacks it)."""
+        has = await self.store.passage_spec() is not None
+        if not has and not self._passage_checked:
+            self._passage_checked = True
+            log.warning("collection %s has no passage vector: text queries search CLIP text and BM25 only; "
+                        "`vlmrag backfill-passage` adds it", self.store.description)
+        return has
 
     async def search(
         self, text: str | None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,

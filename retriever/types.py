@@ -47,6 +47,14 @@ class SnippetPayload:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PassageSpec:
+    """The text embedder that fills a collection's ``passage`` vector: its dimension and identity."""
+
+    dim: int
+    embedder_id: str
+
+
 @dataclass(slots=True)
 class SparseVector:
     """A sparse vector (BM25 ``lexical``): token ids and their weights, same length."""

@@ -359,6 +359,10 @@ class StatsResponse(BaseModel):
     collection: str
     blobs: str
     lexical: bool = Field(True, description="False: the collection predates BM25 (dense only; vlmrag backfill-lexical).")
+    passage: dict[str, Any] | None = Field(
+        None, description="The text embedder of the `passage` vector ({embedder, dim}); null: the collection has "
+                          "none (CLIP text and BM25 only; vlmrag backfill-passage).")
+    text_embedder: str | None = Field(None, description="The configured text embedder's identity; null: none.")
 
 
 ReadinessChecks = dict[str, str | dict[str, str]]  # "store": "ok" | reason; "vllm": {replica url: "ok" | reason}

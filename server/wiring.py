@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
     from retriever.ocr import OcrEngine
     from retriever.search import OcrFn
+    from retriever.text_embedder import TextEmbedder
 
 
 def build_blob_store(settings: Settings, namespace: str = "") -> BlobStore:
@@ -80,13 +81,26 @@ async def open_configured_store(settings: Settings, collection: str | None = Non
     return store
 
 
+def build_text_embedder(settings: Settings, cache: EmbedCache | None = None) -> TextEmbedder | None:
+    """The sentence embedder of the ``passage`` vector (``VLMRAG_TEXT_EMBEDDER``); None when 'none' (blocking)."""
+    from retriever.text_embedder import load_text_embedder
+
+    return load_text_embedder(
+        settings.text_embedder, backend=settings.clip_backend if settings.clip_device in ("auto", "cpu") else "torch",
+        threads=settings.clip_threads, onnx_cache_dir=onnx_cache_dir(settings), cache=cache,
+        spinning=settings.clip_onnx_spinning,
+    )
+
+
 def build_pipeline(
     settings: Settings, embedder: ClipEmbedder, store: VectorStore, blobs: BlobStore,
     batch_size: int | None = None, id_namespace: str = "", ocr: OcrEngine | None = None,
+    text_embedder: TextEmbedder | None = None,
 ) -> IngestPipeline:
     """The ingestion pipeline with the settings' batch size and image limits."""
     return IngestPipeline(
         embedder, store, blobs, batch_size=batch_size or settings.clip_batch_size,
+        text_embedder=text_embedder, passage_ocr=settings.text_embedder_ocr,
         max_image_bytes=settings.limit_image_bytes, max_image_pixels=settings.limit_image_pixels,
         id_namespace=id_namespace or settings.blob_namespace,
         ocr=(lambda image, page=False: ocr.read(image, timeout_s=settings.ocr_timeout_s, page=page))
@@ -121,9 +135,12 @@ def build_query_ocr(settings: Settings, engine: OcrEngine | None) -> OcrFn | Non
 async def build_knowledge_base(
     settings: Settings, *, embedder: ClipEmbedder | None = None, batch_size: int | None = None,
     load_model: bool = True, collection: str | None = None, blob_namespace: str = "",
-    ocr: OcrEngine | None = None,
+    ocr: OcrEngine | None = None, text_embedder: TextEmbedder | None = None,
 ) -> KnowledgeBase:
     """Store, embedder (unless given), blobs, retriever and pipeline, ready to use; close() it after.
+
+    The text embedder is loaded with CLIP when ``embedder`` is not given; a caller that shares its
+    CLIP model across knowledge bases passes its ``text_embedder`` too (None: no ``passage`` vector).
 
     ``load_model=False`` opens a read/delete-only knowledge base (stats, get, delete, image bytes)
     without loading CLIP and without creating the collection.
@@ -140,15 +157,18 @@ async def build_knowledge_base(
     try:
         if embedder is None:
             embedder = await asyncio.to_thread(build_embedder, settings)
-        await store.ensure_collection(embedder.dim, embedder.identity)
+            text_embedder = await asyncio.to_thread(build_text_embedder, settings, embedder.cache)
+        await store.ensure_collection(embedder.dim, embedder.identity,
+                                      text_embedder.spec if text_embedder is not None else None)
         blobs = build_blob_store(settings, blob_namespace)
     except BaseException:
         await store.close()
         raise
     return KnowledgeBase(
         embedder, store, blobs,
-        retriever=Retriever(embedder, store, rrf_k=settings.retrieval_rrf_k),
+        retriever=Retriever(embedder, store, rrf_k=settings.retrieval_rrf_k, text_embedder=text_embedder),
         pipeline=build_pipeline(settings, embedder, store, blobs, batch_size, blob_namespace,
-                                ocr if ocr is not None or not settings.ocr_enabled else build_ocr_engine(settings)),
-        collection=collection,
+                                ocr if ocr is not None or not settings.ocr_enabled else build_ocr_engine(settings),
+                                text_embedder=text_embedder),
+        collection=collection, text_embedder=text_embedder,
     )

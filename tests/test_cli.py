@@ -40,7 +40,8 @@ def test_ingest_search_stats_delete(cli_env: Path, sample_images, tmp_path: Path
 
     code, stats = run_json(capsys, "stats", "--json")
     assert code == 0
-    assert set(stats) == {"count", "by_kind", "by_source", "embedder", "store", "collection", "blobs", "lexical"}
+    assert set(stats) == {"count", "by_kind", "by_source", "embedder", "store", "collection", "blobs", "lexical",
+                          "passage", "text_embedder"}
     assert stats["count"] == 5 and stats["by_kind"] == {"image": 3, "image_text": 1, "text": 1}
     assert stats["by_source"]["kb/notes.md"] == 1 and stats["embedder"].startswith("open_clip:")
 

@@ -28,7 +28,7 @@ VLMRAG_MCP = [sys.executable, "-m", "server.cli"]
 def child_env(**values: str) -> dict[str, str]:
     """This process's environment without its VLMRAG_* settings, plus ``values``; imports this checkout."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMRAG_")}
-    env.update({"PYTHONPATH": str(REPO_ROOT), **values})
+    env.update({"PYTHONPATH": str(REPO_ROOT), "VLMRAG_TEXT_EMBEDDER": "none", **values})
     return env
 
 

@@ -277,6 +277,7 @@ def test_cli_reindex_and_drop_old(
     monkeypatch.setenv("VLMRAG_COLLECTION", COLLECTION)
     monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
     monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("VLMRAG_TEXT_EMBEDDER", "none")
     new_config = tmp_path / "vlmrag-tiny-clip-b.json"
     config = json.loads(json.dumps(TINY_CLIP_CONFIG))
     config["embed_dim"] = 24
@@ -331,6 +332,7 @@ def test_backfill_lexical_gives_an_old_edge_collection_bm25(
     monkeypatch.setenv("VLMRAG_COLLECTION", COLLECTION)
     monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
     monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
+    monkeypatch.setenv("VLMRAG_TEXT_EMBEDDER", "none")
     assert cli_main(["backfill-lexical", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["switched"] and summary["copied"] == 3

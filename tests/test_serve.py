@@ -27,7 +27,7 @@ def serve_env(clip_config: Path, **values: str) -> dict[str, str]:
     """This process's environment without any VLMRAG_* of its own, plus tiny CLIP, no vLLM, and ``values``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLMRAG_")}
     env.update({"VLMRAG_CLIP_MODEL": str(clip_config), "VLMRAG_CLIP_PRETRAINED": "none", "VLMRAG_CLIP_DEVICE": "cpu",
-                "VLMRAG_VLLM_URL": "http://127.0.0.1:9"})
+                "VLMRAG_VLLM_URL": "http://127.0.0.1:9", "VLMRAG_TEXT_EMBEDDER": "none"})
     env.update(values)
     return env
 

@@ -27,8 +27,8 @@ import numpy as np
 from retriever.backup.archive import ArchiveReader, ArchiveWriter, bad_archive
 from retriever.blobs import BlobStore, blob_key, validate_key
 from retriever.errors import NotFound, StoreUnavailable
-from retriever.store.base import VectorStore
-from retriever.types import PointRecord, SnippetPayload, SparseVector
+from retriever.store.base import PASSAGE_VECTOR, VectorStore
+from retriever.types import PassageSpec, PointRecord, SnippetPayload, SparseVector
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ class StagedCollection:
     blobs: dict[str, Path] = field(default_factory=dict)  # key -> staged file
     blobs_in_base: int = 0
     missing_blobs: list[str] = field(default_factory=list)
+    passage: PassageSpec | None = None  # the text embedder of the ``passage`` vector, where it has one
 
     def entry(self) -> dict[str, Any]:
         """The manifest's entry of this collection."""
@@ -73,6 +74,7 @@ class StagedCollection:
             "vector_rows": dict(sorted(self.vector_rows.items())), "sparse": dict(sorted(self.sparse.items())),
             "blobs": len(self.blobs), "blobs_in_base": self.blobs_in_base,
             "missing_blobs": sorted(self.missing_blobs),
+            "passage": {"embedder_id": self.passage.embedder_id, "dim": self.passage.dim} if self.passage else None,
         }
 
 
@@ -156,7 +158,8 @@ async def stage_collection(
     folder.mkdir(parents=True, exist_ok=True)
     async with store.frozen():
         count = await store.count()
-        staged = StagedCollection(kb, collection, await store.embedder_id(), None, folder)
+        staged = StagedCollection(kb, collection, await store.embedder_id(), None, folder,
+                                  passage=await store.passage_spec())
         writer = _PointsWriter(staged)
         wanted: set[str] = set()
         try:
@@ -171,7 +174,7 @@ async def stage_collection(
                                    "points read); try again")
         skip = base_blobs or set()
         await asyncio.to_thread(_stage_blobs, staged, blobs, sorted(wanted), skip, progress)
-    dims = set(staged.vectors.values())
+    dims = {dim for name, dim in staged.vectors.items() if name != PASSAGE_VECTOR}  # the CLIP dimension
     staged.dim = dims.pop() if len(dims) == 1 else (max(dims) if dims else None)
     return staged
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from retriever.backup.archive import ArchiveReader
 from retriever.backup.collection import Progress, import_collection
@@ -19,6 +20,7 @@ from retriever.blobs import BlobStore
 from retriever.errors import Conflict, StoreUnavailable
 from retriever.reindex import Versions
 from retriever.store.base import version_name, version_number
+from retriever.types import PassageSpec
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,12 @@ async def next_version(versions: Versions) -> str:
     return version_name(versions.collection, max([1, *numbers]) + 1)
 
 
+def archived_passage(entry: dict[str, Any]) -> PassageSpec | None:
+    """The text embedder of an archived collection's ``passage`` vector (None: it had none)."""
+    passage = entry.get("passage")
+    return PassageSpec(int(passage["dim"]), str(passage["embedder_id"])) if passage else None
+
+
 async def restore_collection(
     readers: list[ArchiveReader], kb: str, versions: Versions, blobs: BlobStore, *, replace: bool = False,
     progress: Progress | None = None, on_batch: Callable[[int], None] | None = None,
@@ -70,7 +78,7 @@ async def restore_collection(
     new = await next_version(versions)
     target = await versions.open(new)
     try:
-        await target.ensure_collection(int(entry["dim"]), str(entry["embedder_id"]))
+        await target.ensure_collection(int(entry["dim"]), str(entry["embedder_id"]), passage=archived_passage(entry))
         written = await import_collection(readers, kb, target, blobs, progress, on_batch)
         stored = await target.count()
         if stored != int(entry["points"]) or written != stored:

@@ -43,6 +43,7 @@ from retriever.ingest.rules import (
     IngestRules,
     clean_tags,
     has_text,
+    passage_text,
     snippet_kind,
     snippet_tags,
 )
@@ -52,6 +53,7 @@ from retriever.types import PointRecord, SnippetPayload
 
 if TYPE_CHECKING:
     from retriever.ocr import OcrResult
+    from retriever.text_embedder import TextEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +136,14 @@ class IngestPipeline:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         thumbnail_size: int = 256, draft_size: int | None = 512, workers: int | None = None,
         prefetch_batches: int = 2, id_namespace: str = "", ocr: OcrReader | None = None,
+        text_embedder: TextEmbedder | None = None, passage_ocr: bool = True,
     ) -> None:
         self.embedder = embedder
+        #: fills the ``passage`` vector (where the collection has it) from the text and, with
+        #: ``passage_ocr``, the OCR text; runs in the writer, beside the next chunk's CLIP encode
+        self.text_embedder = text_embedder
+        self.passage_ocr = passage_ocr
+        self._passage_ready: bool | None = None
         self.store = store
         self.blobs = blobs
         self.batch_size = max(1, batch_size)
@@ -210,6 +218,24 @@ class IngestPipeline:
             vectors = self.embedder.embed_texts([p.text for p in with_text])
             for p, vec in zip(with_text, vectors):
                 p.vectors["text"] = _as_list(vec)
+
+    def _encode_passages(self, batch: list[_Prepared]) -> None:
+        """The ``passage`` vectors of a chunk (after its OCR); an empty text gets none."""
+        if self.text_embedder is None:
+            return
+        texts = [passage_text(p.text, p.ocr_text, self.passage_ocr) for p in batch]
+        for p, vec in zip(batch, self.text_embedder.embed_passages(texts)):
+            if vec is not None:
+                p.vectors["passage"] = _as_list(vec)
+
+    async def _passages_wanted(self) -> bool:
+        """Whether this store takes ``passage`` vectors from this embedder (checked once per pipeline)."""
+        if self.text_embedder is None:
+            return False
+        if self._passage_ready is None:
+            spec = await self.store.passage_spec()
+            self._passage_ready = spec is not None and spec == self.text_embedder.spec
+        return self._passage_ready
 
     def _write_blobs(self, prepared: _Prepared) -> tuple[str, str] | None:
         if prepared.image_bytes is None:
@@ -346,6 +372,16 @@ class IngestPipeline:
             for p in batch:
                 report.add_time("ocr", p.ocr_s)  # OCR thread time
                 report.ocr_failed += p.ocr_failed
+        if batch and await self._passages_wanted():
+            t = time.perf_counter()
+            try:
+                await asyncio.to_thread(self._encode_passages, batch)
+            except Exception as exc:  # a model error fails this chunk, not the run
+                log.exception("passage embedding failed for a chunk of %d items", len(batch))
+                for p in batch:
+                    report.fail(p.item, f"passage embedding failed: {exc}")
+                batch = []
+            report.add_time("passage", time.perf_counter() - t)
         t0 = time.perf_counter()
         # Concurrent writes: each blob waits on its own fsync, so a chunk costs ~one fsync round.
         written = await asyncio.gather(
@@ -387,6 +423,8 @@ class IngestPipeline:
             return prepared.point_id, False
         prepared = await asyncio.to_thread(self._decode, prepared)
         await asyncio.gather(asyncio.to_thread(self._encode, [prepared]), asyncio.to_thread(self._read_text, prepared))
+        if await self._passages_wanted():
+            await asyncio.to_thread(self._encode_passages, [prepared])
         refs = await asyncio.to_thread(self._write_blobs, prepared)
         await self.store.upsert([self._point(prepared, refs, clean_tags(tags))])
         return prepared.point_id, True

@@ -50,6 +50,12 @@ def has_text(text: str) -> bool:
     return bool(text.strip())
 
 
+def passage_text(text: str, ocr_text: str, with_ocr: bool = True) -> str:
+    """What the text embedder reads of a snippet (the ``passage`` vector): its text, then its OCR text."""
+    parts = [text.strip()] + ([ocr_text.strip()] if with_ocr and ocr_text else [])
+    return "\n".join(p for p in parts if p)
+
+
 def clean_tags(tags: Iterable[str]) -> list[str]:
     """Tags given for a whole run or request: stripped, blanks dropped, unique, sorted."""
     return sorted({t.strip() for t in tags if t and t.strip()})

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
+from retriever.types import PassageSpec, PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
 
 if TYPE_CHECKING:
     from retriever.reindex import Versions
@@ -30,8 +30,13 @@ class VectorStore(Protocol):
     #: whether ``build_index`` builds HNSW here, beside the server (Edge); a Qdrant server builds its own
     local_index_build: bool
 
-    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
-        """Create the collection (with payload indexes) if missing; refuse a different embedder."""
+    async def ensure_collection(self, dim: int, embedder_id: str, passage: PassageSpec | None = None) -> None:
+        """Create the collection (with payload indexes) if missing; refuse a different embedder.
+
+        ``passage``: the text embedder of the ``passage`` vector. A new collection gets that vector
+        and records the embedder; an existing one with another text embedder is refused (``Conflict``);
+        one made without the vector keeps working without it (``passage_spec()`` is None).
+        """
 
     async def upsert(self, points: list[PointRecord]) -> None: ...
 
@@ -52,6 +57,9 @@ class VectorStore(Protocol):
 
     async def has_lexical(self) -> bool:
         """Whether the collection has the ``lexical`` sparse vector (collections made before it do not)."""
+
+    async def passage_spec(self) -> PassageSpec | None:
+        """The ``passage`` vector's text embedder, None when the collection has no such vector."""
 
     async def retrieve(self, ids: list[str]) -> list[StoredPoint]: ...
 
@@ -104,8 +112,11 @@ class VectorStore(Protocol):
 
 # --- helpers shared by the adapters (not part of the protocol) ------------------------------------
 
-#: the named vectors of every collection (cosine)
+#: the CLIP vectors of every collection (cosine, the CLIP dimension)
 VECTOR_NAMES: tuple[str, ...] = ("image", "text")
+#: the text embedder's vector (cosine, its own dimension; retriever/text_embedder.py), where a collection has it
+PASSAGE_VECTOR = "passage"
+DENSE_VECTORS: tuple[str, ...] = (*VECTOR_NAMES, PASSAGE_VECTOR)
 #: the sparse vector of new collections (BM25 term weights, IDF modifier; retriever/lexical.py)
 LEXICAL_VECTOR = "lexical"
 #: keyword payload indexes created with the collection (the filter and facet fields)
@@ -141,6 +152,23 @@ def normalize_id(point_id: str) -> str:
         raise InvalidInput(f"point id {point_id!r} is not a UUID string", param="id") from exc
 
 
+def passage_mismatch(collection: str, stored: str, wanted: str) -> str:
+    """The one wording of the text-embedder mismatch, shared by both adapters."""
+    return (
+        f"collection {collection!r} has passage vectors of text embedder {stored}; you are opening it with "
+        f"{wanted}; set VLMRAG_TEXT_EMBEDDER to the model that built it, use another VLMRAG_COLLECTION, or reindex"
+    )
+
+
+def check_passage(collection: str, stored: PassageSpec | None, wanted: PassageSpec | None) -> None:
+    """Conflict when the collection's text embedder differs from the configured one (None on either side: fine)."""
+    from retriever.errors import Conflict
+
+    if stored is not None and wanted is not None and stored != wanted:
+        raise Conflict(passage_mismatch(collection, f"{stored.embedder_id} ({stored.dim}-d)",
+                                        f"{wanted.embedder_id} ({wanted.dim}-d)"))
+
+
 def embedder_mismatch(collection: str, stored: str, wanted: str) -> str:
     """The one wording of the embedder-mismatch error, shared by both adapters."""
     return (
@@ -170,14 +198,24 @@ def lexical_order(hits: list[ScoredPoint]) -> list[ScoredPoint]:
     return sorted(hits, key=lambda hit: (-round(hit.score, 4), hit.id))
 
 
-def check_vectors(points: list[PointRecord], dim: int | None) -> None:
-    """Refuse points without vectors, unknown vector names or a wrong dimension (InvalidInput)."""
+def check_vectors(points: list[PointRecord], dim: int | None, passage_dim: int | None = None) -> None:
+    """Refuse points without vectors, unknown vector names or a wrong dimension (InvalidInput).
+
+    ``passage_dim``: the collection's ``passage`` dimension, None when it has no such vector.
+    """
     from retriever.errors import InvalidInput
 
     for point in points:
         if not point.vectors:
             raise InvalidInput(f"point {point.id} has no vector", param="vectors")
         for name, vector in point.vectors.items():
+            if name == PASSAGE_VECTOR:
+                if passage_dim is None:
+                    raise InvalidInput(f"point {point.id}: this collection has no passage vector", param="vectors")
+                if len(vector) != passage_dim:
+                    raise InvalidInput(f"point {point.id}: vector 'passage' has {len(vector)} dimensions, "
+                                       f"expected {passage_dim}", param="vectors")
+                continue
             if name not in VECTOR_NAMES:
                 raise InvalidInput(f"point {point.id}: unknown vector {name!r}", param="vectors")
             if dim is not None and len(vector) != dim:

@@ -49,7 +49,9 @@ from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable,
 from retriever.store.base import (
     KEYWORD_FIELDS,
     LEXICAL_VECTOR,
+    PASSAGE_VECTOR,
     VECTOR_NAMES,
+    check_passage,
     check_sparse,
     check_vectors,
     embedder_mismatch,
@@ -64,7 +66,15 @@ from retriever.store.hnsw import (
     build_while_serving,
     hnsw_shard_config,
 )
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
+from retriever.types import (
+    PassageSpec,
+    PointRecord,
+    ScoredPoint,
+    SearchFilters,
+    SnippetPayload,
+    SparseVector,
+    StoredPoint,
+)
 
 if TYPE_CHECKING:
     from retriever.reindex import Versions
@@ -221,6 +231,7 @@ class EdgeStore:
         self._shard: qe.EdgeShard | None = None
         self._meta: dict[str, Any] | None = None
         self._lexical = False  # the shard has the ``lexical`` sparse vector (read from its config)
+        self._passage_vector = False  # the shard has the ``passage`` dense vector (read from its config)
         self._warned_no_lexical = False
         self._lock = asyncio.Lock()  # serialises create/load/close, not reads
         #: serialises writes; held while the shard is copied or another is swapped in (retriever/store/hnsw.py)
@@ -245,7 +256,7 @@ class EdgeStore:
         if self._shard is None:
             self._shard = await self._call(qe.EdgeShard.load, str(self.shard_dir))
             self._meta = self._read_meta()
-            self._lexical = self._read_lexical()
+            self._lexical, self._passage_vector = self._read_vector_names()
             self._auto_ef = auto_hnsw_ef(int((await self._call(self._shard.info)).points_count))
 
     def _read_meta(self) -> dict[str, Any] | None:
@@ -257,13 +268,15 @@ class EdgeStore:
         except ValueError as exc:
             raise StoreUnavailable(f"embedded store meta file {meta_path} is corrupt: {exc}") from exc
 
-    def _read_lexical(self) -> bool:
+    def _read_vector_names(self) -> tuple[bool, bool]:
+        """Whether the shard has the ``lexical`` and the ``passage`` vectors."""
         # Edge has no config getter; the shard persists its config beside the segments.
         try:
             config = json.loads((self.shard_dir / _SHARD_MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return False
-        return LEXICAL_VECTOR in (config.get("sparse_vectors") or {})
+            return False, False
+        return (LEXICAL_VECTOR in (config.get("sparse_vectors") or {}),
+                PASSAGE_VECTOR in (config.get("vectors") or {}))
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -280,31 +293,46 @@ class EdgeStore:
         except Exception as exc:  # Edge raises bare Exception with a message
             raise _translate(exc, self.shard_dir) from exc
 
-    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
-        """Create the shard (named cosine vectors, keyword indexes) or check its embedder."""
+    async def ensure_collection(self, dim: int, embedder_id: str, passage: PassageSpec | None = None) -> None:
+        """Create the shard (named cosine vectors, keyword indexes) or check its embedders."""
         async with self._lock:
             if self._shard is None and (self.shard_dir / _SHARD_MARKER).is_file():
                 await self._load()
             if self._shard is None:
-                self._shard = await self._call(self._create, dim)
+                self._shard = await self._call(self._create, dim, passage.dim if passage else 0)
                 self._meta = None
-                self._lexical = self._read_lexical()
+                self._lexical, self._passage_vector = self._read_vector_names()
             if self._meta is None:
                 if await self.count() > 0:
                     raise Conflict(embedder_mismatch(self.collection, "an unknown embedder", embedder_id))
                 self._meta = {"embedder_id": embedder_id, "dim": dim}
+                if passage is not None and self._passage_vector:
+                    self._meta["passage"] = {"embedder_id": passage.embedder_id, "dim": passage.dim}
                 _write_json_atomic(self.shard_dir / META_FILE, self._meta)
                 return
             stored = self._meta.get("embedder_id")
             if stored != embedder_id or int(self._meta.get("dim", dim)) != dim:
                 raise Conflict(embedder_mismatch(self.collection, str(stored), embedder_id))
+            check_passage(self.collection, self._stored_passage(), passage)
 
-    def _create(self, dim: int) -> qe.EdgeShard:
+    def _stored_passage(self) -> PassageSpec | None:
+        entry = (self._meta or {}).get("passage")
+        if not self._passage_vector or not isinstance(entry, dict):
+            return None
+        return PassageSpec(int(entry["dim"]), str(entry["embedder_id"]))
+
+    async def passage_spec(self) -> PassageSpec | None:
+        return self._stored_passage() if self._shard is not None else None
+
+    def _create(self, dim: int, passage_dim: int = 0) -> qe.EdgeShard:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         vectors = {
             name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=VECTOR_DATATYPE)
             for name in VECTOR_NAMES
         }
+        if passage_dim:
+            vectors[PASSAGE_VECTOR] = qe.EdgeVectorParams(size=passage_dim, distance=qe.Distance.Cosine,
+                                                          datatype=VECTOR_DATATYPE)
         # BM25 term weights; the IDF modifier makes the shard weigh each term by its rarity at query time.
         sparse = {LEXICAL_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
         shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse))
@@ -378,7 +406,8 @@ class EdgeStore:
             old, old_dir = self._shard, self.shard_dir
             self._shard, self.shard_dir = new, shard_dir
             self.description = f"qdrant-edge:{shard_dir}"
-            self._meta, self._lexical = self._read_meta(), self._read_lexical()
+            self._meta = self._read_meta()
+            self._lexical, self._passage_vector = self._read_vector_names()
             self._auto_ef = auto_hnsw_ef(int((await self._call(new.info)).points_count))
         task = asyncio.create_task(self._retire(old, old_dir, retire_after_s))
         self._retiring.add(task)
@@ -463,7 +492,8 @@ class EdgeStore:
         if not points:
             return
         self._require()
-        check_vectors(points, self._meta.get("dim") if self._meta else None)
+        passage = self._stored_passage()
+        check_vectors(points, self._meta.get("dim") if self._meta else None, passage.dim if passage else None)
         check_sparse(points)
         if not self._lexical and not self._warned_no_lexical and any(p.lexical for p in points):
             self._warned_no_lexical = True
@@ -498,9 +528,9 @@ class EdgeStore:
         self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None,
         *, exact: bool = False,
     ) -> list[ScoredPoint]:
-        if vector_name not in VECTOR_NAMES:
+        if vector_name not in VECTOR_NAMES and vector_name != PASSAGE_VECTOR:
             raise InvalidInput(f"unknown vector {vector_name!r}; expected one of {VECTOR_NAMES}")
-        if self._shard is None or limit <= 0:
+        if self._shard is None or limit <= 0 or (vector_name == PASSAGE_VECTOR and not self._passage_vector):
             return []
         # Without an HNSW segment (no `vlmrag optimize` yet) both are the same exact scan.
         params = qe.SearchParams(exact=True) if exact else (

@@ -34,14 +34,24 @@ from retriever.errors import (
 from retriever.store.base import (
     KEYWORD_FIELDS,
     LEXICAL_VECTOR,
+    PASSAGE_VECTOR,
     VECTOR_NAMES,
+    check_passage,
     check_sparse,
     check_vectors,
     embedder_mismatch,
     lexical_order,
     normalize_id,
 )
-from retriever.types import PointRecord, ScoredPoint, SearchFilters, SnippetPayload, SparseVector, StoredPoint
+from retriever.types import (
+    PassageSpec,
+    PointRecord,
+    ScoredPoint,
+    SearchFilters,
+    SnippetPayload,
+    SparseVector,
+    StoredPoint,
+)
 
 if TYPE_CHECKING:
     from retriever.reindex import Versions
@@ -51,6 +61,7 @@ log = logging.getLogger(__name__)
 
 META_EMBEDDER = "vlmrag_embedder_id"
 META_DIM = "vlmrag_dim"
+META_PASSAGE_EMBEDDER = "vlmrag_passage_embedder_id"
 _FACET_LIMIT = 100_000
 _SCROLL_PAGE = 1_000
 T = TypeVar("T")
@@ -140,6 +151,7 @@ class RemoteStore:
         self._dim: int | None = None
         self._embedder: str | None = None
         self._lexical = False  # the collection has the ``lexical`` sparse vector
+        self._passage: PassageSpec | None = None  # the ``passage`` vector and its text embedder
         self._warned_no_lexical = False
         self._writes = asyncio.Lock()  # held by ``frozen`` (a backup's point-in-time view of this process's writes)
 
@@ -186,21 +198,27 @@ class RemoteStore:
         vectors = info.config.params.vectors
         self._dim = int(metadata.get(META_DIM) or (vectors["text"].size if isinstance(vectors, dict) else 0))
         self._lexical = LEXICAL_VECTOR in (info.config.params.sparse_vectors or {})
+        passage = vectors.get(PASSAGE_VECTOR) if isinstance(vectors, dict) else None
+        self._passage = PassageSpec(int(passage.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown")
+                                    ) if passage is not None else None
 
-    async def ensure_collection(self, dim: int, embedder_id: str) -> None:
+    async def ensure_collection(self, dim: int, embedder_id: str, passage: PassageSpec | None = None) -> None:
         """Create the collection with payload indexes, or refuse a different embedder."""
         await self._refresh()
         if not self._exists:
+            vectors = {name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES}
+            metadata: dict[str, Any] = {META_EMBEDDER: embedder_id, META_DIM: dim}
+            if passage is not None:
+                vectors[PASSAGE_VECTOR] = models.VectorParams(size=passage.dim, distance=models.Distance.COSINE)
+                metadata[META_PASSAGE_EMBEDDER] = passage.embedder_id
             await self._call(self.client.create_collection(
                 self.collection,
-                vectors_config={
-                    name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES
-                },
+                vectors_config=vectors,
                 # BM25 term weights; IDF applied by the server at query time (same as Edge's modifier).
                 sparse_vectors_config={LEXICAL_VECTOR: models.SparseVectorParams(modifier=models.Modifier.IDF)},
                 shard_number=self._shards, replication_factor=self._replicas,
                 write_consistency_factor=self._write_factor,
-                metadata={META_EMBEDDER: embedder_id, META_DIM: dim},
+                metadata=metadata,
             ))
             # Local mode ignores payload indexes (and warns); a server uses them for filters and facets.
             for field in KEYWORD_FIELDS if self._read_kwargs else ():
@@ -221,6 +239,12 @@ class RemoteStore:
             return
         if self._embedder != embedder_id or self._dim != dim:
             raise Conflict(embedder_mismatch(self.collection, self._embedder, embedder_id))
+        check_passage(self.collection, self._passage, passage)
+
+    async def passage_spec(self) -> PassageSpec | None:
+        if self._exists is None:
+            await self._refresh()
+        return self._passage if self._exists else None
 
     async def embedder_id(self) -> str | None:
         if self._exists is None:
@@ -286,7 +310,7 @@ class RemoteStore:
         if not points:
             return
         await self._require()
-        check_vectors(points, self._dim or None)
+        check_vectors(points, self._dim or None, self._passage.dim if self._passage else None)
         check_sparse(points)
         if not self._lexical and not self._warned_no_lexical and any(p.lexical for p in points):
             self._warned_no_lexical = True
@@ -328,9 +352,9 @@ class RemoteStore:
         self, vector_name: str, vector: list[float], limit: int, filters: SearchFilters | None = None,
         *, exact: bool = False,
     ) -> list[ScoredPoint]:
-        if vector_name not in VECTOR_NAMES:
+        if vector_name not in VECTOR_NAMES and vector_name != PASSAGE_VECTOR:
             raise InvalidInput(f"unknown vector {vector_name!r}; expected one of {VECTOR_NAMES}")
-        if limit <= 0 or await self._missing():
+        if limit <= 0 or await self._missing() or (vector_name == PASSAGE_VECTOR and self._passage is None):
             return []
         # The server builds HNSW on its own; ``exact`` asks it for a full scan instead (local mode
         # always scans, and warns about search params).

@@ -52,16 +52,17 @@ def _changes(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _opener(settings: Settings, load_model: bool):  # type: ignore[no-untyped-def]
-    embedder = None
+    embedder = text_embedder = None
 
     async def open_kb(collection: str, namespace: str):  # type: ignore[no-untyped-def]
-        nonlocal embedder
-        from server.wiring import build_embedder, build_knowledge_base
+        nonlocal embedder, text_embedder
+        from server.wiring import build_embedder, build_knowledge_base, build_text_embedder
 
         if load_model and embedder is None:
             embedder = await asyncio.to_thread(build_embedder, settings)
-        return await build_knowledge_base(settings, embedder=embedder, collection=collection,
-                                          blob_namespace=namespace, load_model=load_model)
+            text_embedder = await asyncio.to_thread(build_text_embedder, settings, embedder.cache)
+        return await build_knowledge_base(settings, embedder=embedder, text_embedder=text_embedder,
+                                          collection=collection, blob_namespace=namespace, load_model=load_model)
 
     return open_kb
 

@@ -86,7 +86,7 @@ def _progress_printer() -> ProgressFn:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    from server.wiring import build_embedder
+    from server.wiring import build_embedder, build_text_embedder
 
     versions, owner = await _open_versions(settings)
     try:
@@ -99,6 +99,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             "clip_model": args.to, "clip_pretrained": args.pretrained or settings.clip_pretrained,
         })
         embedder = await asyncio.to_thread(build_embedder, new_settings)
+        text_embedder = await asyncio.to_thread(build_text_embedder, new_settings, None)
+        if getattr(args, "needs_text_embedder", False) and text_embedder is None:
+            raise InvalidInput("backfill-passage needs a text embedder: VLMRAG_TEXT_EMBEDDER is 'none'")
         blobs = build_blob_store(settings)
         try:
             result = await reindex(
@@ -107,6 +110,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                 batch_size=args.batch_size or settings.clip_batch_size,
                 max_image_bytes=max(settings.limit_image_bytes, 50 << 20),
                 max_image_pixels=settings.limit_image_pixels, progress=_progress_printer(),
+                text_embedder=text_embedder, passage_ocr=settings.text_embedder_ocr,
             )
         except StoreUnavailable as exc:
             if owner is None:  # the embedded store

@@ -1,8 +1,11 @@
 """``vlmrag stats [--json]``: snippet count, counts by kind and by source, embedder, store.
 
 ``--json`` prints ``{"count": int, "by_kind": {kind: int}, "by_source": {source: int},
-"embedder": str | null, "store": str, "collection": str, "blobs": str}``; ``embedder`` is the
-identity stored with the collection (null before anything was ingested). No model is loaded.
+"embedder": str | null, "store": str, "collection": str, "blobs": str, "lexical": bool,
+"passage": {"embedder": str, "dim": int} | null, "text_embedder": str | null}``; ``embedder`` is the
+identity stored with the collection (null before anything was ingested); ``passage`` the text
+embedder of its ``passage`` vector (null: made without one, `vlmrag backfill-passage` adds it).
+No model is loaded (``text_embedder``, the configured one, is then null).
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ from retriever.backup import (
     write_collection,
 )
 from retriever.backup.collection import Progress
-from retriever.backup.restore import served_count
+from retriever.backup.restore import archived_passage, served_count
 from retriever.blobs import LocalBlobStore
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from retriever.reindex import EdgeVersions, Versions
 from retriever.store import VectorStore
+from retriever.text_embedder import configured_passage_spec
 from server.backup_tables import dump_tables, load_tables
 from server.knowledge_bases import DEFAULT_KB, KnowledgeBases, blob_namespace, check_name, collection_for
 from server.settings import Settings
@@ -312,12 +313,18 @@ async def _restore(
         raise InvalidInput("--reembed is not supported yet: restore with the embedder the archive was made with "
                            "(its manifest's embedders), then `vlmrag reindex --to MODEL`", param="reembed")
     identity, dim = await asyncio.to_thread(configured_embedder, settings)
+    passage = await asyncio.to_thread(configured_passage_spec, settings.text_embedder)
     for name in names:
         entry = archived[name]
         if entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim:
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} was embedded with "
                            f"{entry.get('embedder_id')}, this service uses {identity} (VLMRAG_CLIP_MODEL); "
                            "restore with the same model, or --reembed; nothing was changed")
+        stored = archived_passage(entry)
+        if stored is not None and passage is not None and stored != passage:
+            raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} has passage vectors of text "
+                           f"embedder {stored.embedder_id}, this service uses {passage.embedder_id} "
+                           "(VLMRAG_TEXT_EMBEDDER); restore with the same model; nothing was changed")
     for target in plan.renames.values():  # every target checked before any is touched
         versions, owner = await open_versions(settings, collection_for(settings, target))
         try:

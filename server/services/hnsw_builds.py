@@ -51,7 +51,11 @@ class HnswBuild:
 
 
 def unindexed_points(info: dict[str, int]) -> int:
-    """Points outside every HNSW graph (``indexed_vectors`` counts each dense vector of each point)."""
+    """Points outside every HNSW graph (``indexed_vectors`` counts each dense vector of each point).
+
+    An estimate: the ``passage`` vectors of text snippets count too, so a collection with them reads a
+    little low here (a build then starts somewhat later, never for an indexed collection).
+    """
     return max(0, info["points"] - info["indexed_vectors"] // len(VECTOR_NAMES))
 
 

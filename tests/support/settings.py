@@ -33,6 +33,8 @@ def make_settings(data_dir: Path, clip_config: Path, **overrides: Any) -> Settin
         "ocr_enabled": False, "ocr_query_enabled": False,
         # The ONNX export costs ~1 s per data dir; tests/test_clip_onnx.py tests that backend.
         "clip_backend": "torch",
+        # The real sentence embedder: the tests of the `passage` vector set text_embedder to its folder.
+        "text_embedder": "none",
         # Tests make many quick requests; the ones that test rate limiting set their own values.
         "rate_limit_rps": 10_000.0, "rate_limit_burst": 10_000,
         "rate_limit_kb_rps": 10_000.0, "rate_limit_kb_burst": 10_000,
