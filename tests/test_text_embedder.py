@@ -203,6 +203,8 @@ async def test_ingested_paraphrase_is_found_by_passage(
         best = max(found.candidates, key=lambda c: c.vector_scores.get("text->passage", -1.0))
         assert best.payload.text == MANUAL[0]
         assert "text->passage" in best.vector_scores
+        # text-to-text goes through the text embedder, not CLIP's text tower; CLIP keeps text->image
+        assert not any("text->text" in c.vector_scores for c in found.candidates)
         stats = await kb.stats()
         assert stats["passage"] == {"embedder": text_embedder.identity, "dim": 384}
         sid, created = await kb.add_snippet(None, "Unplug the unit before cleaning the grill.", source="api")
