@@ -89,6 +89,7 @@ GOAL_TEXT_R5, GOAL_TEXT_R1 = 0.95, 0.8  # issue 20: paraphrases, hybrid with pas
 GOAL_TEXT_MS = 10.0  # issue 20: text query p50 (encode + search) grows <= 10 ms
 GOAL_INGEST_RATIO = 0.8  # issue 20: text snippets/s with the text embedder >= 0.8x without
 TEXT_EMBEDDER: TextEmbedder | None = None  # --text-embedder (loaded in main())
+PASSAGE_OCR = False  # --passage-ocr: a photo's passage vector reads its OCR text too
 INGEST_CLIP = ""  # --ingest-clip: the CLIP model of the text-ingestion rate rows ("": the tiny one)
 
 
@@ -100,6 +101,7 @@ def bench_settings(data_dir: Path, clip_config: Path, *, ocr: bool) -> Settings:
         auth_disabled=True, embed_cache_entries=0, rerank_scorer=SCORER, retrieval_fusion=FUSION, retrieval_k=5,
         ocr_enabled=ocr, ocr_query_enabled=ocr,
         text_embedder=str(TEXT_EMBEDDER.folder) if TEXT_EMBEDDER is not None else "none",
+        text_embedder_ocr=PASSAGE_OCR,
     )
 
 
@@ -612,10 +614,12 @@ def main() -> int:
     parser.add_argument("--ingest-clip", default="",
                         help="open_clip model (random weights) for the text-ingestion rate, e.g. ViT-B-32: the "
                              "ratio against a real CLIP's cost (default: the tiny CLIP, ~free)")
+    parser.add_argument("--passage-ocr", action="store_true",
+                        help="VLMRAG_TEXT_EMBEDDER_OCR=true: photos' passage vectors read their OCR text too")
     parser.add_argument("--quick", action="store_true", help="4 devices (a smoke run for `make bench`)")
     args = parser.parse_args()
-    global SCORER, FUSION, TEXT_EMBEDDER, INGEST_CLIP
-    SCORER, FUSION, INGEST_CLIP = args.scorer, args.fusion, args.ingest_clip
+    global SCORER, FUSION, TEXT_EMBEDDER, INGEST_CLIP, PASSAGE_OCR
+    SCORER, FUSION, INGEST_CLIP, PASSAGE_OCR = args.scorer, args.fusion, args.ingest_clip, args.passage_ocr
     if args.text_embedder.lower() != "none":
         TEXT_EMBEDDER = load_text_embedder(str(resolve_folder(args.text_embedder)),
                                            onnx_cache_dir=Path(tempfile.gettempdir()) / "vlmrag-bench-onnx")

@@ -238,7 +238,7 @@ class _PointRebuilder:
     """
 
     def __init__(self, embedder: ClipEmbedder, blobs: BlobStore, rules: IngestRules,
-                 text_embedder: TextEmbedder | None = None, passage_ocr: bool = True) -> None:
+                 text_embedder: TextEmbedder | None = None, passage_ocr: bool = False) -> None:
         self.embedder, self.blobs, self.rules = embedder, blobs, rules
         self.text_embedder, self.passage_ocr = text_embedder, passage_ocr
         self.skipped_ids: set[str] = set()  # reported once, not retried by the catch-up pass
@@ -271,7 +271,7 @@ class _PointRebuilder:
         if self.text_embedder is not None:  # the `passage` vector, from the stored text and OCR text
             kept = [p for p in page if p.id in vectors]
             passages = self.text_embedder.embed_passages(
-                [passage_text(p.payload.text, p.payload.ocr_text, self.passage_ocr) for p in kept])
+                [passage_text(p.payload.text, p.payload.ocr_text, self.passage_ocr, p.payload.kind) for p in kept])
             for p, vec in zip(kept, passages):
                 if vec is not None:
                     vectors[p.id]["passage"] = vec.tolist()
@@ -324,7 +324,7 @@ async def reindex(
     versions: Versions, embedder: ClipEmbedder, blobs: BlobStore, *, source: VectorStore | None = None,
     switch: bool = True, drop_old: bool = False, batch_size: int = 64, max_image_bytes: int = 50 << 20,
     max_image_pixels: int = 40_000_000, progress: ProgressFn | None = None, same_model: bool = False,
-    text_embedder: TextEmbedder | None = None, passage_ocr: bool = True,
+    text_embedder: TextEmbedder | None = None, passage_ocr: bool = False,
 ) -> ReindexResult:
     """Build the next version with ``embedder`` from the served one, catch up, switch, drop old.
 

@@ -79,8 +79,8 @@ class Settings(BaseSettings):
         "VLMRAG_CLIP_THREADS; a collection remembers it and refuses another (reindex or backfill-passage).",
     )
     text_embedder_ocr: bool = Field(
-        True, description="The `passage` vector also reads a snippet's OCR text (scanned pages, photos with "
-        "text); see benchmarks/README.md for the measurement.",
+        False, description="The `passage` vector of a photo also reads its OCR text (a scanned page's always "
+        "does). Off: measured to cost paraphrase recall (benchmarks/README.md, bench_support --no-passage-ocr).",
     )
 
     # --- query path (ONNX backend, embedding cache, HNSW) --------------------------------------

@@ -264,3 +264,13 @@ def _last_json(out: str) -> dict[str, Any]:
     """The JSON object a ``--json`` command printed last (progress lines go to stderr)."""
     start = out.find("{")
     return json.loads(out[start:]) if start >= 0 else {}
+
+
+def test_passage_text_takes_a_pages_ocr_text_and_a_photos_only_when_asked() -> None:
+    from retriever.ingest.rules import passage_text
+
+    assert passage_text("", "Hold the ON button for three seconds.", kind="page") == \
+        "Hold the ON button for three seconds."  # a scanned page: its words are its text
+    assert passage_text("a caption", "ERROR E-417", kind="image_text") == "a caption"
+    assert passage_text("", "ERROR E-417", kind="image") == ""  # no passage vector for a photo's code alone
+    assert passage_text("a caption", "ERROR E-417", with_ocr=True, kind="image_text") == "a caption\nERROR E-417"

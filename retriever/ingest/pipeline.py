@@ -136,11 +136,11 @@ class IngestPipeline:
         max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         thumbnail_size: int = 256, draft_size: int | None = 512, workers: int | None = None,
         prefetch_batches: int = 2, id_namespace: str = "", ocr: OcrReader | None = None,
-        text_embedder: TextEmbedder | None = None, passage_ocr: bool = True,
+        text_embedder: TextEmbedder | None = None, passage_ocr: bool = False,
     ) -> None:
         self.embedder = embedder
         #: fills the ``passage`` vector (where the collection has it) from the text and, with
-        #: ``passage_ocr``, the OCR text; runs in the writer, beside the next chunk's CLIP encode
+        #: ``passage_ocr``, a photo's OCR text (a page's always); runs in the writer, beside the next chunk's CLIP encode
         self.text_embedder = text_embedder
         self.passage_ocr = passage_ocr
         self._passage_ready: bool | None = None
@@ -223,7 +223,7 @@ class IngestPipeline:
         """The ``passage`` vectors of a chunk (after its OCR); an empty text gets none."""
         if self.text_embedder is None:
             return
-        texts = [passage_text(p.text, p.ocr_text, self.passage_ocr) for p in batch]
+        texts = [passage_text(p.text, p.ocr_text, self.passage_ocr, p.item.kind) for p in batch]
         for p, vec in zip(batch, self.text_embedder.embed_passages(texts)):
             if vec is not None:
                 p.vectors["passage"] = _as_list(vec)
