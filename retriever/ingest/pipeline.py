@@ -223,7 +223,7 @@ class IngestPipeline:
         """The ``passage`` vectors of a chunk (after its OCR); an empty text gets none."""
         if self.text_embedder is None:
             return
-        texts = [passage_text(p.text, p.ocr_text, self.passage_ocr, p.item.kind) for p in batch]
+        texts = [passage_text(p.text, p.ocr_text, self.passage_ocr, p.item.kind or "") for p in batch]
         for p, vec in zip(batch, self.text_embedder.embed_passages(texts)):
             if vec is not None:
                 p.vectors["passage"] = _as_list(vec)
