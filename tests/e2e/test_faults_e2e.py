@@ -159,8 +159,9 @@ def test_vllm_killed_mid_stream_ends_with_one_error_event_and_done(rig: FaultRig
     _wait_ready(rig.url)
     # top logprobs make every token cost vLLM more (20 detokenised alternatives): the stream must still be
     # running when the kill lands, and the tiny model alone can stream 2000 tokens in well under a second
+    # ignore_eos: random weights at temperature 1 may sample EOS early, which would end the stream first
     body = {**CHAT, "max_tokens": 2000, "stream": True, "temperature": 1.0, "seed": 7,
-            "logprobs": True, "top_logprobs": 20}
+            "logprobs": True, "top_logprobs": 20, "ignore_eos": True}
     events: list[str] = []
     killed_at = 0.0
     try:
