@@ -16,7 +16,8 @@ Photo sets: the display photos of ``benchmarks/support_kb.py`` (its query photos
 with an error code, read verbatim or not), the KB photos of the same generator (displays and part
 labels, as ingestion reads them), photos without text (smooth colour fields with grain, 1024x768
 and 640x480, as bench_ingest makes), scanned-page photos (an A4 page at 150 dpi, 26 px text; words
-read) and one repeated photo (the same display photo again: ``read(cached=True)``, a cache hit).
+read), small two-line part labels (a third of the photo, tilted; both lines read) and one
+repeated photo (the same display photo again: ``read(cached=True)``, a cache hit).
 
 Image /v1/search: two apps under uvicorn (OCR on: ``ocr_query_enabled``; OCR off), query-embedding
 cache off, distinct display / no-text photos half and half with "what does this mean?", requests
@@ -41,7 +42,7 @@ from typing import Any
 
 import httpx
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -78,6 +79,25 @@ def page_photo(seed: int, width: int = 1240, height: int = 1754, text_px: int = 
         words += line.split()
         y += int(text_px * 1.6)
     return image, words
+
+
+def label_photo(big: int, small: int, ground: tuple[int, int, int], seed: int) -> tuple[Image.Image, list[str]]:
+    """A two-line part label across a third of a 714 x 591 photo, tilted 8 degrees: small text whose
+    lines merge into one block at a coarse detection size (both lines must be read)."""
+    rng = np.random.default_rng(seed)
+    photo = np.full((591, 714, 3), ground, np.float32) + rng.normal(0, 6, (591, 714, 3))
+    image = Image.fromarray(photo.clip(0, 255).astype(np.uint8))
+    part, name = f"P-{100 + seed * 13 % 900}-{'ABCDE'[seed % 5]}", ("door seal", "drain hose", "fan motor")[seed % 3]
+    label = Image.new("RGB", (290, 120), (242, 242, 240))
+    draw = ImageDraw.Draw(label)
+    draw.text((22, 14), part, font=load_font("DejaVuSans.ttf", big), fill=(25, 25, 25))
+    draw.text((22, 74), name, font=load_font("DejaVuSans.ttf", small), fill=(25, 25, 25))
+    image.paste(label.rotate(-8, expand=True, resample=Image.Resampling.BICUBIC, fillcolor=ground), (210, 200))
+    return image.filter(ImageFilter.GaussianBlur(0.8)), [part, name]
+
+
+def all_read(text: str, lines: list[str]) -> float:
+    return float(all(reads(text, line) for line in lines))
 
 
 def words_read(text: str, words: list[str]) -> float:
@@ -117,7 +137,7 @@ def ocr_rows(sets: dict[str, list[tuple[Image.Image, Any]]], repeated: Image.Ima
     before(warm), after.read(warm)
     judges: dict[str, Callable[[str, Any], float]] = {
         "display": lambda t, c: float(reads(t, c)), "kb photos": lambda t, c: float(reads(t, c)),
-        "no text": lambda t, _c: float(not t.strip()), "scanned page": words_read,
+        "no text": lambda t, _c: float(not t.strip()), "scanned page": words_read, "small labels": all_read,
     }
     rows = []
     for name, items in sets.items():
@@ -221,9 +241,13 @@ def main() -> int:
     n_blank = 10 if args.quick else 24
     blank = [(no_text_photo(*((1024, 768) if i % 2 else (640, 480)), seed=i), None) for i in range(n_blank)]
     pages = [page_photo(i) for i in range(2 if args.quick else 4)]
+    grounds = ((196, 192, 188), (130, 132, 150))
+    labels = [label_photo(big, small, grounds[i % 2], seed=i)
+              for i, (big, small) in enumerate((b, s) for b in (28, 32, 36) for s in (16, 20) for _ in (0, 1))]
     print(f"bench_ocr: {devices} devices; {os.cpu_count()} CPUs, load average "
           f"{'/'.join(f'{x:.2f}' for x in os.getloadavg())} at start (a shared box: compare within the run)")
-    rows = ocr_rows({"display": display, "kb photos": kb_photos, "no text": blank, "scanned page": pages},
+    rows = ocr_rows({"display": display, "kb photos": kb_photos, "no text": blank, "scanned page": pages,
+                     "small labels": labels},
                     display[0][0])
     print_ocr(rows)
     print(f"load average after the OCR rows: {'/'.join(f'{x:.2f}' for x in os.getloadavg())}")

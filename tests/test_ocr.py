@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -316,3 +317,54 @@ def test_a_block_over_grain_is_no_text_and_costs_no_recognition(ocr: OcrEngine) 
     label = Image.new("RGB", (640, 480), (200, 200, 190))  # a close-up label: a block with real print
     ImageDraw.Draw(label).text((40, 180), "PART P-220-C", font=font(80), fill=(20, 20, 20))
     assert ocr.read(label).text == "PART P-220-C"
+
+
+
+def small_tilted_label(big: int = 36, small: int = 20, ground: tuple[int, int, int] = (130, 132, 150)) -> Image.Image:
+    """A two-line part label across a third of a 714 x 591 photo, tilted 8 degrees (as bench_ocr's
+    KB photo P-162-C, which the staged read once lost)."""
+    rng = np.random.default_rng(7)
+    photo = np.full((591, 714, 3), ground, np.float32) + rng.normal(0, 6, (591, 714, 3))
+    image = Image.fromarray(photo.clip(0, 255).astype(np.uint8))
+    label = Image.new("RGB", (290, 120), (242, 242, 240))
+    draw = ImageDraw.Draw(label)
+    draw.text((22, 14), "P-162-C", font=font(big), fill=(25, 25, 25))
+    draw.text((22, 74), "door seal", font=font(small), fill=(25, 25, 25))
+    image.paste(label.rotate(-8, expand=True, resample=Image.Resampling.BICUBIC, fillcolor=ground), (210, 200))
+    return image.filter(ImageFilter.GaussianBlur(0.8))
+
+
+def read_with(ocr: OcrEngine, image: Image.Image, **policy: Any) -> OcrResult:
+    from retriever.ocr_stages import StagePolicy
+
+    default, ocr.photo_policy = ocr.photo_policy, StagePolicy(**policy)
+    try:
+        return ocr.read(image)
+    finally:
+        ocr.photo_policy = default
+
+
+def test_a_small_label_the_coarse_pass_cannot_box_is_looked_at_again(ocr: OcrEngine) -> None:
+    # At 160 px its lines are ~7 px high: the probability map peaks over them but no box survives,
+    # and the photo has too few strong edges for the small-print check. The peak sends it to one
+    # more detection at twice the coarse side, which boxes and reads it.
+    image = small_tilted_label(32, 20)
+    result = ocr.read(image)
+    assert "P-162-C" in result.text and "door seal" in result.text
+    assert result.stages is not None and result.stages.sides == (160, 320)
+    blind = read_with(ocr, image, small_text_peak=0.0)  # without the peak's second look
+    assert blind.text == "" and blind.stages is not None and blind.stages.sides == (160,)
+
+
+@pytest.mark.parametrize(("big", "small", "ground"), [(28, 16, (196, 192, 188)), (32, 16, (130, 132, 150))])
+def test_a_label_seen_as_one_block_is_detected_again_before_it_is_read(
+    ocr: OcrEngine, big: int, small: int, ground: tuple[int, int, int],
+) -> None:
+    # At 160 px both lines merge into one box that reads the big line only (or misreads it:
+    # "P.2622"); boxes are found again at read_side (320) before recognition.
+    image = small_tilted_label(big, small, ground)
+    result = ocr.read(image)
+    assert result.text.split("\n") == ["P-162-C", "door seal"]
+    assert result.stages is not None and result.stages.sides[:2] == (160, 320)
+    coarse_only = read_with(ocr, image, read_side=0)
+    assert coarse_only.text.split("\n") != ["P-162-C", "door seal"]
