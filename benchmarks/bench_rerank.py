@@ -40,18 +40,23 @@ from server.ranker_client import RankerClient
 from server.vllm_client import VLLMClient
 
 
-def make_candidates(n: int, with_images: bool = True) -> tuple[list[Candidate], dict[str, bytes]]:
-    """n candidates, alternating image and text snippets (or text only); all prompts distinct."""
+def make_candidates(n: int, with_images: bool = True, salt: int = 0) -> tuple[list[Candidate], dict[str, bytes]]:
+    """n candidates, alternating image and text snippets (or text only); all prompts distinct.
+
+    ``salt`` > 0 changes every text and pixel colour (a fresh pool: no prefix or image cache hits).
+    """
     images: dict[str, bytes] = {}
     cands: list[Candidate] = []
     for i in range(n):
         if with_images and i % 2 == 0:
             buf = io.BytesIO()
-            Image.new("RGB", (64, 48), ((37 * i) % 256, (91 * i) % 256, (53 * i) % 256)).save(buf, "PNG")
+            Image.new("RGB", (64, 48), ((37 * i + salt) % 256, (91 * i + 7 * salt) % 256,
+                                        (53 * i + 13 * salt) % 256)).save(buf, "PNG")
             images[f"blob{i}"] = buf.getvalue()
             payload = SnippetPayload(kind="image", text="", image_ref=f"blob{i}")
         else:
-            payload = SnippetPayload(kind="text", text=f"Snippet {i}: a note about bicycles and city streets.")
+            tag = f"{i}.{salt}" if salt else f"{i}"
+            payload = SnippetPayload(kind="text", text=f"Snippet {tag}: a note about bicycles and city streets.")
         cands.append(Candidate(f"c{i:02d}", payload, clip_score=1.0 - i / n, vector_scores={"text->image": 0.3}))
     return cands, images
 
@@ -129,21 +134,24 @@ async def time_scorer(
     scorer: str, n: int, rounds: int, *, backend: VLLMClient | None = None, ranker: RankerClient | None = None,
     transport: CountingTransport, concurrency: int = 20,
 ) -> tuple[list[float], float, list[str]]:
-    """Seconds per round for ``scorer`` on the mixed pool, HTTP calls per question, and any degradation."""
-    cands, images = make_candidates(n, True)
+    """Seconds per round for ``scorer`` on a fresh mixed pool each round (no cache hits), HTTP calls per
+    question, and any degradation."""
+    images: dict[str, bytes] = {}
 
     async def load(c: Candidate) -> bytes | None:
         return images.get(c.payload.image_ref or "")
 
     service = RerankService(backend, load, concurrency=concurrency, timeout_s=600, ranker=ranker)
     query = "a red bicycle leaning against a wall"
-    await service.score(query, [], cands[:2], scorer=scorer)  # warm-up (tokenizer ids, image processor)
+    warm, images = make_candidates(2, True, salt=997)
+    await service.score(query, [], warm, scorer=scorer)  # warm-up (tokenizer ids, image processor)
     transport.calls.clear()
     times: list[float] = []
     degraded: list[str] = []
-    for _ in range(rounds):
+    for round_ in range(1, rounds + 1):
+        cands, images = make_candidates(n, True, salt=round_)
         started = time.perf_counter()
-        report = await service.score(query, [], cands, scorer=scorer)
+        report = await service.score(f"{query} ({round_})", [], cands, scorer=scorer)
         times.append(time.perf_counter() - started)
         degraded += report.degraded
     return times, sum(transport.calls.values()) / rounds, degraded
@@ -206,7 +214,7 @@ def compare_ranker(args: argparse.Namespace) -> int:
     vlm_p50, rerank_p50 = statistics.median(vlm_times), statistics.median(rerank_times)
     n_images = (args.candidates + 1) // 2
     print(f"\nrerank vs vlm, {args.candidates} candidates ({n_images} image, {args.candidates - n_images} text), "
-          f"{args.rounds} rounds; vlm concurrency {args.concurrency}")
+          f"{args.rounds} rounds, a fresh pool and query each round; vlm concurrency {args.concurrency}")
     print("| scorer | HTTP calls / question | p50 s | min s | vs vlm |")
     print("|---|---:|---:|---:|---:|")
     for name, times, calls in (("vlm", vlm_times, vlm_calls), ("rerank", rerank_times, rerank_calls)):
