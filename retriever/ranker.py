@@ -111,14 +111,14 @@ class RankerScorer:
         """Relevancy in [0, 1] for every candidate; never raises for upstream failures."""
         from retriever.scorers import PATH_EVIDENCE, ScoreReport  # scorers.py registers this class
 
+        if not candidates:
+            return ScoreReport({}, {}, self.name)
         evidence = evidence_relevancy(query_text, image_text, candidates)
         ranker: Ranker | None = getattr(self.judge, "ranker", None)
-        if ranker is None or not candidates:
-            if candidates:
-                log.warning("scorer 'rerank' asked for but no ranker is configured (VLMRAG_RANKER_URL): "
-                            "evidence relevancy instead")
-            return ScoreReport(evidence, {c.id: PATH_EVIDENCE for c in candidates}, "evidence",
-                               ["rerank"] if candidates else [])
+        if ranker is None:
+            log.warning("scorer 'rerank' asked for but no ranker is configured (VLMRAG_RANKER_URL): "
+                        "evidence relevancy instead")
+            return ScoreReport(evidence, {c.id: PATH_EVIDENCE for c in candidates}, "evidence", ["rerank"])
         try:
             async with asyncio.timeout(self.judge.timeout_s):
                 scored = await self._rank(ranker, query_text, query_images, candidates, load_image)

@@ -51,6 +51,15 @@ class RankerClient(VLLMClient):
 
         return await self._call(attempt)
 
+    async def _check_status(self, replica: Replica, response: httpx.Response) -> None:
+        """As the answering client's, but a missing /rerank route (a generative vLLM) names the setting."""
+        if response.status_code in (404, 405):
+            await response.aread()
+            raise UpstreamError(f"ranker {replica.url} " + NOT_POOLING.format(path=RERANK_PATH,
+                                                                            status=response.status_code),
+                                code="ranker_not_pooling")
+        await super()._check_status(replica, response)
+
     async def probe(self, timeout_s: float = 2.0) -> dict[str, str]:
         """Every replica: ``{url: "ok" | reason}``; the model must be served and answer a one-document /rerank."""
         served = await super().probe(timeout_s)

@@ -124,13 +124,21 @@ async def test_fewer_results_than_documents() -> None:
 
 
 @pytest.mark.parametrize("status", [500, 503, 404, 400])
-async def test_an_http_error_degrades_to_the_evidence_scorer(status: int) -> None:
+async def test_an_http_error_degrades_to_the_evidence_scorer(status: int, caplog: pytest.LogCaptureFixture) -> None:
     scripted = Ranker(status=status)
     cands = pool()
     report = await score(client(scripted), cands)
     assert report.scorer == "evidence" and report.degraded == ["rerank"]
     assert report.scores == evidence_relevancy("pump error E-238", "", cands)
     assert len(scripted.bodies()) == (2 if status >= 500 else 1)  # transient ones retried (2 attempts)
+    if status == 404:  # what a generative vLLM answers: the log names the setting
+        assert "VLMRAG_RANKER_URL" in caplog.text and "--runner pooling" in caplog.text
+
+
+async def test_an_empty_pool_asks_nothing() -> None:
+    scripted = Ranker()
+    report = await score(client(scripted), [])
+    assert scripted.requests == [] and report.scores == {} and report.degraded == []
 
 
 async def test_a_timeout_degrades_to_the_evidence_scorer() -> None:
