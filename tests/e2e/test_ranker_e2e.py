@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from PIL import Image
 
+from retriever.images import data_url
 from retriever.plan import RetrievalPlan
 from retriever.ranker import PATH_RANKER
 from retriever.rerank import RerankService
@@ -102,6 +104,31 @@ async def test_one_request_scores_the_pool_with_images(ranker_server: VLLMServer
     # +-1e-3) leave the last token's state to its embedding, so the random head's logit is ~0 for every pair
     assert all(s == pytest.approx(1 / (1 + math.exp(2.65)), abs=1e-3) for s in scores)
     assert len(out.kept) == 3
+
+
+async def test_search_api_with_the_rerank_scorer_makes_one_ranker_call(
+    ranker_server: VLLMServer, settings: Any, knowledge_base: Any,
+) -> None:
+    """The whole service: /v1/search over a real KB (4 photos, 2 texts), the real ranker on the wire."""
+    from server.app import create_app
+    from tests.support.fixtures_server import ingest_samples, running_client
+
+    await ingest_samples(knowledge_base)
+    transport = Counting()
+    changed = settings.model_copy(update={"ranker_url": [ranker_server.url], "ranker_model": RANKER_NAME,
+                                          "ranker_timeout_s": 60.0, "rerank_timeout_s": 60.0})
+    app = create_app(changed, knowledge_base=knowledge_base, vllm_transport=transport)
+    photo = png_bytes(Image.new("RGB", (64, 64), (0, 0, 250)))
+    async with running_client(app) as c:
+        r = await c.post("/v1/search", json={"text": "a blue gradient", "image": data_url(photo), "scorer": "rerank",
+                                             "pool": 8, "threshold": 0})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        ready = (await c.get("/readyz")).json()
+    assert body["scorer"] == "rerank" and body["degraded"] == [] and len(body["candidates"]) == 6
+    assert all(0.0 <= cand["relevancy"] <= 1.0 for cand in body["candidates"])
+    assert transport.paths.count("/rerank") == 2  # the search's ONE call, then /readyz's one-document probe
+    assert ready["checks"]["ranker"] == {ranker_server.url: "ok"}
 
 
 async def test_a_wrong_ranker_url_degrades_to_evidence() -> None:
