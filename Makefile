@@ -64,6 +64,7 @@ bench: venv vllm-venv
 	$(PY) benchmarks/bench_ingest.py
 	$(PY) benchmarks/bench_service.py --requests 20
 	$(PY) benchmarks/bench_rerank.py --rounds 2
+	$(PY) benchmarks/bench_rerank.py --ranker --rounds 2
 	$(PY) benchmarks/bench_support.py --quick
 	$(PY) benchmarks/bench_ocr.py --quick
 

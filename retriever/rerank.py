@@ -1,6 +1,6 @@
 """Relevancy re-ranking of retrieval candidates, then adaptive up-to-k selection.
 
-The scorers (``vlm``, ``clip``, ``none``) and their registry live in ``retriever/scorers.py``; the
+The scorers (``vlm``, ``rerank``, ``evidence``, ``clip``, ``none``) and their registry live in ``retriever/scorers.py``; the
 logprob arithmetic in ``retriever/logprobs.py``. ``RerankService`` dispatches ``plan.scorer`` through
 the registry, then selects: adaptively (threshold, margin, min_k) for a scorer that applies the
 threshold, else the top k by fused score. It also answers Yes/No questions for the model scorer and
@@ -33,6 +33,7 @@ from retriever.logprobs import (
     score_from_answer_logprobs,
 )
 from retriever.plan import RetrievalPlan
+from retriever.ranker import Ranker
 from retriever.scorers import (
     PATH_CLIP,
     PATH_CLIP_FALLBACK,
@@ -85,7 +86,7 @@ class RerankService:
     def __init__(
         self, backend: ChatBackend | None, load_image: ImageLoader, *,
         concurrency: int = 8, timeout_s: float = 30.0, top_logprobs: int = TOP_LOGPROBS,
-        max_text_chars: int = 2000,
+        max_text_chars: int = 2000, ranker: Ranker | None = None,
     ) -> None:
         if concurrency < 1:
             raise InvalidInput(f"concurrency must be >= 1, got {concurrency}", param="concurrency")
@@ -95,6 +96,7 @@ class RerankService:
         self.timeout_s = timeout_s
         self.top_logprobs = top_logprobs
         self.max_text_chars = max_text_chars
+        self.ranker = ranker  # the ``rerank`` scorer's cross-encoder (retriever/ranker.py), None when not configured
         self._answer_ids: dict[str, list[int]] = {}
         self._answer_lock = asyncio.Lock()
 

@@ -15,6 +15,10 @@ page builds its options from that, and ``vlmrag eval --scorer`` offers it when i
   (``retriever/logprobs.py``). A candidate that cannot be scored (error, malformed answer, image
   not loadable) gets the clip relevancy, path ``clip_fallback`` (degraded ``rerank_partial``); if
   none could be (vLLM down, timeout) the report is the ``clip`` scorer's with ``["rerank"]``.
+* ``rerank`` — a dedicated multimodal cross-encoder (vLLM ``--runner pooling``, ``/rerank``) scores
+  every candidate in ONE request; relevancy = its probability (``retriever/ranker.py``). Candidates
+  it leaves unscored get the evidence relevancy (``evidence_fallback``, degraded ``rerank_partial``);
+  all failed or no ranker configured: the ``evidence`` scorer's report with ``["rerank"]``.
 * ``clip`` — relevancy = (1 + c) / 2 with c the candidate's best cosine over the searched lists
   (``vector_scores``). Monotone, pool-independent and reversible (c = 2r - 1), so a CLIP threshold
   is a cosine threshold; with the default 0.5 it keeps every positively similar candidate, so
@@ -39,6 +43,7 @@ from typing import Any, ClassVar, Protocol
 from prompts import render
 from retriever.evidence import evidence_relevancy
 from retriever.images import data_url as image_data_url
+from retriever.ranker import RankerScorer
 from retriever.types import Candidate
 
 log = logging.getLogger(__name__)
@@ -70,6 +75,7 @@ class YesNoJudge(Protocol):
     """What a model-backed scorer needs of the service (``retriever/rerank.py::RerankService``)."""
 
     backend: Any  # a ChatBackend, or None when no model is configured
+    ranker: Any  # a Ranker (retriever/ranker.py) for the ``rerank`` scorer, or None when none is configured
     concurrency: int
     timeout_s: float
     max_text_chars: int
@@ -259,6 +265,7 @@ class VlmScorer:
 # The registry: one line per scorer, in the order the chat page and the CLI list them.
 SCORERS: dict[str, type[RelevancyScorer]] = {
     VlmScorer.name: VlmScorer,
+    RankerScorer.name: RankerScorer,
     EvidenceScorer.name: EvidenceScorer,
     ClipScorer.name: ClipScorer,
     NoneScorer.name: NoneScorer,

@@ -28,6 +28,7 @@ from server.mcp.server import mount_mcp, run_mcp
 from server.metrics import Metrics
 from server.middleware import RequestMetricsMiddleware, install_middleware
 from server.prompting import PromptBuilder
+from server.ranker_client import RankerClient
 from server.remote_images import build_remote_image_client
 from server.routes import (
     ask,
@@ -171,8 +172,9 @@ def create_app(
                     settings, http=http, urls=settings.effective_rerank_url, model=settings.effective_rerank_model,
                 )
 
+            ranker = RankerClient.from_ranker_settings(settings, http=http) if settings.ranker_url else None
             reranker = RerankService(backend, kb.snippet_image, concurrency=settings.rerank_concurrency,
-                                     timeout_s=settings.rerank_timeout_s)
+                                     timeout_s=settings.rerank_timeout_s, ranker=ranker)
             remote = None
             if settings.remote_images_enabled:
                 remote = build_remote_image_client(settings)
@@ -199,7 +201,7 @@ def create_app(
             app.state.vlmrag = AppState(
                 settings=settings, metrics=metrics, http=http, knowledge_base=kb, knowledge_bases=kbs,
                 answer_client=gen,
-                rerank_backend=backend, reranker=reranker, chat=chat_service, gate=gate, access=access,
+                rerank_backend=backend, ranker=ranker, reranker=reranker, chat=chat_service, gate=gate, access=access,
                 answer_log=answer_log, hnsw_builds=hnsw_builds, verifier=verifier,
                 ingestion=IngestionService(settings, kbs, metrics, hnsw_builds),
                 backups=backup_service, backup_schedule=schedule,

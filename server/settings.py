@@ -1,7 +1,7 @@
 """One typed Settings for vlmrag, read from ``VLMRAG_*`` environment variables and an optional ``.env``.
 
 The variable names are a contract (deploy files, docs and other tools rely on them), so fields are
-flat and grouped by prefix: ``clip_*``, ``qdrant_*``, ``vllm_*``, ``rerank_*``, ``retrieval_*``,
+flat and grouped by prefix: ``clip_*``, ``qdrant_*``, ``vllm_*``, ``rerank_*``, ``ranker_*``, ``retrieval_*``,
 ``limit_*``, ``auth``/``api_keys``, ``blob_*``. Build it once (``Settings()``) and pass it down;
 ``create_app(settings)`` and the CLI take it explicitly so tests inject their own.
 """
@@ -140,7 +140,7 @@ class Settings(BaseSettings):
 
     # --- re-ranker -----------------------------------------------------------------------------
     rerank_scorer: Scorer = Field(
-        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | evidence | clip | none; GET /v1/scorers).",
+        PLAN.scorer, description="Default relevancy scorer: one of retriever/scorers.py::SCORERS (vlm | rerank | evidence | clip | none; GET /v1/scorers).",
     )
     rerank_url: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="vLLM base URL(s) for the relevancy model; empty = vllm_url."
@@ -148,6 +148,17 @@ class Settings(BaseSettings):
     rerank_model: str = Field("", description="Relevancy model name; empty = vllm_model.")
     rerank_concurrency: int = Field(8, ge=1)
     rerank_timeout_s: float = Field(30.0, gt=0)
+
+    # --- ranker (the ``rerank`` scorer: a cross-encoder on vLLM --runner pooling, retriever/ranker.py) --------
+    ranker_url: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="vLLM base URL(s) of the ranker, comma-separated, started with "
+        "`vllm serve MODEL --runner pooling`; empty: no ranker (scorer `rerank` degrades to `evidence`).",
+    )
+    ranker_model: str = Field(
+        "jinaai/jina-reranker-m0", description="Model name the ranker serves (jina-reranker-m0 is CC-BY-NC: "
+        "non-commercial; see README for an alternative).",
+    )
+    ranker_timeout_s: float = Field(10.0, gt=0, description="Longest one /rerank call may take, retries included.")
 
     # --- retrieval & selection ----------------------------------------------------------------
     retrieval_k: int = Field(PLAN.k, ge=1, description="At most this many snippets are kept.")
@@ -310,12 +321,12 @@ class Settings(BaseSettings):
     )
     limit_feedback_comment_chars: int = Field(2000, ge=1, description="Characters of one feedback comment.")
 
-    @field_validator("vllm_url", "rerank_url", "cors_origins", "remote_image_hosts", mode="before")
+    @field_validator("vllm_url", "rerank_url", "ranker_url", "cors_origins", "remote_image_hosts", mode="before")
     @classmethod
     def _csv(cls, value: object) -> object:
         return _split_csv(value)
 
-    @field_validator("vllm_url", "rerank_url")
+    @field_validator("vllm_url", "rerank_url", "ranker_url")
     @classmethod
     def _strip_slash(cls, value: list[str]) -> list[str]:
         return [url.rstrip("/") for url in value]

@@ -13,6 +13,7 @@ from server.feedback import AnswerLog
 from server.gate import ModelCallGate
 from server.knowledge_bases import KnowledgeBases
 from server.metrics import Metrics
+from server.ranker_client import RankerClient
 from server.services.backups import BackupSchedule, BackupService
 from server.services.chat import ChatService
 from server.services.hnsw_builds import HnswBuilds
@@ -33,6 +34,7 @@ class AppState:
     knowledge_bases: KnowledgeBases  # every KB (the default one included), opened on first use
     answer_client: VLLMClient  # the answering model
     rerank_backend: ChatBackend  # the re-ranker's model: answer_client itself when they coincide
+    ranker: RankerClient | None  # the ``rerank`` scorer's cross-encoder (VLMRAG_RANKER_URL); None when not set
     reranker: RerankService
     chat: ChatService
     gate: ModelCallGate  # the one ChatService holds too

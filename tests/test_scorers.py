@@ -63,7 +63,7 @@ def test_a_registered_scorer_is_accepted_by_the_models_and_the_cli(inverse) -> N
     assert SearchRequest(text="x", reranker="inverse").scorer == "inverse"
     assert Settings(rerank_scorer="inverse").rerank_scorer == "inverse"
     schema = RetrievalOptions.model_json_schema()["properties"]["scorer"]["anyOf"][0]
-    assert schema == {"type": "string", "enum": ["vlm", "evidence", "clip", "none", "inverse"]}
+    assert schema == {"type": "string", "enum": ["vlm", "rerank", "evidence", "clip", "none", "inverse"]}
     args = build_parser("eval").parse_args(["eval", "--coco", "a.json", "--out", "o", "--scorer", "inverse"])
     assert args.scorer == "inverse"
     with pytest.raises(SystemExit):  # `none` applies no threshold: nothing for eval to sweep
@@ -84,9 +84,9 @@ async def test_scorers_route_lists_the_registry_and_the_default(client, inverse)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["default"] == "clip"  # the test settings' VLMRAG_RERANK_SCORER
-    assert [s["name"] for s in body["scorers"]] == ["vlm", "evidence", "clip", "none", "inverse"]
+    assert [s["name"] for s in body["scorers"]] == ["vlm", "rerank", "evidence", "clip", "none", "inverse"]
     assert {s["name"]: s["threshold"] for s in body["scorers"]} == {
-        "vlm": True, "evidence": True, "clip": True, "none": False, "inverse": True}
+        "vlm": True, "rerank": True, "evidence": True, "clip": True, "none": False, "inverse": True}
     assert all(s["description"] for s in body["scorers"])
     spec = (await client.get("/openapi.json")).json()
     assert "inverse" in spec["components"]["schemas"]["SearchRequest"]["properties"]["scorer"]["anyOf"][0]["enum"]

@@ -30,10 +30,12 @@ from retriever.eval.coco import (
     kb_image_loader,
 )
 from retriever.eval.report import markdown_table
+from retriever.ranker import RankerScorer
 from retriever.rerank import RerankService, image_data_url
 from retriever.scorers import SCORERS, threshold_scorers
 from retriever.types import Candidate
 from server.prompting import PromptBuilder, PromptSnippet
+from server.ranker_client import RankerClient
 from server.settings import Settings
 from server.vllm_client import VLLMClient
 from server.wiring import build_knowledge_base
@@ -111,19 +113,20 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidInput("--thresholds must lie in [0, 1] (relevancy is a probability)", param="thresholds")
     scorer = args.scorer or settings.rerank_scorer
     uses_model = SCORERS[scorer].uses_model
+    ranks = scorer == RankerScorer.name  # the ranker, not the VLM (VLMRAG_RANKER_*)
     config = EvalConfig(
         annotations=args.coco, images_dir=args.images, limit=args.limit, captions_per_image=args.captions_per_image,
         pool=args.pool or settings.retrieval_pool, k=args.k or settings.retrieval_k,
         thresholds=tuple(args.thresholds), clip_thresholds=tuple(args.clip_thresholds) if args.clip_thresholds else None,
         margin=args.margin if args.margin is not None else settings.retrieval_margin, scorer=scorer,
-        rerank_model=settings.effective_rerank_model if uses_model else "",
+        rerank_model=(settings.ranker_model if ranks else settings.effective_rerank_model) if uses_model else "",
         answer_threshold=settings.retrieval_threshold,
     )
     kb = await build_knowledge_base(eval_settings(settings, args.out, args.kb_dir))
     clients: list[VLLMClient] = []
     try:
         backend = None
-        if uses_model:
+        if uses_model and not ranks:
             backend = VLLMClient.from_settings(settings, urls=settings.effective_rerank_url,
                                                model=settings.effective_rerank_model)
             clients.append(backend)
@@ -132,8 +135,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             answer_client = VLLMClient.from_settings(settings)
             clients.append(answer_client)
             answer_fn = build_answer_fn(kb, answer_client)
+        ranker = None
+        if ranks and settings.ranker_url:
+            ranker = RankerClient.from_ranker_settings(settings)
+            clients.append(ranker)
         reranker = RerankService(backend, kb_image_loader(kb), concurrency=settings.rerank_concurrency,
-                                 timeout_s=settings.rerank_timeout_s)
+                                 timeout_s=settings.rerank_timeout_s, ranker=ranker)
         show = not args.no_progress and sys.stderr.isatty()
         outcome = await CocoEval(kb, reranker, config, args.out, answer_fn=answer_fn, progress=show,
                                  fresh=args.fresh).run()

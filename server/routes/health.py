@@ -1,4 +1,5 @@
-"""GET /healthz (process up), GET /readyz (store open and vLLM answering), GET /metrics (Prometheus)."""
+"""GET /healthz (process up), GET /readyz (store open and vLLM answering; the ranker, if any, is a pooling
+model), GET /metrics (Prometheus)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ async def readyz(state: StateDep) -> HealthResponse | JSONResponse:
     checks: ReadinessChecks = {"store": store, "vllm": model}
     if state.rerank_backend is not state.answer_client:
         checks["rerank_vllm"] = await _model_check(state.rerank_backend)  # informational: re-rank degrades
+    if state.ranker is not None:  # informational too: the rerank scorer degrades to evidence
+        checks["ranker"] = await state.ranker.probe(_PROBE_TIMEOUT_S)
     ready = store == "ok" and any(v == "ok" for v in model.values())
     if ready:
         return HealthResponse(status="ok", checks=checks)

@@ -201,7 +201,7 @@ def test_second_turn_sends_history_and_retrieval_options(live_server: LiveServer
     page.fill("#opt-k", TINY_K)
     page.fill("#opt-threshold", "0")
     page.wait_for_selector("#opt-scorer[data-source='server']", state="attached")
-    assert page.locator("#opt-scorer option").evaluate_all("os => os.map(o => o.value)") == ["vlm", "evidence", "clip", "none"]
+    assert page.locator("#opt-scorer option").evaluate_all("os => os.map(o => o.value)") == ["vlm", "rerank", "evidence", "clip", "none"]
     page.select_option("#opt-scorer", "none")
 
     page.fill("#question", "How long is the warranty?")

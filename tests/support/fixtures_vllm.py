@@ -43,6 +43,18 @@ def tiny_vlm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model as a one-label cross-encoder (``JinaVLForRanking``), for ``--runner pooling``."""
+    python = vllm_python()
+    if not python.exists():
+        _missing(f"vLLM venv not found at {python}")
+    try:
+        return build_tiny_vlm_dir(tmp_path_factory.mktemp("tiny_ranker"), python, ranker=True)
+    except VLLMServerError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture(scope="session")
 def vllm_server(tiny_vlm_dir: Path) -> Iterator[VLLMServer]:
     """A running vLLM CPU server with the tiny VLM (``served_model_name`` = ``tiny-vlm``)."""
     # The tiny BPE spends about one token per character: 4096 (the model's max positions) leaves room

@@ -21,9 +21,13 @@ Guarantees relied on by tests (checked in :func:`build_tiny_vlm`):
   exactly ``TOKENS_PER_IMAGE`` (4) ``<|image_pad|>`` tokens, other aspect ratios
   1-4 tokens (e.g. 200x100 px -> 28x56 px -> 2 tokens).
 
+``build_tiny_ranker`` writes the same folder as a cross-encoder: ``JinaVLForRanking`` (vLLM's
+jina-reranker-m0 architecture, Qwen2-VL based) with ``num_labels: 1``, served with ``--runner pooling``
+(its ``/rerank`` answers sigmoid probabilities).
+
 Only the ``tokenizers`` package and the standard library are needed. Usage::
 
-    python tests/support/tiny_vlm.py DEST
+    python tests/support/tiny_vlm.py [--ranker] DEST
 """
 
 from __future__ import annotations
@@ -374,13 +378,28 @@ def build_tiny_vlm(dest: Path) -> Path:
     return dest
 
 
+RANKER_ARCHITECTURE = "JinaVLForRanking"  # vLLM registry: jina_vl.JinaVLForSequenceClassification
+
+
+def build_tiny_ranker(dest: Path) -> Path:
+    """The tiny Qwen2-VL folder as a one-label cross-encoder (``JinaVLForRanking``); returns ``dest``."""
+    dest = build_tiny_vlm(dest)
+    config = json.loads((dest / "config.json").read_text())
+    config["architectures"] = [RANKER_ARCHITECTURE]
+    config["num_labels"] = 1
+    (dest / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    ranker = "--ranker" in argv
+    argv = [a for a in argv if a != "--ranker"]
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print("usage: python tests/support/tiny_vlm.py DEST", file=sys.stderr)
+        print("usage: python tests/support/tiny_vlm.py [--ranker] DEST", file=sys.stderr)
         return 2
-    out = build_tiny_vlm(Path(argv[0]))
-    print(f"tiny Qwen2-VL model written to {out}")
+    out = (build_tiny_ranker if ranker else build_tiny_vlm)(Path(argv[0]))
+    print(f"tiny {'ranker' if ranker else 'Qwen2-VL model'} written to {out}")
     return 0
 
 

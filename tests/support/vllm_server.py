@@ -43,6 +43,9 @@ DEFAULT_ARGS: tuple[str, ...] = (
     "--seed", "0",
 )
 
+# The tiny ranker (``build_tiny_vlm_dir(..., ranker=True)``) is served by the pooling runner: /rerank, /score.
+RANKER_ARGS: tuple[str, ...] = ("--runner", "pooling")
+
 DEFAULT_ENV: dict[str, str] = {
     "TORCHDYNAMO_DISABLE": "1",
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB
@@ -317,14 +320,16 @@ if __name__ == "__main__":  # manual smoke: python tests/support/vllm_server.py 
         print(httpx.get(f"{srv.base_url}/models").json())
 
 
-def build_tiny_vlm_dir(dest: Path, python: Path | None = None) -> Path:
+def build_tiny_vlm_dir(dest: Path, python: Path | None = None, *, ranker: bool = False) -> Path:
     """Build the tiny random-weights VLM folder with the vLLM venv's python (it has ``tokenizers``).
 
-    Raises VLLMServerError with the builder's output when it fails.
+    ``ranker``: the same model as a one-label cross-encoder (``JinaVLForRanking``; serve it with
+    ``RANKER_ARGS``). Raises VLLMServerError with the builder's output when it fails.
     """
     python = Path(python or os.environ.get("VLLM_PYTHON") or DEFAULT_VENV_PYTHON)
     done = subprocess.run(
-        [str(python), str(REPO_ROOT / "tests" / "support" / "tiny_vlm.py"), str(dest)],
+        [str(python), str(REPO_ROOT / "tests" / "support" / "tiny_vlm.py"), *(["--ranker"] if ranker else []),
+         str(dest)],
         capture_output=True, text=True, timeout=120, cwd=str(REPO_ROOT), check=False,
     )
     if done.returncode != 0:
