@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from functools import lru_cache
 
 from retriever import lexical
 from retriever.types import Candidate
@@ -53,10 +54,26 @@ def _candidate_text(candidate: Candidate) -> str:
     return f"{candidate.payload.text or ''}\n{candidate.payload.ocr_text or ''}"
 
 
-def _coverage(query_tokens: set[int], candidate: Candidate) -> float:
+FEATURE_CACHE_ENTRIES = 4096  # snippet texts whose features are kept (texts up to FEATURE_CACHE_CHARS)
+FEATURE_CACHE_CHARS = 16_384  # a longer text (a long page) is worked out each time: the cache stays ~100 MB at most
+
+
+def text_features(text: str) -> tuple[frozenset[int], frozenset[str]]:
+    """A snippet text's BM25 token ids and identifier keys. The same snippets come back query after
+    query (and the ``evidence`` fusion scores every list's hits), so short texts are worked out once."""
+    return _cached_features(text) if len(text) <= FEATURE_CACHE_CHARS else _features(text)
+
+
+def _features(text: str) -> tuple[frozenset[int], frozenset[str]]:
+    return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+
+
+_cached_features = lru_cache(maxsize=FEATURE_CACHE_ENTRIES)(_features)
+
+
+def _coverage(query_tokens: set[int], held: frozenset[int]) -> float:
     if not query_tokens:
         return 0.0
-    held = set(lexical.document_vector(_candidate_text(candidate)).indices)
     return len(query_tokens & held) / len(query_tokens)
 
 
@@ -88,11 +105,12 @@ def evidence_relevancy(query_text: str, image_text: str, candidates: Sequence[Ca
     standout = _dense_standout(candidates)
     scores: dict[str, float] = {}
     for cand in candidates:
-        coverage = _coverage(query_tokens, cand)
+        tokens, identifiers = text_features(_candidate_text(cand))
+        coverage = _coverage(query_tokens, tokens)
         words = WORDS_FLOOR + WORDS_SPAN * coverage
         dense = DENSE_FLOOR + DENSE_SPAN * standout[cand.id]
         if wanted:
-            held = len(wanted & query_identifiers(_candidate_text(cand))) / len(wanted)
+            held = len(wanted & identifiers) / len(wanted)
             if held >= 1.0:
                 score = ALL_IDENTIFIERS + (1.0 - ALL_IDENTIFIERS) * coverage
             elif held > 0:

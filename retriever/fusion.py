@@ -18,6 +18,13 @@ Lists are named ``"<query part>-><vector>"`` (``text->image``, ``image->lexical`
 * ``dbsf_best`` — DBSF's normalisation with best-field combination: per query part the best
   normalised score over its lists, the parts summed (a snippet's two vectors are two views of one
   document, as for ``rrf``).
+* ``evidence`` (the default) — every hit of every list, ordered by its **evidence relevancy**
+  (``retriever/evidence.py``: the query's identifiers held, its words covered, how far a cosine
+  stands out of its list), ``weighted_rrf`` breaking ties; ``clip_score`` is that relevancy. Rank
+  fusions sum reciprocal ranks, and with k=60 rank 20 is worth 3/4 of rank 1: a snippet two flat
+  lists return (a random CLIP list, a question's generic words) beats an exact BM25 match only one
+  list has, and a photo question's exact page could fall out of the pool. Ordering by evidence puts
+  the pool on the scale the threshold reads. Measured with ``bench_support.py`` (benchmarks/README.md).
 
 ``FUSIONS`` maps the names to the functions; ``retriever/plan.py::Fusion`` lists the same names.
 """
@@ -27,11 +34,12 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
+from retriever.evidence import evidence_relevancy
 from retriever.store.base import LEXICAL_VECTOR
 from retriever.types import Candidate, ScoredPoint, SnippetPayload
 
 Lists = dict[str, list[ScoredPoint]]
-FusionFn = Callable[[Lists, int, int], list[Candidate]]
+FusionFn = Callable[..., list[Candidate]]  # (lists, rrf_k, limit, *, text="", image_text="") -> best first
 
 MIN_LIST = 3  # a list shorter than this keeps weight 1
 STANDOUT_FLAT = 3.0  # best - median in MADs at or below which a list is flat (a random list of 20: ~2.8)
@@ -93,12 +101,12 @@ def _best_field(lists: Lists, rrf_k: int, limit: int, weights: dict[str, float])
     return _candidates(lists, fused, (rrf_k + 1) / n_parts, limit)
 
 
-def rrf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
+def rrf(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Best-field RRF: per query part the best reciprocal rank over its lists, parts summed."""
     return _best_field(lists, rrf_k, limit, {})
 
 
-def weighted_rrf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
+def weighted_rrf(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Best-field RRF with each list's reciprocal ranks times its informativeness (``list_weight``)."""
     weights = {name: list_weight([h.score for h in hits]) for name, hits in lists.items()}
     return _best_field(lists, rrf_k, limit, weights)
@@ -114,7 +122,7 @@ def _normalised(hits: list[ScoredPoint]) -> dict[str, float]:
     return {h.id: 0.5 if sd <= 0 else min(1.0, max(0.0, (h.score - (mean - 3 * sd)) / (6 * sd))) for h in hits}
 
 
-def dbsf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
+def dbsf(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Qdrant's distribution-based score fusion: every list normalised (``_normalised``), summed over lists."""
     fused: dict[str, float] = {}
     for hits in lists.values():
@@ -124,7 +132,7 @@ def dbsf(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
     return _candidates(lists, fused, 1.0 / n_lists, limit)
 
 
-def dbsf_best(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
+def dbsf_best(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """DBSF normalisation, best field: per query part the best normalised score over its lists, parts summed."""
     best: dict[str, dict[str, float]] = {}
     for name, hits in lists.items():
@@ -137,9 +145,23 @@ def dbsf_best(lists: Lists, rrf_k: int, limit: int) -> list[Candidate]:
     return _candidates(lists, fused, 1.0 / n_parts, limit)
 
 
-FUSIONS: dict[str, FusionFn] = {"rrf": rrf, "weighted_rrf": weighted_rrf, "dbsf": dbsf, "dbsf_best": dbsf_best}
+def evidence(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
+    """Every hit of ``lists`` by its evidence relevancy for the query ``text`` and the text OCR read from
+    its images (``image_text``), ``weighted_rrf`` order breaking ties; the first ``limit``."""
+    everything = weighted_rrf(lists, rrf_k, sum(len(hits) for hits in lists.values()))
+    relevancy = evidence_relevancy(text, image_text, everything)
+    ordered = sorted(everything, key=lambda c: (-relevancy[c.id], c.rank))[:limit]
+    for position, cand in enumerate(ordered, start=1):
+        cand.clip_score, cand.rank = relevancy[cand.id], position
+    return ordered
 
 
-def fuse(lists: Lists, rrf_k: int, limit: int, method: str = "rrf") -> list[Candidate]:
-    """The candidates of ``lists`` fused by ``method`` (one of ``FUSIONS``), best first."""
-    return FUSIONS[method](lists, rrf_k, limit)
+FUSIONS: dict[str, FusionFn] = {"evidence": evidence, "rrf": rrf, "weighted_rrf": weighted_rrf, "dbsf": dbsf,
+                                "dbsf_best": dbsf_best}
+
+
+def fuse(lists: Lists, rrf_k: int, limit: int, method: str = "evidence", *, text: str = "",
+         image_text: str = "") -> list[Candidate]:
+    """The candidates of ``lists`` fused by ``method`` (one of ``FUSIONS``), best first. ``text`` /
+    ``image_text``: the query's text and what OCR read from its images (the ``evidence`` order reads them)."""
+    return FUSIONS[method](lists, rrf_k, limit, text=text, image_text=image_text)

@@ -49,7 +49,7 @@ Scorer = Annotated[str, _RegisteredScorer()]  # a registered scorer's name (vlm,
 SCORERS: Mapping[str, object] = SCORER_REGISTRY  # the live registry (``name in SCORERS``, ``list(SCORERS)``)
 QueryMode = Literal["last", "recent", "rewrite"]  # what of a conversation is searched
 RetrievalMode = Literal["hybrid", "dense", "lexical"]  # BM25 + CLIP fused, CLIP only, BM25 only
-Fusion = Literal["rrf", "weighted_rrf", "dbsf", "dbsf_best"]  # how the lists are fused (retriever/fusion.py::FUSIONS)
+Fusion = Literal["evidence", "rrf", "weighted_rrf", "dbsf", "dbsf_best"]  # how the lists are fused (retriever/fusion.py::FUSIONS)
 OnToolResult = Literal["skip", "search"]  # a turn ending in a tool result: no new search, or search anyway
 VerifyMode = Literal["off", "lexical", "model"]  # the answer check (retriever/verify.py, retriever/verify_model.py)
 OnUnsupported = Literal["flag", "disclaim"]  # an unsupported claim: flagged in `verification`, or a sentence added
@@ -66,7 +66,7 @@ class RetrievalPlan:
     pool: int = 20
     scorer: Scorer = "vlm"
     mode: RetrievalMode = "hybrid"
-    fusion: Fusion = "rrf"
+    fusion: Fusion = "evidence"
     exact: bool = False  # exact vector search (the escape hatch from HNSW)
     filters: SearchFilters | None = None
     enabled: bool = True

@@ -16,8 +16,10 @@ uncaptioned image first; averaging over the vectors a snippet has over-rewards s
 snippets. Ties (same best rank in different lists) go to the higher raw cosine, so an exact
 match (cosine 1.0) comes first; and the pool interleaves the lists, so every modality reaches
 the re-ranker. ``clip_score`` is the fused score scaled to (0, 1]: 1.0 = first in a list for
-every query part. ``plan.fusion`` picks the method (``retriever/fusion.py``: ``rrf`` as above,
-``weighted_rrf`` by each list's informativeness, Qdrant's ``dbsf``).
+every query part. ``plan.fusion`` picks the method (``retriever/fusion.py``): ``evidence`` (the
+default) takes every list's hits and orders them by their evidence relevancy (identifiers held, words
+covered, cosine standout; ``retriever/evidence.py``), ``clip_score`` then being that relevancy;
+``rrf`` as above, ``weighted_rrf`` by each list's informativeness, Qdrant's ``dbsf``.
 
 Several query images are averaged: their normalised embeddings are summed and re-normalised (the
 centroid direction), one query instead of one search per image.
@@ -162,7 +164,8 @@ class Retriever:
                 if sparse:
                     names.append(list_name(kind, LEXICAL_VECTOR))
                     tasks.append(self.store.search_lexical(sparse, pool, filters))
-        return fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool, plan.fusion)
+        return fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool, plan.fusion,
+                    text=text or "", image_text=image_text or "")
 
     async def _has_passage(self) -> bool:
         """Whether the collection has the ``passage`` vector (logged once when it lacks it)."""

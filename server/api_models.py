@@ -43,8 +43,10 @@ class RetrievalKnobs(BaseModel):
     )
     exact: bool | None = Field(None, description="Exact vector search, no HNSW (slower on large stores; default off).")
     fusion: Fusion | None = Field(
-        None, description="How the ranked lists are fused: `rrf` (best-field reciprocal rank), `weighted_rrf` "
-        "(each list weighted by how far its best stands out) or `dbsf` (Qdrant's distribution-based score fusion).",
+        None, description="How the ranked lists are fused: `evidence` (default: every list's hits ordered by their "
+        "evidence relevancy: identifiers held, words covered, cosine standout), `rrf` (best-field reciprocal rank), "
+        "`weighted_rrf` (each list weighted by how far its best stands out), `dbsf` / `dbsf_best` (Qdrant's "
+        "distribution-based score fusion).",
     )
 
 

@@ -171,8 +171,9 @@ class Settings(BaseSettings):
         PLAN.mode, description="Default retrieval.mode: hybrid (BM25 + CLIP) | dense (CLIP) | lexical (BM25).",
     )
     retrieval_fusion: Fusion = Field(
-        PLAN.fusion, description="Default retrieval.fusion: rrf (best-field RRF) | weighted_rrf (lists weighted by "
-        "how far their best stands out) | dbsf (Qdrant's distribution-based score fusion); retriever/fusion.py.",
+        PLAN.fusion, description="Default retrieval.fusion: evidence (every list's hits by their evidence relevancy) | "
+        "rrf (best-field RRF) | weighted_rrf (lists weighted by how far their best stands out) | dbsf / dbsf_best "
+        "(Qdrant's distribution-based score fusion); retriever/fusion.py.",
     )
     retrieval_query: QueryMode = Field(
         PLAN.query, description="Default retrieval.query: last | recent | rewrite (see server/services/followups.py).",

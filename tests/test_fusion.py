@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import random
+from itertools import pairwise
 
-from retriever.fusion import FUSIONS, MIN_WEIGHT, dbsf, fuse, list_weight, rrf, weighted_rrf
+from retriever.evidence import evidence_relevancy
+from retriever.fusion import FUSIONS, MIN_WEIGHT, dbsf, evidence, fuse, list_weight, rrf, weighted_rrf
 from retriever.types import ScoredPoint, SnippetPayload
 
 
-def hits(scores: dict[str, float]) -> list[ScoredPoint]:
+def hits(scores: dict[str, float], texts: dict[str, str] | None = None) -> list[ScoredPoint]:
     ordered = sorted(scores.items(), key=lambda kv: -kv[1])
-    return [ScoredPoint(pid, score, SnippetPayload(kind="text", text=pid)) for pid, score in ordered]
+    return [ScoredPoint(pid, score, SnippetPayload(kind="text", text=(texts or {}).get(pid, pid))) for pid, score in ordered]
 
 
 def flat_list(seed: int, n: int = 20) -> dict[str, float]:
@@ -57,3 +59,47 @@ def test_every_method_is_reachable_by_name_and_keeps_the_pool_limit() -> None:
         assert len(out) == 7 and [c.rank for c in out] == list(range(1, 8))
         assert out[0].id == "p0"
     assert fuse({}, 60, 5, "weighted_rrf") == [] and fuse({}, 60, 5, "dbsf") == []
+
+
+def photo_question_lists() -> tuple[dict[str, list[ScoredPoint]], dict[str, str]]:
+    """A display photo (OCR read "PURECHILL 2800 ERR E-182") asked "what does this mean?": the text part's
+    lists match generic words, the CLIP lists are flat noise, BM25 on the OCR text found the page."""
+    texts = {"page": "PureChill 2800 error codes E-180 to E-182: E-182 means the fan is blocked.",
+             **{f"d{i}": f"PureChill 2800 manual section {i}" for i in range(20)},
+             **{f"g{i}": f"What the ring colours mean, guide {i}" for i in range(20)}}
+    dense = flat_list(3)  # d0..d19
+    lexical_image = {"page": 26.7, **{f"d{i}": 11.0 - i * 0.1 for i in range(12)}}
+    lexical_text = {f"g{i}": 3.1 - i * 0.01 for i in range(20)}  # "mean"
+    passage = {f"g{i}": 0.37 - i * 0.005 for i in range(20)}
+    lists = {"text->image": hits(flat_list(4), texts), "text->passage": hits(passage, texts),
+             "text->lexical": hits(lexical_text, texts), "image->image": hits(dense, texts),
+             "image->lexical": hits(lexical_image, texts)}
+    return lists, texts
+
+
+def test_rank_fusion_drops_the_exact_match_that_evidence_puts_first() -> None:
+    # With k=60 rank 20 is worth 3/4 of rank 1: every snippet two lists return (a flat CLIP list and a
+    # generic word) outscores BM25's exact page, which only one list has; a pool of 5 loses it.
+    lists, _ = photo_question_lists()
+    question, read = "what does this mean?", "PURECHILL 2800\nERR E-182"
+    assert "page" not in [c.id for c in rrf(lists, 60, 5)]
+    fused = evidence(lists, 60, 5, text=question, image_text=read)
+    assert fused[0].id == "page" and fused[0].clip_score >= 0.95  # every identifier of the query held
+    assert [c.rank for c in fused] == [1, 2, 3, 4, 5]
+    assert fuse(lists, 60, 5, text=question, image_text=read)[0].id == "page"  # the default method
+
+
+def test_evidence_order_is_the_evidence_relevancy_of_every_hit() -> None:
+    lists, _ = photo_question_lists()
+    question, read = "what does this mean?", "PURECHILL 2800\nERR E-182"
+    everything = weighted_rrf(lists, 60, 1000)
+    relevancy = evidence_relevancy(question, read, everything)
+    fused = evidence(lists, 60, 1000, text=question, image_text=read)
+    assert {c.id for c in fused} == {c.id for c in everything}  # every list's hits, none lost
+    assert [c.clip_score for c in fused] == sorted(relevancy.values(), reverse=True)
+    assert all(c.clip_score == relevancy[c.id] for c in fused)
+    # ties keep weighted_rrf's order
+    wrrf_rank = {c.id: c.rank for c in everything}
+    for a, b in pairwise(fused):
+        if a.clip_score == b.clip_score:
+            assert wrrf_rank[a.id] < wrrf_rank[b.id]

@@ -98,11 +98,15 @@ async def test_text_query_searches_both_vectors(indexed) -> None:
 
 async def test_text_and_image_query_fuses_four_lists(indexed, sample_images) -> None:
     retriever, ids = indexed
-    result = await retriever.search(CAPTIONS[2], [sample_images[2]], plan=RetrievalPlan(pool=5))
-    top = result.candidates[0]
-    assert top.id == ids["image2"]  # matches the caption exactly and is the image itself
-    assert set(top.vector_scores) == {"text->image", "text->text", "image->image", "image->text"}
-    assert top.clip_score == pytest.approx(1.0)  # ranked first in all four lists
+    for fusion in ("rrf", "evidence"):
+        result = await retriever.search(CAPTIONS[2], [sample_images[2]], plan=RetrievalPlan(pool=5, fusion=fusion))
+        top = result.candidates[0]
+        assert top.id == ids["image2"]  # matches the caption exactly and is the image itself
+        assert set(top.vector_scores) == {"text->image", "text->text", "image->image", "image->text"}
+        if fusion == "rrf":
+            assert top.clip_score == pytest.approx(1.0)  # ranked first in all four lists
+        else:  # the evidence relevancy: every query word held, cosines standing out
+            assert top.clip_score == max(c.clip_score for c in result.candidates) and top.clip_score > 0.9
 
 
 async def test_filters_are_respected(indexed, sample_images) -> None:
@@ -123,7 +127,7 @@ async def test_several_query_images_are_averaged(indexed, embedder, sample_image
     expected = embedder.embed_images(sample_images[:2]).sum(axis=0)
     np.testing.assert_allclose(query.image, expected / np.linalg.norm(expected), atol=1e-6)
     assert query.text is None
-    result = await retriever.search_vectors(query, RetrievalPlan(pool=3))
+    result = await retriever.search_vectors(query, RetrievalPlan(pool=3, fusion="rrf"))  # ranks, not evidence
     assert {ids["image0"], ids["image1"]} <= {c.id for c in result[:3]}
 
 
