@@ -80,7 +80,7 @@ STAGES = ("embed", "ocr", "search", "rerank")
 GOAL_RECALL = {"identifier": 0.95, "display_photo": 0.9}
 GOAL_PRECISION = 0.8
 SCORER = "evidence"  # --scorer
-FUSION = "rrf"  # --fusion
+FUSION = "evidence"  # --fusion
 GOAL_UNANSWERABLE_EMPTY = 0.9  # issue 19: a question the KB cannot answer keeps nothing
 GOAL_OCR_ADDS_MS = 500.0
 NOISE = ("tiny random-weights CLIP: the CLIP lists are noise here; BM25, OCR and the text embedder's passage "
@@ -606,8 +606,8 @@ def main() -> int:
                         help="generator seed (names, codes, photos); 0 is the one thresholds were tuned on")
     parser.add_argument("--scorer", choices=("clip", "evidence"), default="evidence",
                         help="the no-model relevancy: clip (cosine) or evidence (retriever/evidence.py)")
-    parser.add_argument("--fusion", choices=tuple(FUSIONS), default="rrf",
-                        help="how the lists are fused (retriever/fusion.py; default rrf)")
+    parser.add_argument("--fusion", choices=tuple(FUSIONS), default="evidence",
+                        help="how the lists are fused (retriever/fusion.py; default evidence, the service default)")
     parser.add_argument("--text-embedder", default=DEFAULT_MODEL,
                         help="VLMRAG_TEXT_EMBEDDER for the passage vector (default: the packaged all-MiniLM-L6-v2; "
                              "'none': CLIP text + BM25 only)")
