@@ -20,7 +20,8 @@ Lists are named ``"<query part>-><vector>"`` (``text->image``, ``image->lexical`
   document, as for ``rrf``).
 * ``evidence`` (the default) — every hit of every list, ordered by its **evidence relevancy**
   (``retriever/evidence.py``: the query's identifiers held, its words covered, how far a cosine
-  stands out of its list), ``weighted_rrf`` breaking ties; ``clip_score`` is that relevancy. Rank
+  stands out of its list), ``weighted_rrf`` breaking ties; ``rank`` is that order, ``clip_score``
+  stays the weighted RRF score (selection breaks relevancy ties by it: consensus among lists). Rank
   fusions sum reciprocal ranks, and with k=60 rank 20 is worth 3/4 of rank 1: a snippet two flat
   lists return (a random CLIP list, a question's generic words) beats an exact BM25 match only one
   list has, and a photo question's exact page could fall out of the pool. Ordering by evidence puts
@@ -152,7 +153,7 @@ def evidence(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text
     relevancy = evidence_relevancy(text, image_text, everything)
     ordered = sorted(everything, key=lambda c: (-relevancy[c.id], c.rank))[:limit]
     for position, cand in enumerate(ordered, start=1):
-        cand.clip_score, cand.rank = relevancy[cand.id], position
+        cand.rank = position  # clip_score stays the weighted RRF score: the scorers' tie-break (selection.sort_key)
     return ordered
 
 

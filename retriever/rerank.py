@@ -127,8 +127,8 @@ class RerankService:
                                         margin=plan.margin, min_k=plan.min_k)
             apply_selection(selection)
             kept, dropped = selection.kept, selection.dropped
-        else:  # order as retrieved (fused score), no threshold
-            ordered = sorted(candidates, key=lambda c: (-c.clip_score, c.rank, c.id))
+        else:  # order as retrieved (the fusion's rank: its score order, or the evidence order), no threshold
+            ordered = sorted(candidates, key=lambda c: (c.rank, -c.clip_score, c.id))
             kept, dropped = ordered[: plan.k], ordered[plan.k:]
             for cand in kept:
                 cand.kept, cand.reason = True, None

@@ -84,7 +84,7 @@ def test_rank_fusion_drops_the_exact_match_that_evidence_puts_first() -> None:
     question, read = "what does this mean?", "PURECHILL 2800\nERR E-182"
     assert "page" not in [c.id for c in rrf(lists, 60, 5)]
     fused = evidence(lists, 60, 5, text=question, image_text=read)
-    assert fused[0].id == "page" and fused[0].clip_score >= 0.95  # every identifier of the query held
+    assert fused[0].id == "page"  # it holds every identifier of the query: relevancy >= 0.95
     assert [c.rank for c in fused] == [1, 2, 3, 4, 5]
     assert fuse(lists, 60, 5, text=question, image_text=read)[0].id == "page"  # the default method
 
@@ -96,10 +96,11 @@ def test_evidence_order_is_the_evidence_relevancy_of_every_hit() -> None:
     relevancy = evidence_relevancy(question, read, everything)
     fused = evidence(lists, 60, 1000, text=question, image_text=read)
     assert {c.id for c in fused} == {c.id for c in everything}  # every list's hits, none lost
-    assert [c.clip_score for c in fused] == sorted(relevancy.values(), reverse=True)
-    assert all(c.clip_score == relevancy[c.id] for c in fused)
-    # ties keep weighted_rrf's order
-    wrrf_rank = {c.id: c.rank for c in everything}
+    assert [relevancy[c.id] for c in fused] == sorted(relevancy.values(), reverse=True)
+    assert relevancy[fused[0].id] >= 0.95
+    # ties keep weighted_rrf's order, and clip_score stays its score (the scorers' tie-break)
+    wrrf = {c.id: c for c in everything}
+    assert all(c.clip_score == wrrf[c.id].clip_score for c in fused)
     for a, b in pairwise(fused):
-        if a.clip_score == b.clip_score:
-            assert wrrf_rank[a.id] < wrrf_rank[b.id]
+        if relevancy[a.id] == relevancy[b.id]:
+            assert wrrf[a.id].rank < wrrf[b.id].rank
