@@ -21,7 +21,7 @@ Lists are named ``"<query part>-><vector>"`` (``text->image``, ``image->lexical`
 * ``evidence`` (the default) — every hit of every list, ordered by its **evidence relevancy**
   (``retriever/evidence.py``: the query's identifiers held, its words covered, how far a cosine
   stands out of its list), ``weighted_rrf`` breaking ties; ``rank`` is that order, ``clip_score``
-  stays the weighted RRF score (selection breaks relevancy ties by it: consensus among lists). Rank
+  the ``rrf`` score (selection breaks relevancy ties by it: consensus among lists). Rank
   fusions sum reciprocal ranks, and with k=60 rank 20 is worth 3/4 of rank 1: a snippet two flat
   lists return (a random CLIP list, a question's generic words) beats an exact BM25 match only one
   list has, and a photo question's exact page could fall out of the pool. Ordering by evidence puts
@@ -149,11 +149,15 @@ def dbsf_best(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_tex
 def evidence(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Every hit of ``lists`` by its evidence relevancy for the query ``text`` and the text OCR read from
     its images (``image_text``), ``weighted_rrf`` order breaking ties; the first ``limit``."""
-    everything = weighted_rrf(lists, rrf_k, sum(len(hits) for hits in lists.values()))
+    every = sum(len(hits) for hits in lists.values())
+    everything = weighted_rrf(lists, rrf_k, every)
+    plain = {c.id: c.clip_score for c in rrf(lists, rrf_k, every)}
     relevancy = evidence_relevancy(text, image_text, everything)
     ordered = sorted(everything, key=lambda c: (-relevancy[c.id], c.rank))[:limit]
     for position, cand in enumerate(ordered, start=1):
-        cand.rank = position  # clip_score stays the weighted RRF score: the scorers' tie-break (selection.sort_key)
+        # clip_score: the best-field RRF score (1.0: first in a list of every query part), the
+        # selection's tie-break between equal relevancies (consensus among the lists)
+        cand.rank, cand.clip_score = position, plain[cand.id]
     return ordered
 
 

@@ -18,7 +18,7 @@ match (cosine 1.0) comes first; and the pool interleaves the lists, so every mod
 the re-ranker. ``clip_score`` is the fused score scaled to (0, 1]: 1.0 = first in a list for
 every query part. ``plan.fusion`` picks the method (``retriever/fusion.py``): ``evidence`` (the
 default) takes every list's hits and orders them by their evidence relevancy (identifiers held, words
-covered, cosine standout; ``retriever/evidence.py``) into ``rank``, ``clip_score`` staying the RRF score;
+covered, cosine standout; ``retriever/evidence.py``) into ``rank``, ``clip_score`` being the ``rrf`` score;
 ``rrf`` as above, ``weighted_rrf`` by each list's informativeness, Qdrant's ``dbsf``.
 
 Several query images are averaged: their normalised embeddings are summed and re-normalised (the

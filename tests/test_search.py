@@ -103,10 +103,8 @@ async def test_text_and_image_query_fuses_four_lists(indexed, sample_images) -> 
         top = result.candidates[0]
         assert top.id == ids["image2"]  # matches the caption exactly and is the image itself
         assert set(top.vector_scores) == {"text->image", "text->text", "image->image", "image->text"}
-        if fusion == "rrf":
-            assert top.clip_score == pytest.approx(1.0)  # ranked first in all four lists
-        else:  # first by evidence too: every query word held, its cosines standing out
-            assert [c.rank for c in result.candidates] == list(range(1, len(result.candidates) + 1))
+        assert top.clip_score == pytest.approx(1.0)  # ranked first in all four lists (the rrf score either way)
+        assert [c.rank for c in result.candidates] == list(range(1, len(result.candidates) + 1))
 
 
 async def test_filters_are_respected(indexed, sample_images) -> None:
