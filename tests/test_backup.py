@@ -58,7 +58,7 @@ def test_round_trip_backup_wipe_restore(data: Settings, tmp_path: Path, capsys) 
     with ArchiveReader(out) as reader:
         manifest = reader.manifest
         reader.verify()
-    assert manifest["format_version"] == 1 and manifest["vlmrag_version"]
+    assert manifest["format_version"] == 2 and manifest["vlmrag_version"]
     assert manifest["embedders"] == [{"id": before["kbs"]["default"]["embedder"], "dim": 32}]
     assert set(manifest["kbs"]["default"]["vectors"]) == {"image", "text"}  # by name, as stored
     assert all(len(m["sha256"]) == 64 for m in manifest["members"].values())
@@ -112,7 +112,8 @@ def _rewrite(src: Path, dest: Path, change) -> None:  # type: ignore[no-untyped-
 
 
 def _flip_byte(name: str, data: bytes) -> bytes:
-    if name.endswith("points.jsonl") and "pumps" in name:
+    """One bit of a member of KB pumps: its shard's config (edge-shard) or its points (logical)."""
+    if name in ("kbs/pumps/shard/edge_config.json", "kbs/pumps/points.jsonl"):
         return data[:10] + bytes([data[10] ^ 0x01]) + data[11:]
     return data
 
@@ -125,14 +126,18 @@ def _version_99(name: str, data: bytes) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupted", "format_version", "not_a_tar", "missing_member"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "corrupted_logical", "format_version", "not_a_tar",
+                                    "missing_member"])
 def test_bad_archives_change_nothing(data: Settings, tmp_path: Path, capsys, damage: str) -> None:
     good = tmp_path / "good.vlmrag.tar"
-    assert main(["backup", str(good)]) == 0
+    assert main(["backup", str(good), *(["--format", "logical"] if damage == "corrupted_logical" else [])]) == 0
+    with ArchiveReader(good) as reader:
+        assert reader.manifest["kbs"]["pumps"]["method"] == ("logical" if damage == "corrupted_logical"
+                                                            else "edge-shard")
     bad = tmp_path / "bad.vlmrag.tar"
     if damage == "truncated":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    elif damage == "corrupted":
+    elif damage in ("corrupted", "corrupted_logical"):
         _rewrite(good, bad, _flip_byte)
     elif damage == "format_version":
         _rewrite(good, bad, _version_99)
@@ -148,7 +153,8 @@ def test_bad_archives_change_nothing(data: Settings, tmp_path: Path, capsys, dam
     code = main(["restore", str(bad), "--replace"])
     lines = error_lines(capsys)
     assert code == 2 and len(lines) == 1, lines
-    assert {"truncated": "truncated", "corrupted": "corrupted", "format_version": "format version 99",
+    assert {"truncated": "truncated", "corrupted": "corrupted", "corrupted_logical": "corrupted",
+            "format_version": "format version 99",
             "not_a_tar": "not a", "missing_member": "truncated"}[damage] in lines[0]
     assert "nothing was changed" in lines[0]
     assert served_versions(data) == versions
@@ -218,16 +224,23 @@ def test_kill_mid_backup_leaves_no_archive_and_the_previous_one_intact(data: Set
     assert_same_content(read_all(data), before)
 
 
-def test_kill_mid_restore_leaves_the_served_kb_and_the_next_restore_works(data: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill", ["shard_files", "before_switch", "logical"])
+def test_kill_mid_restore_leaves_the_served_kb_and_the_next_restore_works(data: Settings, tmp_path: Path,
+                                                                          kill: str) -> None:
+    """Killed while the shard files are extracted, after they are a version but before the switch, or
+    (logical format) while points are imported."""
     out = tmp_path / "a.vlmrag.tar"
-    assert main(["backup", str(out)]) == 0
+    assert main(["backup", str(out), *(["--format", "logical"] if kill == "logical" else [])]) == 0
     archived = read_all(data)
     # the served KB changes after the backup: the killed restore must not take this away
     from tests.support.backup_data import read_kb
 
     asyncio.run(_delete_one(data))
     before, versions = read_all(data), served_versions(data)
-    done = _killed_child("retriever.store.edge", "EdgeStore", "import_points", 0, "restore", str(out), "--replace")
+    where = {"shard_files": ("retriever.backup.archive", "ArchiveReader", "extract", 3),
+             "before_switch": ("retriever.reindex", "EdgeVersions", "switch", 0),
+             "logical": ("retriever.store.edge", "EdgeStore", "import_points", 0)}[kill]
+    done = _killed_child(*where, "restore", str(out), "--replace")
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert served_versions(data)["default"][0] == versions["default"][0]
     assert_same_content(read_all(data), before)
@@ -249,9 +262,12 @@ async def _delete_one(settings: Settings) -> None:
 
 
 # --- consistency while ingesting ---------------------------------------------------------------------
-async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowledge_base, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["auto", "logical"])
+async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowledge_base, tmp_path: Path,
+                                                     fmt: str) -> None:
     """Every archived point's blobs are in the archive, and its points are the first N ingested: one moment."""
     from retriever.backup.collection import point_blobs
+    from retriever.backup.shard import archived_points
     from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
     from server.services.backups import BackupService
     from tests.support.fixtures_retriever import make_sample_images
@@ -274,22 +290,25 @@ async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowled
     while len(order) < 10:
         await asyncio.sleep(0.01)
     out = tmp_path / "during.vlmrag.tar"
-    summary = await service.backup(out)
+    summary = await service.backup(out, fmt=fmt)
     during = len(order)
     await writer
     kbs.catalog.close()
+    assert summary["kbs"]["default"]["method"] == ("edge-shard" if fmt == "auto" else "logical")
     assert 10 <= summary["kbs"]["default"]["points"] < len(images), "the backup did not overlap the ingestion"
     with ArchiveReader(out) as reader:
         reader.verify()
-        lines = reader.read("kbs/default/points.jsonl").decode().splitlines()
-        ids = [json.loads(line)["id"] for line in lines]
+        points = [p async for batch in archived_points(reader, "default", tmp_path / "scratch") for p in batch]
         members = set(reader.members)
-        for line in lines:
-            for key in point_blobs(json.loads(line)["payload"]):
-                assert f"kbs/default/blobs/{key}" in members
+    ids = [p.id for p in points]
+    for point in points:
+        assert point.vectors and set(point.vectors) <= {"image", "text"}
+        for key in point_blobs(point.payload.to_dict()):
+            assert f"kbs/default/blobs/{key}" in members
     count = len(ids)
     assert count == summary["kbs"]["default"]["points"] and count <= during
     assert set(ids) == set(order[:count])  # exactly the points stored up to one moment
+    assert not list((tmp_path / "scratch").glob("*"))  # the extracted shard removed
 
 
 # --- incremental, migration, PostgreSQL ----------------------------------------------------------------

@@ -7,10 +7,15 @@ sha256; ``ArchiveReader.verify`` checks them all before a restore touches anythi
 compressed images and vectors are float16, so the tar is not compressed (compressing costs CPU for a
 few per cent).
 
-Members (retriever/backup/collection.py writes the ``kbs/`` ones, server/backup_tables.py the ``db/`` ones)::
+Members (retriever/backup/collection.py and shard.py write the ``kbs/`` ones, server/backup_tables.py the
+``db/`` ones). A KB's entry in the manifest names its ``method``: ``"edge-shard"`` (format 2, the embedded
+store: its shard's files as they are on disk) or ``"logical"`` (a Qdrant server, ``--format logical``,
+and every format-1 archive)::
 
-    kbs/<kb>/points.jsonl            one point a line: {"id", "payload", "vectors": [names], "sparse": {...}}
-    kbs/<kb>/vectors/<name>.f16      that vector's rows, float16 little-endian, in points.jsonl order
+    kbs/<kb>/shard/<path>            edge-shard: a file of the Edge shard directory (segments, WAL, config, meta)
+    kbs/<kb>/blob-keys.txt           edge-shard: the blob keys the shard's points reference, one a line
+    kbs/<kb>/points.jsonl            logical: one point a line: {"id", "payload", "vectors": [names], "sparse"}
+    kbs/<kb>/vectors/<name>.f16      logical: that vector's rows, float16 little-endian, in points.jsonl order
     kbs/<kb>/blobs/<key>             a blob's bytes under its content-addressed key
     db/<table>.jsonl                 rows of the SQL tables (catalog, answers, feedback)
     manifest.json                    see ``MANIFEST_FIELDS``
@@ -18,21 +23,27 @@ Members (retriever/backup/collection.py writes the ``kbs/`` ones, server/backup_
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import IO, Any, Self, TypeVar
 
 from retriever.errors import InvalidInput
 
 FORMAT = "vlmrag-backup"
-FORMAT_VERSION = 1
+#: 2: a KB may be archived as its Edge shard's files (``method`` "edge-shard"); 1: logical only
+FORMAT_VERSION = 2
+#: the versions this vlmrag restores (1 is read as the logical format it always was)
+READ_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 PARTIAL_MARK = ".partial-"
 #: manifest keys: format, format_version, vlmrag_version, created_at, kind ("full" | "incremental"),
@@ -42,6 +53,7 @@ PARTIAL_MARK = ".partial-"
 MANIFEST_FIELDS = ("format", "format_version", "vlmrag_version", "created_at", "kind", "base", "kbs",
                    "embedders", "database", "members")
 _CHUNK = 1 << 20
+T = TypeVar("T")
 
 
 def vlmrag_version() -> str:
@@ -156,9 +168,9 @@ class ArchiveReader:
             raise bad_archive(self.path, "has a manifest that is not JSON (corrupted)") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise bad_archive(self.path, "is not a vlmrag backup (no vlmrag manifest)")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READ_VERSIONS:
             raise bad_archive(self.path, f"has format version {manifest.get('format_version')!r}; this vlmrag "
-                              f"({vlmrag_version()}) reads version {FORMAT_VERSION}")
+                              f"({vlmrag_version()}) reads versions {', '.join(map(str, READ_VERSIONS))}")
         if not isinstance(manifest.get("members"), dict) or not isinstance(manifest.get("kbs"), dict):
             raise bad_archive(self.path, "has a manifest without members or kbs (corrupted)")
         self.manifest: dict[str, Any] = manifest
@@ -219,6 +231,11 @@ class ArchiveReader:
         with self.open(name) as handle:
             return handle.read()
 
+    def extract(self, name: str, dest: Path) -> None:
+        """Copy member ``name`` to the new file ``dest`` (blocking; not fsynced: the caller syncs once)."""
+        with self.open(name) as handle, open(dest, "xb") as out:
+            shutil.copyfileobj(handle, out, _CHUNK)
+
     def close(self) -> None:
         self._tar.close()
 
@@ -227,6 +244,43 @@ class ArchiveReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def run_niced(fn: Callable[..., T], *args: Any, nice: int = 10) -> T:
+    """``fn(*args)`` on a thread of its own at ``nice`` (Linux nices threads one by one), awaited.
+
+    Writing an archive is reads, sha256 and writes (all outside the GIL): on its own low-priority thread
+    it takes the cores searches leave idle. Cancelled, it waits for the thread (it cannot be stopped).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def body() -> None:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+        except (OSError, AttributeError):
+            pass  # not Linux, or not allowed: run at the normal priority
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            result, error = None, exc
+        loop.call_soon_threadsafe(settle, result, error)
+
+    thread = threading.Thread(target=body, name="vlmrag-backup-writer", daemon=True)
+    thread.start()
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.gather(future, return_exceptions=True)
+        raise
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

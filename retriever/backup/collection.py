@@ -37,6 +37,11 @@ VECTOR_DTYPE = np.dtype("<f2")
 BATCH = 512
 #: (phase, done, total)
 Progress = Callable[[str, int, int], None]
+#: the ``method`` of a KB archived as its Edge shard's files (retriever/backup/shard.py); else "logical"
+EDGE_SHARD = "edge-shard"
+LOGICAL = "logical"
+#: edge-shard: the blob keys its points reference, one a line
+BLOB_KEYS = "blob-keys.txt"
 
 
 def member_prefix(kb: str) -> str:
@@ -65,11 +70,13 @@ class StagedCollection:
     blobs_in_base: int = 0
     missing_blobs: list[str] = field(default_factory=list)
     passage: PassageSpec | None = None  # the text embedder of the ``passage`` vector, where it has one
+    method: str = LOGICAL  # or EDGE_SHARD (retriever/backup/shard.py)
+    shard_files: list[str] = field(default_factory=list)  # edge-shard: paths under folder/"shard"
 
     def entry(self) -> dict[str, Any]:
         """The manifest's entry of this collection."""
         return {
-            "collection": self.collection, "embedder_id": self.embedder_id, "dim": self.dim,
+            "method": self.method, "collection": self.collection, "embedder_id": self.embedder_id, "dim": self.dim,
             "points": self.points, "vectors": dict(sorted(self.vectors.items())),
             "vector_rows": dict(sorted(self.vector_rows.items())), "sparse": dict(sorted(self.sparse.items())),
             "blobs": len(self.blobs), "blobs_in_base": self.blobs_in_base,
@@ -199,9 +206,14 @@ def _stage_blobs(staged: StagedCollection, blobs: BlobStore, keys: list[str], sk
 def write_collection(writer: ArchiveWriter, staged: StagedCollection) -> None:
     """Add a staged collection's files to the archive (blocking)."""
     prefix = member_prefix(staged.kb)
-    writer.add_file(prefix + "points.jsonl", staged.folder / "points.jsonl")
-    for name in sorted(staged.vectors):
-        writer.add_file(f"{prefix}vectors/{name}.f16", staged.folder / "vectors" / f"{name}.f16")
+    if staged.method == EDGE_SHARD:
+        for rel in staged.shard_files:
+            writer.add_file(f"{prefix}shard/{rel}", staged.folder / "shard" / rel)
+        writer.add_file(prefix + BLOB_KEYS, staged.folder / BLOB_KEYS)
+    else:
+        writer.add_file(prefix + "points.jsonl", staged.folder / "points.jsonl")
+        for name in sorted(staged.vectors):
+            writer.add_file(f"{prefix}vectors/{name}.f16", staged.folder / "vectors" / f"{name}.f16")
     for key, path in sorted(staged.blobs.items()):
         writer.add_file(f"{prefix}blobs/{key}", path)
 
@@ -264,6 +276,20 @@ def restore_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wante
     return written
 
 
+async def restore_kb_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wanted: set[str],
+                           missing: set[str], progress: Progress | None = None) -> None:
+    """Every ``wanted`` blob of ``kb`` (but the ``missing`` ones) from the archive or its bases into ``blobs``."""
+    for key in sorted(wanted - missing):
+        name = f"{member_prefix(kb)}blobs/{key}"
+        if not any(name in r.members for r in readers):
+            raise bad_archive(readers[0].path, f"lacks blob {key} of KB {kb} and no base archive holds it "
+                              "(an incremental backup needs its base beside it)")
+    if await asyncio.to_thread(restore_blobs, readers, kb, blobs, wanted, progress):
+        # one flush of everything written rather than two fsyncs a blob (the caller may pass a blob store
+        # that skips them: 4x faster at 20k blobs); the blobs are durable before any point names them
+        await asyncio.to_thread(os.sync)
+
+
 async def import_collection(
     readers: list[ArchiveReader], kb: str, target: VectorStore, blobs: BlobStore,
     progress: Progress | None = None, on_batch: Callable[[int], None] | None = None,
@@ -275,16 +301,7 @@ async def import_collection(
     reader = readers[0]
     entry = reader.manifest["kbs"][kb]
     wanted: set[str] = await asyncio.to_thread(lambda: {key for refs in _refs(reader, kb) for key in refs})
-    missing = set(entry.get("missing_blobs") or [])
-    for key in sorted(wanted - missing):
-        name = f"{member_prefix(kb)}blobs/{key}"
-        if not any(name in r.members for r in readers):
-            raise bad_archive(reader.path, f"lacks blob {key} of KB {kb} and no base archive holds it "
-                              "(an incremental backup needs its base beside it)")
-    if await asyncio.to_thread(restore_blobs, readers, kb, blobs, wanted, progress):
-        # one flush of everything written rather than two fsyncs a blob (the caller may pass a blob store
-        # that skips them: 4x faster at 20k blobs); the blobs are durable before any point names them
-        await asyncio.to_thread(os.sync)
+    await restore_kb_blobs(readers, kb, blobs, wanted, set(entry.get("missing_blobs") or []), progress)
     total, written = int(entry.get("points", 0)), 0
     points = read_points(reader, kb)
     while True:

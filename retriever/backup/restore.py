@@ -10,16 +10,19 @@ kill before the switch leaves the served version as it was; the next restore tak
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from retriever.backup.archive import ArchiveReader
-from retriever.backup.collection import Progress, import_collection
+from retriever.backup.collection import EDGE_SHARD, Progress, import_collection
+from retriever.backup.shard import import_from_shard, place_edge_shard
 from retriever.blobs import BlobStore
 from retriever.errors import Conflict, StoreUnavailable
-from retriever.reindex import Versions
-from retriever.store.base import version_name, version_number
+from retriever.reindex import EdgeVersions, Versions
+from retriever.store.base import VectorStore, version_name, version_number
 from retriever.types import PassageSpec
 
 log = logging.getLogger(__name__)
@@ -63,12 +66,13 @@ def archived_passage(entry: dict[str, Any]) -> PassageSpec | None:
 
 async def restore_collection(
     readers: list[ArchiveReader], kb: str, versions: Versions, blobs: BlobStore, *, replace: bool = False,
-    progress: Progress | None = None, on_batch: Callable[[int], None] | None = None,
+    progress: Progress | None = None, on_batch: Callable[[int], None] | None = None, scratch: Path | None = None,
 ) -> RestoredCollection:
     """Archived ``kb`` into a new version of ``versions``' collection, then switch (see the module doc).
 
     A served version with points is replaced only with ``replace`` (its version is dropped after the
-    switch); otherwise ``Conflict``.
+    switch); otherwise ``Conflict``. An ``edge-shard`` KB goes into the embedded store as its files
+    (retriever/backup/shard.py), into a Qdrant server point by point (extracted under ``scratch``).
     """
     entry = readers[0].manifest["kbs"][kb]
     previous, count = await served_count(versions)
@@ -76,16 +80,32 @@ async def restore_collection(
         raise Conflict(f"knowledge base {kb!r} ({versions.collection}) holds {count} snippets; restore with "
                        "--replace to replace it, or --as NEW into a new knowledge base; nothing was changed")
     new = await next_version(versions)
-    target = await versions.open(new)
+    native = entry.get("method") == EDGE_SHARD
+    target: VectorStore | None = None
     try:
-        await target.ensure_collection(int(entry["dim"]), str(entry["embedder_id"]), passage=archived_passage(entry))
-        written = await import_collection(readers, kb, target, blobs, progress, on_batch)
+        if native and isinstance(versions, EdgeVersions):  # the shard's files as they were: nothing re-imported
+            await place_edge_shard(readers, kb, versions.path, new, blobs, progress)
+            target = await versions.open(new)
+            if await target.embedder_id() != entry.get("embedder_id"):
+                raise StoreUnavailable(f"the restored shard of {kb} names embedder {await target.embedder_id()}, "
+                                       f"its manifest {entry.get('embedder_id')}; nothing was switched")
+            written = await target.count()
+        else:
+            target = await versions.open(new)
+            await target.ensure_collection(int(entry["dim"]), str(entry["embedder_id"]),
+                                           passage=archived_passage(entry))
+            if native:  # into a Qdrant server: the migration path, every point streamed out of the shard
+                written = await import_from_shard(readers, kb, target, blobs, scratch or Path(tempfile.gettempdir()),
+                                                  progress)
+            else:
+                written = await import_collection(readers, kb, target, blobs, progress, on_batch)
         stored = await target.count()
         if stored != int(entry["points"]) or written != stored:
             raise StoreUnavailable(f"restoring {kb} wrote {stored} of {entry['points']} points; nothing was switched")
         await versions.switch(new)
     except BaseException:
-        await versions.release(target)
+        if target is not None:
+            await versions.release(target)
         try:
             await versions.drop(new)
         except Exception:  # the served version is untouched; the leftover only costs disk

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from retriever.errors import StoreUnavailable
 from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
-from server.services.backups import BackupService
+from server.services.backups import FORMATS, BackupService
 from server.settings import Settings
 
 
@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--kb", dest="backup_kb", metavar="KB", help="Only this knowledge base.")
     parser.add_argument("--incremental", type=Path, metavar="BASE",
                         help="Leave out the blobs the archive BASE already holds.")
+    parser.add_argument("--format", dest="backup_format", choices=FORMATS, default="auto",
+                        help="auto (default): an embedded store as its shard's files (fast), a Qdrant server's "
+                             "collections as their points; logical: every KB as its points (slower, ~15x).")
     parser.add_argument("--json", action="store_true", help="Machine-readable summary (keys above).")
     parser.set_defaults(func=run)
 
@@ -72,7 +75,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     try:
         service = BackupService(settings, kbs)
         result = await service.backup(args.out, kb=args.backup_kb or scoped, incremental=args.incremental,
-                                      progress=progress_printer(args.json))
+                                      progress=progress_printer(args.json), fmt=args.backup_format)
     except StoreUnavailable as exc:
         if "locked" in exc.message:
             raise StoreUnavailable(f"{exc.message}. While `vlmrag serve` runs, back up through it: "

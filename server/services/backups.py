@@ -36,12 +36,15 @@ from retriever.backup import (
     vlmrag_version,
     write_collection,
 )
-from retriever.backup.collection import Progress
+from retriever.backup.archive import run_niced
+from retriever.backup.collection import LOGICAL, Progress
 from retriever.backup.restore import archived_passage, served_count
+from retriever.backup.shard import stage_edge_collection
 from retriever.blobs import LocalBlobStore
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
 from retriever.reindex import EdgeVersions, Versions
 from retriever.store import VectorStore
+from retriever.store.edge import EdgeStore
 from retriever.text_embedder import configured_passage_spec
 from server.backup_tables import dump_tables, load_tables
 from server.knowledge_bases import DEFAULT_KB, KnowledgeBases, blob_namespace, check_name, collection_for
@@ -50,6 +53,8 @@ from server.wiring import build_blob_store, open_configured_store
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".vlmrag.tar"
+#: ``vlmrag backup --format``: "auto" (an embedded store as its shard, a Qdrant server logically), "logical"
+FORMATS = ("auto", LOGICAL)
 
 
 def archive_name(at: float | None = None, kb: str | None = None) -> str:
@@ -67,7 +72,8 @@ def summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "format_version": manifest.get("format_version"), "embedders": manifest.get("embedders", []),
         "database": manifest.get("database", {}),
         "kbs": {name: {"points": e.get("points"), "blobs": e.get("blobs"), "blobs_in_base": e.get("blobs_in_base"),
-                       "embedder_id": e.get("embedder_id")} for name, e in manifest.get("kbs", {}).items()},
+                       "embedder_id": e.get("embedder_id"), "method": e.get("method", LOGICAL)}
+                for name, e in manifest.get("kbs", {}).items()},
     }
 
 
@@ -106,8 +112,15 @@ class BackupService:
 
     async def backup(
         self, out: Path, *, kb: str | None = None, incremental: Path | None = None, progress: Progress | None = None,
+        fmt: str = "auto",
     ) -> dict[str, Any]:
-        """Write the archive ``out`` (see the module doc); returns its ``summary``."""
+        """Write the archive ``out`` (see the module doc); returns its ``summary``.
+
+        ``fmt``: "auto" archives an embedded (Edge) store as its shard's files and a Qdrant server's
+        collection as its points; "logical" archives every KB as its points (portable, ~15x slower).
+        """
+        if fmt not in FORMATS:
+            raise InvalidInput(f"backup format must be one of {', '.join(FORMATS)}, not {fmt!r}", param="format")
         names = [kb] if kb else await self.kbs.names()
         for name in names:
             await self.kbs.spec(name)  # NotFound for an unknown KB, before anything is written
@@ -130,13 +143,16 @@ class BackupService:
                 staged = []
                 for name in names:
                     opened = await self.kbs.get(name)
-                    staged.append(await stage_collection(
-                        name, opened.store, opened.blobs, staging / name, collection=opened.collection,
-                        base_blobs=base_blobs.get(name), progress=progress,
-                    ))
+                    store, folder = opened.store, staging / name
+                    options: dict[str, Any] = {"collection": opened.collection, "base_blobs": base_blobs.get(name),
+                                               "progress": progress}
+                    if fmt != LOGICAL and isinstance(store, EdgeStore) and await store.count():  # its shard's files
+                        staged.append(await stage_edge_collection(name, store, opened.blobs, folder, **options))
+                    else:
+                        staged.append(await stage_collection(name, store, opened.blobs, folder, **options))
                 database = await asyncio.to_thread(dump_tables, self.settings, writer, [kb] if kb else None)
-                for item in staged:
-                    await asyncio.to_thread(write_collection, writer, item)
+                for item in staged:  # tar and sha256 on a low-priority thread: searches keep their core
+                    await run_niced(write_collection, writer, item)
                 embedders = {(s.embedder_id, s.dim) for s in staged if s.embedder_id}
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "vlmrag_version": vlmrag_version(),
@@ -342,7 +358,8 @@ async def _restore(
             blobs = build_blob_store(settings, blob_namespace(target))
             if isinstance(blobs, LocalBlobStore):  # no fsync per blob: import_collection syncs once after them
                 blobs = LocalBlobStore(blobs.root, fsync=False)
-            result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress)
+            result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress,
+                                              scratch=Path(settings.data_dir) / "backup-staging")
         finally:
             if owner is not None:
                 await owner.close()
