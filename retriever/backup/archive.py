@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -65,21 +64,6 @@ def vlmrag_version() -> str:
         return "unknown"
 
 
-class _Hashing(io.RawIOBase):
-    """A reader that hashes what passes through it (tarfile reads members through it)."""
-
-    def __init__(self, inner: IO[bytes]) -> None:
-        self.inner, self.digest = inner, hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.inner.read(size)
-        self.digest.update(data)
-        return data
-
-
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -90,43 +74,102 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _octal(value: int, width: int) -> bytes:
+    return b"%0*o\0" % (width - 1, value)
+
+
+def _ustar_header(name: str, size: int, mtime: int) -> bytes:
+    """A ustar header (what tarfile writes for a short ASCII name), built without TarInfo (~10x faster)."""
+    raw = name.encode("ascii")
+    header = bytearray(512)
+    header[0:len(raw)] = raw
+    header[100:108] = _octal(0o644, 8)
+    header[108:116] = _octal(0, 8)
+    header[116:124] = _octal(0, 8)
+    header[124:136] = _octal(size, 12)
+    header[136:148] = _octal(mtime, 12)
+    header[148:156] = b" " * 8
+    header[156:157] = tarfile.REGTYPE
+    header[257:265] = tarfile.POSIX_MAGIC
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+def _header(name: str, size: int, mtime: int) -> bytes:
+    if len(name) <= 100 and name.isascii() and size < 8**11:
+        return _ustar_header(name, size, mtime)
+    info = tarfile.TarInfo(name)  # a long or non-ASCII name, a huge file: a PAX header first
+    info.size, info.mtime, info.mode = size, mtime, 0o644
+    return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+
+
+def _padding(size: int) -> bytes:
+    return b"\0" * (-size % tarfile.BLOCKSIZE)
+
+
+#: files up to this size are read in one piece (blobs); larger ones (shard segments) are streamed
+_WHOLE = 8 << 20
+
+
 class ArchiveWriter:
-    """Writes members into ``.NAME.partial-<hex>``; ``finish`` adds the manifest and renames it to ``final``."""
+    """Writes members into ``.NAME.partial-<hex>``; ``finish`` adds the manifest and renames it to ``final``.
+
+    The tar framing is written here (a header, the bytes, padding to 512; two zero blocks at the end):
+    ``tarfile`` costs ~45 µs a member, most of a backup of 50k small blobs; this ~15 µs.
+    """
 
     def __init__(self, final: Path) -> None:
         self.final = Path(final)
         self.final.parent.mkdir(parents=True, exist_ok=True)
         self.partial = self.final.parent / f".{self.final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
-        self._file = open(self.partial, "wb")  # noqa: SIM115 - closed by finish/abort
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self._file = open(self.partial, "wb", buffering=_CHUNK)  # noqa: SIM115 - closed by finish/abort
+        self._offset = 0
+        self._mtime = int(time.time())
         self.members: dict[str, dict[str, Any]] = {}
 
-    def _info(self, name: str, size: int) -> tarfile.TarInfo:
+    def _check(self, name: str) -> None:
         if name in self.members or name == MANIFEST:
             raise ValueError(f"archive member {name} written twice")
-        info = tarfile.TarInfo(name)
-        info.size, info.mtime, info.mode = size, int(time.time()), 0o644
-        return info
+
+    def _write(self, data: bytes) -> None:
+        self._file.write(data)
+        self._offset += len(data)
 
     def add_file(self, name: str, path: Path) -> None:
-        size = path.stat().st_size
+        """Add the file ``path`` as ``name`` (FileNotFoundError before anything is written when it is gone)."""
+        self._check(name)
         with open(path, "rb") as source:
-            reader = _Hashing(source)
-            self._tar.addfile(self._info(name, size), reader)  # type: ignore[arg-type]
-        self.members[name] = {"size": size, "sha256": reader.digest.hexdigest()}
+            size = os.fstat(source.fileno()).st_size
+            if size <= _WHOLE:
+                data = source.read()
+                if len(data) != size:
+                    raise OSError(f"{path} changed size while it was archived")
+                self._write(_header(name, size, self._mtime) + data + _padding(size))
+                digest = hashlib.sha256(data)
+            else:
+                self._write(_header(name, size, self._mtime))
+                digest, done = hashlib.sha256(), 0
+                while done < size and (chunk := source.read(min(_CHUNK, size - done))):
+                    digest.update(chunk)
+                    self._write(chunk)
+                    done += len(chunk)
+                if done != size:
+                    raise OSError(f"{path} changed size while it was archived")
+                self._write(_padding(size))
+        self.members[name] = {"size": size, "sha256": digest.hexdigest()}
 
     def add_bytes(self, name: str, data: bytes) -> None:
-        self._tar.addfile(self._info(name, len(data)), io.BytesIO(data))
+        self._check(name)
+        self._write(_header(name, len(data), self._mtime) + data + _padding(len(data)))
         self.members[name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
     def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Add the manifest (with every member's checksum), make it durable, rename to the final name."""
         manifest = {**manifest, "members": dict(sorted(self.members.items()))}
         data = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-        info = tarfile.TarInfo(MANIFEST)
-        info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-        self._tar.addfile(info, io.BytesIO(data))
-        self._tar.close()
+        self._write(_header(MANIFEST, len(data), self._mtime) + data + _padding(len(data)))
+        end = self._offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, then a whole record
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -136,10 +179,9 @@ class ArchiveWriter:
 
     def abort(self) -> None:
         try:
-            self._tar.close()
-        except (OSError, tarfile.TarError):
+            self._file.close()
+        except OSError:
             pass
-        self._file.close()
         self.partial.unlink(missing_ok=True)
 
 

@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,7 @@ class BackupService:
             staging_root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=staging_root))  # beside the blobs: staged by hard link
             writer = await asyncio.to_thread(ArchiveWriter, Path(out))
+            holds = ExitStack()  # blob stores' deletes held until their blobs are in the archive
             try:
                 staged = []
                 for name in names:
@@ -147,7 +149,8 @@ class BackupService:
                     options: dict[str, Any] = {"collection": opened.collection, "base_blobs": base_blobs.get(name),
                                                "progress": progress}
                     if fmt != LOGICAL and isinstance(store, EdgeStore) and await store.count():  # its shard's files
-                        staged.append(await stage_edge_collection(name, store, opened.blobs, folder, **options))
+                        staged.append(await stage_edge_collection(name, store, opened.blobs, folder, writer=writer,
+                                                                  holds=holds, **options))
                     else:
                         staged.append(await stage_collection(name, store, opened.blobs, folder, **options))
                 database = await asyncio.to_thread(dump_tables, self.settings, writer, [kb] if kb else None)
@@ -169,6 +172,7 @@ class BackupService:
                 await asyncio.to_thread(writer.abort)
                 raise
             finally:
+                await asyncio.to_thread(holds.close)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
         log.info("backup %s written in %.1f s: %s", out, time.time() - started,
                  ", ".join(f"{s.kb} {s.points} points" for s in staged))
