@@ -63,11 +63,62 @@ def test_round_trip_backup_wipe_restore(data: Settings, tmp_path: Path, capsys) 
     assert set(manifest["kbs"]["default"]["vectors"]) == {"image", "text"}  # by name, as stored
     assert all(len(m["sha256"]) == 64 for m in manifest["members"].values())
 
+    assert {e["method"] for e in manifest["kbs"].values()} == {"edge-shard"}  # the embedded store: its shards
+    assert any(n.startswith("kbs/pumps/shard/segments/") for n in manifest["members"])
+    assert not any(n.endswith("points.jsonl") for n in manifest["members"])
+    assert summary["kbs"]["default"]["blobs"] == len(before["kbs"]["default"]["blobs"])
+
     shutil.rmtree(data.data_dir)
     assert main(["restore", str(out)]) == 0
-    assert_same_content(read_all(data), before)
+    after = read_all(data)
+    assert_same_content(after, before)
+    for name, kb in before["kbs"].items():  # the shard's own files: vectors exactly as stored, not re-rounded
+        assert {pid: p["vectors"] for pid, p in after["kbs"][name]["points"].items()} == \
+            {pid: p["vectors"] for pid, p in kb["points"].items()}
     # restored into a new version, served through the pointer
     assert served_versions(data)["default"][0] == "vlmrag__v2"
+    assert not list((Path(data.data_dir) / "backup-staging").glob("*/*"))
+
+
+def test_format_1_archive_still_restores(data: Settings, tmp_path: Path, capsys) -> None:
+    """An archive of format 1 (logical, no ``method``) as vlmrag wrote them before edge-shard."""
+    before = read_all(data)
+    logical = tmp_path / "logical.vlmrag.tar"
+    assert main(["backup", str(logical), "--format", "logical", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {k["method"] for k in summary["kbs"].values()} == {"logical"}
+
+    def as_format_1(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        manifest = json.loads(data)
+        manifest["format_version"] = 1
+        for entry in manifest["kbs"].values():
+            del entry["method"]
+        return json.dumps(manifest).encode()
+
+    old = tmp_path / "v1.vlmrag.tar"
+    _rewrite(logical, old, as_format_1)
+    with ArchiveReader(old) as reader:
+        assert reader.manifest["format_version"] == 1 and "points.jsonl" in "".join(reader.members)
+    shutil.rmtree(data.data_dir)
+    assert main(["restore", str(old)]) == 0
+    assert_same_content(read_all(data), before)
+
+
+async def test_a_blob_deleted_after_the_freeze_is_still_archived(tmp_path: Path) -> None:
+    """Local blobs are archived from the store after the freeze: deletes wait until they are in."""
+    from retriever.blobs import LocalBlobStore
+
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    key = blobs.put(b"image bytes", ".png")
+    again = blobs.put(b"kept", ".png")
+    with blobs.deletes_held():
+        blobs.delete(key)
+        blobs.delete(again)
+        assert blobs.get(key) == b"image bytes"
+        blobs.put(b"kept", ".png")  # put again while its delete waits: kept
+    assert not blobs.exists(key) and blobs.exists(again)
 
 
 def test_restore_refuses_to_overwrite_without_replace_and_replaces_with_it(data: Settings, tmp_path, capsys) -> None:
