@@ -224,11 +224,43 @@ def test_wrong_embedder_is_refused(data: Settings, tmp_path: Path, capsys, monke
     assert main(["restore", str(out), "--replace"]) == 1
     lines = error_lines(capsys)
     assert len(lines) == 1 and "other-tiny-clip" in lines[0] and "--reembed" in lines[0], lines
-    assert main(["restore", str(out), "--replace", "--reembed"]) == 2
-    assert "not supported yet" in error_lines(capsys)[0]
     monkeypatch.undo()
     assert served_versions(data) == versions
     assert_same_content(read_all(data), before)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "logical"])
+def test_reembed_restores_an_archive_of_another_model(data: Settings, tmp_path: Path, capsys, monkeypatch,
+                                                      fmt: str) -> None:
+    """--reembed: the points get vectors of the configured (other) tiny CLIP from their text and blobs."""
+    from tests.support.tiny_clip import write_tiny_clip_config
+
+    before = read_all(data)
+    out = tmp_path / "a.vlmrag.tar"
+    assert main(["backup", str(out), "--format", fmt]) == 0
+    other = write_tiny_clip_config(tmp_path / "other", name="other-tiny-clip")
+    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(other))
+    shutil.rmtree(data.data_dir)
+    capsys.readouterr()
+    assert main(["restore", str(out), "--reembed", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(item["reembedded"] for item in result["restored"])
+    after = read_all(bare_settings())
+    assert after["rows"] == before["rows"]
+    for name, kb in before["kbs"].items():
+        got = after["kbs"][name]
+        assert "other-tiny-clip" in got["embedder"] and got["embedder"] != kb["embedder"]
+        assert set(got["points"]) == set(kb["points"]) and got["blobs"] == kb["blobs"]
+        for pid, point in kb["points"].items():
+            mine = got["points"][pid]
+            assert mine["payload"] == point["payload"] and mine["lexical"] == point["lexical"]
+            # an image vector where there is an image, a text vector where there is text (both tiny configs
+            # have the same architecture and seed, so the same weights: only the identity tells them apart)
+            assert set(mine["vectors"]) == set(point["vectors"])
+    # the new model restored with its own id: a plain restore of the same archive is now the mismatch
+    capsys.readouterr()
+    assert main(["restore", str(out), "--replace"]) == 1
+    assert "--reembed" in error_lines(capsys)[0]
 
 
 # --- kill -9 --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ kill before the switch leaves the served version as it was; the next restore tak
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import tempfile
 from collections.abc import Callable
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from retriever.backup.archive import ArchiveReader
-from retriever.backup.collection import EDGE_SHARD, Progress, import_collection
-from retriever.backup.shard import import_from_shard, place_edge_shard
+from retriever.backup.collection import EDGE_SHARD, Progress, _refs, import_collection, restore_kb_blobs
+from retriever.backup.shard import _blob_keys, archived_points, import_from_shard, place_edge_shard
 from retriever.blobs import BlobStore
 from retriever.errors import Conflict, StoreUnavailable
-from retriever.reindex import EdgeVersions, Versions
+from retriever.reindex import EdgeVersions, ReindexResult, Versions, _PointRebuilder
 from retriever.store.base import VectorStore, version_name, version_number
-from retriever.types import PassageSpec
+from retriever.types import PassageSpec, StoredPoint
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,37 @@ class RestoredCollection:
     previous: str | None
     points: int
     dropped: list[str] = field(default_factory=list)
+    skipped: int = 0  # --reembed: points with neither a readable image nor text
+
+
+async def reembed_collection(
+    readers: list[ArchiveReader], kb: str, target: VectorStore, blobs: BlobStore, rebuilder: _PointRebuilder,
+    scratch: Path, progress: Progress | None = None,
+) -> tuple[int, int]:
+    """Blobs, then every archived point of ``kb`` re-embedded by ``rebuilder`` into ``target``; (written, skipped).
+
+    ``rebuilder.blobs`` must be ``blobs`` (the images are read back from where they were restored).
+    """
+    reader = readers[0]
+    entry = reader.manifest["kbs"][kb]
+    if entry.get("method") == EDGE_SHARD:
+        wanted = await asyncio.to_thread(_blob_keys, reader, kb)
+    else:
+        wanted = await asyncio.to_thread(lambda: {key for refs in _refs(reader, kb) for key in refs})
+    await restore_kb_blobs(readers, kb, blobs, wanted, set(entry.get("missing_blobs") or []), progress)
+    report = ReindexResult(old=entry.get("collection"), new=getattr(target, "collection", ""),
+                           embedder=rebuilder.embedder.identity)
+    total, written, seen = int(entry.get("points", 0)), 0, 0
+    async for batch in archived_points(reader, kb, scratch):
+        page = [StoredPoint(p.id, p.payload) for p in batch]
+        points = await asyncio.to_thread(rebuilder.rebuild, page, report)
+        await target.upsert(points)
+        written, seen = written + len(points), seen + len(page)
+        if progress:
+            progress(f"{kb}: re-embedded", seen, total)
+    for line in report.skipped:
+        log.warning("restore --reembed of %s: left out %s", kb, line)
+    return written, seen - written
 
 
 async def served_count(versions: Versions) -> tuple[str | None, int]:
@@ -67,12 +99,15 @@ def archived_passage(entry: dict[str, Any]) -> PassageSpec | None:
 async def restore_collection(
     readers: list[ArchiveReader], kb: str, versions: Versions, blobs: BlobStore, *, replace: bool = False,
     progress: Progress | None = None, on_batch: Callable[[int], None] | None = None, scratch: Path | None = None,
+    rebuilder: _PointRebuilder | None = None,
 ) -> RestoredCollection:
     """Archived ``kb`` into a new version of ``versions``' collection, then switch (see the module doc).
 
     A served version with points is replaced only with ``replace`` (its version is dropped after the
     switch); otherwise ``Conflict``. An ``edge-shard`` KB goes into the embedded store as its files
     (retriever/backup/shard.py), into a Qdrant server point by point (extracted under ``scratch``).
+    ``rebuilder`` (``--reembed``): the points get vectors of its model instead, from their stored text
+    and blobs (retriever/reindex.py); a point with neither is left out (``skipped``).
     """
     entry = readers[0].manifest["kbs"][kb]
     previous, count = await served_count(versions)
@@ -82,8 +117,15 @@ async def restore_collection(
     new = await next_version(versions)
     native = entry.get("method") == EDGE_SHARD
     target: VectorStore | None = None
+    skipped = 0
     try:
-        if native and isinstance(versions, EdgeVersions):  # the shard's files as they were: nothing re-imported
+        if rebuilder is not None:  # --reembed: vectors of the configured model from the stored text and blobs
+            target = await versions.open(new)
+            await target.ensure_collection(rebuilder.embedder.dim, rebuilder.embedder.identity,
+                                           passage=rebuilder.text_embedder.spec if rebuilder.text_embedder else None)
+            written, skipped = await reembed_collection(readers, kb, target, blobs, rebuilder,
+                                                        scratch or Path(tempfile.gettempdir()), progress)
+        elif native and isinstance(versions, EdgeVersions):  # the shard's files as they were: nothing re-imported
             await place_edge_shard(readers, kb, versions.path, new, blobs, progress)
             target = await versions.open(new)
             if await target.embedder_id() != entry.get("embedder_id"):
@@ -100,7 +142,7 @@ async def restore_collection(
             else:
                 written = await import_collection(readers, kb, target, blobs, progress, on_batch)
         stored = await target.count()
-        if stored != int(entry["points"]) or written != stored:
+        if stored + skipped != int(entry["points"]) or written != stored:
             raise StoreUnavailable(f"restoring {kb} wrote {stored} of {entry['points']} points; nothing was switched")
         await versions.switch(new)
     except BaseException:
@@ -113,7 +155,7 @@ async def restore_collection(
         raise
     await versions.release(target)
     log.info("restored %s: %d points into %s (was %s)", kb, written, new, previous)
-    result = RestoredCollection(kb, versions.collection, new, previous, written)
+    result = RestoredCollection(kb, versions.collection, new, previous, written, skipped=skipped)
     if replace and previous is not None and previous != new:
         await versions.drop(previous)
         result.dropped.append(previous)

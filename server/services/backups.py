@@ -41,9 +41,11 @@ from retriever.backup.archive import run_niced
 from retriever.backup.collection import LOGICAL, Progress
 from retriever.backup.restore import archived_passage, served_count
 from retriever.backup.shard import stage_edge_collection
-from retriever.blobs import LocalBlobStore
+from retriever.blobs import BlobStore, LocalBlobStore
+from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
-from retriever.reindex import EdgeVersions, Versions
+from retriever.ingest.rules import IngestRules
+from retriever.reindex import EdgeVersions, Versions, _PointRebuilder
 from retriever.store import VectorStore
 from retriever.store.edge import EdgeStore
 from retriever.text_embedder import configured_passage_spec
@@ -289,12 +291,26 @@ async def open_versions(settings: Settings, collection: str) -> tuple[Versions, 
     return store.versions(), store
 
 
-def configured_embedder(settings: Settings) -> tuple[str, int]:
-    """Identity and dimension of the configured CLIP model (loaded with torch: no ONNX export for this)."""
+def load_configured_embedder(settings: Settings) -> ClipEmbedder:
+    """The configured CLIP model (loaded with torch: no ONNX export for a restore)."""
     from server.wiring import build_embedder
 
-    embedder = build_embedder(settings.model_copy(update={"clip_backend": "torch"}))
+    return build_embedder(settings.model_copy(update={"clip_backend": "torch"}))
+
+
+def configured_embedder(settings: Settings) -> tuple[str, int]:
+    """Identity and dimension of the configured CLIP model."""
+    embedder = load_configured_embedder(settings)
     return embedder.identity, embedder.dim
+
+
+def rebuilder_for(settings: Settings, embedder: ClipEmbedder, blobs: BlobStore) -> _PointRebuilder:
+    """What ``--reembed`` embeds the restored points with: the configured CLIP (and text) model, as reindex does."""
+    from server.wiring import build_text_embedder
+
+    rules = IngestRules(max_image_bytes=max(settings.limit_image_bytes, 50 << 20),
+                        max_image_pixels=settings.limit_image_pixels)
+    return _PointRebuilder(embedder, blobs, rules, build_text_embedder(settings, None), settings.text_embedder_ocr)
 
 
 async def restore(
@@ -329,22 +345,25 @@ async def _restore(
             raise InvalidInput("--as NEW restores one knowledge base: name it with --kb", param="as")
         check_name(as_name)
     plan = RestorePlan({n: as_name or n for n in names})
-    if reembed:
-        raise InvalidInput("--reembed is not supported yet: restore with the embedder the archive was made with "
-                           "(its manifest's embedders), then `vlmrag reindex --to MODEL`", param="reembed")
-    identity, dim = await asyncio.to_thread(configured_embedder, settings)
+    embedder = await asyncio.to_thread(load_configured_embedder, settings)
+    identity, dim = embedder.identity, embedder.dim
     passage = await asyncio.to_thread(configured_passage_spec, settings.text_embedder)
+    reembedded: set[str] = set()  # --reembed: KBs of another model, re-embedded from their text and blobs
     for name in names:
         entry = archived[name]
-        if entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim:
+        stored = archived_passage(entry)
+        other_clip = entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim
+        other_text = stored is not None and passage is not None and stored != passage
+        if (other_clip or other_text) and reembed:
+            reembedded.add(name)
+        elif other_clip:
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} was embedded with "
                            f"{entry.get('embedder_id')}, this service uses {identity} (VLMRAG_CLIP_MODEL); "
                            "restore with the same model, or --reembed; nothing was changed")
-        stored = archived_passage(entry)
-        if stored is not None and passage is not None and stored != passage:
+        elif other_text and stored is not None and passage is not None:
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} has passage vectors of text "
                            f"embedder {stored.embedder_id}, this service uses {passage.embedder_id} "
-                           "(VLMRAG_TEXT_EMBEDDER); restore with the same model; nothing was changed")
+                           "(VLMRAG_TEXT_EMBEDDER); restore with the same model, or --reembed; nothing was changed")
     for target in plan.renames.values():  # every target checked before any is touched
         versions, owner = await open_versions(settings, collection_for(settings, target))
         try:
@@ -362,13 +381,16 @@ async def _restore(
             blobs = build_blob_store(settings, blob_namespace(target))
             if isinstance(blobs, LocalBlobStore):  # no fsync per blob: import_collection syncs once after them
                 blobs = LocalBlobStore(blobs.root, fsync=False)
+            rebuilder = await asyncio.to_thread(rebuilder_for, settings, embedder, blobs) \
+                if source in reembedded else None
             result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress,
-                                              scratch=Path(settings.data_dir) / "backup-staging")
+                                              scratch=Path(settings.data_dir) / "backup-staging", rebuilder=rebuilder)
         finally:
             if owner is not None:
                 await owner.close()
         restored.append({"kb": target, "from": source, "version": result.version, "previous": result.previous,
-                         "points": result.points, "dropped": result.dropped})
+                         "points": result.points, "dropped": result.dropped, "reembedded": source in reembedded,
+                         "skipped": result.skipped})
     rows = await asyncio.to_thread(load_tables, settings, reader, plan.renames, replace=replace)
     await _ensure_catalog_rows(settings, [t for t in plan.renames.values() if t != DEFAULT_KB])
     return {"archive": str(reader.path), "restored": restored, "rows": rows}
