@@ -180,7 +180,8 @@ class BackupService:
                  ", ".join(f"{s.kb} {s.points} points" for s in staged))
         return summary(Path(out), manifest)
 
-    async def backup_into_dir(self, *, kb: str | None = None, incremental: str | None = None) -> dict[str, Any]:
+    async def backup_into_dir(self, *, kb: str | None = None, incremental: str | None = None,
+                              fmt: str = "auto") -> dict[str, Any]:
         """A backup named by its time in ``backup_dir`` (the API and the schedule)."""
         directory = self._require_dir()
         base = None
@@ -188,7 +189,7 @@ class BackupService:
             base = directory / Path(incremental).name
             if not base.is_file():
                 raise NotFound(f"no backup {incremental!r} in the backup folder", param="incremental")
-        return await self.backup(directory / archive_name(kb=kb), kb=kb, incremental=base)
+        return await self.backup(directory / archive_name(kb=kb), kb=kb, incremental=base, fmt=fmt)
 
     def _require_dir(self) -> Path:
         if self.directory is None:
