@@ -300,9 +300,14 @@ def load_configured_embedder(settings: Settings) -> ClipEmbedder:
 
 
 def configured_embedder(settings: Settings) -> tuple[str, int]:
-    """Identity and dimension of the configured CLIP model."""
-    embedder = load_configured_embedder(settings)
-    return embedder.identity, embedder.dim
+    """Identity and dimension of the configured CLIP model (from its config: the weights are not loaded)."""
+    from retriever.embedder import embedder_identity
+
+    try:
+        return embedder_identity(settings.clip_model, settings.clip_pretrained)
+    except Exception:  # noqa: BLE001 - what the loader says about odd settings is the clearer error
+        embedder = load_configured_embedder(settings)
+        return embedder.identity, embedder.dim
 
 
 def rebuilder_for(settings: Settings, embedder: ClipEmbedder, blobs: BlobStore) -> _PointRebuilder:
@@ -346,8 +351,7 @@ async def _restore(
             raise InvalidInput("--as NEW restores one knowledge base: name it with --kb", param="as")
         check_name(as_name)
     plan = RestorePlan({n: as_name or n for n in names})
-    embedder = await asyncio.to_thread(load_configured_embedder, settings)
-    identity, dim = embedder.identity, embedder.dim
+    identity, dim = await asyncio.to_thread(configured_embedder, settings)
     passage = await asyncio.to_thread(configured_passage_spec, settings.text_embedder)
     reembedded: set[str] = set()  # --reembed: KBs of another model, re-embedded from their text and blobs
     for name in names:
@@ -365,6 +369,9 @@ async def _restore(
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} has passage vectors of text "
                            f"embedder {stored.embedder_id}, this service uses {passage.embedder_id} "
                            "(VLMRAG_TEXT_EMBEDDER); restore with the same model, or --reembed; nothing was changed")
+    embedder = await asyncio.to_thread(load_configured_embedder, settings) if reembedded else None
+    if embedder is not None and (embedder.identity, embedder.dim) != (identity, dim):
+        raise Conflict(f"the configured CLIP model loads as {embedder.identity}, not {identity}; nothing was changed")
     for target in plan.renames.values():  # every target checked before any is touched
         versions, owner = await open_versions(settings, collection_for(settings, target))
         try:
@@ -383,7 +390,7 @@ async def _restore(
             if isinstance(blobs, LocalBlobStore):  # no fsync per blob: import_collection syncs once after them
                 blobs = LocalBlobStore(blobs.root, fsync=False)
             rebuilder = await asyncio.to_thread(rebuilder_for, settings, embedder, blobs) \
-                if source in reembedded else None
+                if source in reembedded and embedder is not None else None
             result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress,
                                               scratch=Path(settings.data_dir) / "backup-staging", rebuilder=rebuilder)
         finally:
