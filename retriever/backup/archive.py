@@ -108,6 +108,17 @@ def _padding(size: int) -> bytes:
     return b"\0" * (-size % tarfile.BLOCKSIZE)
 
 
+#: a write-back of the partial archive is started every this many bytes (``ArchiveWriter._write``)
+_SYNC_EVERY = 128 << 20
+
+
+def _datasync(fd: int) -> None:
+    try:
+        os.fdatasync(fd)
+    except OSError:  # closed meanwhile (aborted): the final fsync, if any, reports real errors
+        pass
+
+
 #: files up to this size are read in one piece (blobs); larger ones (shard segments) are streamed
 _WHOLE = 8 << 20
 
@@ -125,6 +136,8 @@ class ArchiveWriter:
         self.partial = self.final.parent / f".{self.final.name}{PARTIAL_MARK}{uuid.uuid4().hex[:12]}"
         self._file = open(self.partial, "wb", buffering=_CHUNK)  # noqa: SIM115 - closed by finish/abort
         self._offset = 0
+        self._synced = 0
+        self._syncing: threading.Thread | None = None
         self._mtime = int(time.time())
         self.members: dict[str, dict[str, Any]] = {}
 
@@ -135,6 +148,11 @@ class ArchiveWriter:
     def _write(self, data: bytes) -> None:
         self._file.write(data)
         self._offset += len(data)
+        if self._offset - self._synced >= _SYNC_EVERY and (self._syncing is None or not self._syncing.is_alive()):
+            # start the write-back of what is there now, so the fsync of ``finish`` has little left to wait for
+            self._synced = self._offset
+            self._syncing = threading.Thread(target=_datasync, args=(self._file.fileno(),), daemon=True)
+            self._syncing.start()
 
     def add_file(self, name: str, path: Path) -> None:
         """Add the file ``path`` as ``name`` (FileNotFoundError before anything is written when it is gone)."""
@@ -172,6 +190,8 @@ class ArchiveWriter:
         end = self._offset + 2 * tarfile.BLOCKSIZE  # the end-of-archive blocks, then a whole record
         self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self._file.flush()
+        if self._syncing is not None:
+            self._syncing.join()
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.partial, self.final)
@@ -179,6 +199,8 @@ class ArchiveWriter:
         return manifest
 
     def abort(self) -> None:
+        if self._syncing is not None:
+            self._syncing.join()
         try:
             self._file.close()
         except OSError:
