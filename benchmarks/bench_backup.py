@@ -115,7 +115,7 @@ async def backup_once(settings, out: Path, fmt: str = "auto") -> float:  # type:
     kbs = KnowledgeBases(settings, KBCatalog(database_url(settings)), _opener(settings, False))
     try:
         started = time.perf_counter()
-        await BackupService(settings, kbs).backup(out, fmt=fmt)
+        await BackupService(settings, kbs, nice=0).backup(out, fmt=fmt)  # as `vlmrag backup` runs it
         return time.perf_counter() - started
     finally:
         await kbs.close()

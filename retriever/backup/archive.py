@@ -432,7 +432,9 @@ async def run_niced(fn: Callable[..., T], *args: Any, nice: int = 10) -> T:
 
     def body() -> None:
         try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
+            if nice:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(),
+                               min(19, os.getpriority(os.PRIO_PROCESS, 0) + nice))
         except (OSError, AttributeError):
             pass  # not Linux, or not allowed: run at the normal priority
         try:

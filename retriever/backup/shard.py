@@ -136,11 +136,9 @@ async def stage_edge_collection(
                                    "read); try again")
         if isinstance(blobs, LocalBlobStore):
             holds.enter_context(blobs.deletes_held())
-            for key in sorted(refs):
-                if key in skip:
-                    staged.blobs_in_base += 1
-                else:
-                    staged.blobs[key] = blobs.key_path(key)
+            staged.blobs_in_base = len(refs & skip)
+            root = blobs.root
+            staged.blobs = {key: root / validate_key(key) for key in refs - skip}
         else:
             await asyncio.to_thread(_stage_blobs, staged, blobs, sorted(refs), skip, progress)
     if progress:

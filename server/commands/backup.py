@@ -73,7 +73,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     settings, scoped = unscoped(settings, args)
     kbs = KnowledgeBases(settings, KBCatalog(database_url(settings)), _opener(settings, False))
     try:
-        service = BackupService(settings, kbs)
+        service = BackupService(settings, kbs, nice=0)  # no server in this process: nothing to yield to
         result = await service.backup(args.out, kb=args.backup_kb or scoped, incremental=args.incremental,
                                       progress=progress_printer(args.json), fmt=args.backup_format)
     except StoreUnavailable as exc:

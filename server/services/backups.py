@@ -104,9 +104,11 @@ def base_chain(reader: ArchiveReader, explicit: Path | None = None) -> list[Arch
 class BackupService:
     """Archives of the KBs this service holds."""
 
-    def __init__(self, settings: Settings, knowledge_bases: KnowledgeBases) -> None:
+    def __init__(self, settings: Settings, knowledge_bases: KnowledgeBases, *, nice: int = 10) -> None:
         self.settings = settings
         self.kbs = knowledge_bases
+        #: the archive-writing thread's nice increment: 10 in the server (searches first), 0 for the CLI
+        self.nice = nice
         self._lock = asyncio.Lock()  # one backup at a time: each holds every KB's writes for a while
 
     @property
@@ -157,7 +159,7 @@ class BackupService:
                         staged.append(await stage_collection(name, store, opened.blobs, folder, **options))
                 database = await asyncio.to_thread(dump_tables, self.settings, writer, [kb] if kb else None)
                 for item in staged:  # tar and sha256 on a low-priority thread: searches keep their core
-                    await run_niced(write_collection, writer, item)
+                    await run_niced(write_collection, writer, item, nice=self.nice)
                 embedders = {(s.embedder_id, s.dim) for s in staged if s.embedder_id}
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "vlmrag_version": vlmrag_version(),
