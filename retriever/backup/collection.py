@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -295,6 +296,16 @@ def restore_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wante
     return written
 
 
+def remove_stale(folder: Path, pattern: str, age_s: float = 3600.0) -> None:
+    """Remove what killed restores left in ``folder`` (``pattern``, untouched for ``age_s``)."""
+    for path in folder.glob(pattern):
+        try:
+            if time.time() - path.stat().st_mtime > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _suffix(key: str) -> str:
     return "." + key.rsplit(".", 1)[1] if "." in key.split("/", 1)[1] else ""
 
@@ -319,6 +330,7 @@ def _restore_local_blobs(readers: list[ArchiveReader], kb: str, blobs: LocalBlob
     at once where the store has none yet (a fresh restore), else file by file.
     """
     root = blobs.root
+    remove_stale(root, ".restoring-*")
     staging = root / f".restoring-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     written = 0

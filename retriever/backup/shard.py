@@ -13,7 +13,9 @@ takes the shard itself, the way an HNSW build beside the server does (retriever/
 * **Restore into the embedded store** (``place_edge_shard``): after every checksum was verified, the
   blobs are written, the shard files extracted into ``.<collection>__vN.restoring-<hex>``, synced and
   renamed to ``<collection>__vN``; the caller then opens it, checks its count and switches
-  ``__current``. A kill before the switch leaves the served version as it was.
+  ``__current``. A kill before the switch leaves the served version as it was (what it left is removed
+  by a restore an hour later; a version renamed but never switched to stays, unserved, until old
+  versions are dropped).
 * **Restore into a Qdrant server** (``import_from_shard``, the migration path): the shard is extracted
   into a scratch folder, opened with Edge there (a private copy) and its points streamed to the server.
   That is the slow path (every vector through Python), fine for a one-time migration.
@@ -47,6 +49,7 @@ from retriever.backup.collection import (
     _stage_blobs,
     member_prefix,
     read_points,
+    remove_stale,
     restore_kb_blobs,
 )
 from retriever.blobs import BlobStore, LocalBlobStore, validate_key
@@ -191,9 +194,10 @@ async def place_edge_shard(
 ) -> None:
     """Blobs, then the archived shard of ``kb`` as the (unserved) shard directory ``path/name``."""
     await _restore_blobs(readers, kb, blobs, progress)
+    path.mkdir(parents=True, exist_ok=True)
+    remove_stale(path, ".*.restoring-*")
     work = path / f".{name}.restoring-{uuid.uuid4().hex[:8]}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(extract_shard, readers[0], kb, work)
         await asyncio.to_thread(os.sync)  # the files durable before the rename names them a version
         await asyncio.to_thread(os.rename, work, path / name)

@@ -1,15 +1,17 @@
-"""``vlmrag backup OUT [--kb K] [--incremental BASE] [--json]``: one archive of every knowledge base (or one).
+"""``vlmrag backup OUT [--kb K] [--incremental BASE] [--format auto|logical] [--json]``: one archive of every KB.
 
 Points with their payloads and every vector, their blobs, the KB catalog and the answer/feedback log,
 and a manifest with the sha256 of every member (format: retriever/backup/archive.py), written under a
-temporary name and renamed when complete. ``--incremental BASE`` leaves out the blobs the archive BASE
+temporary name and renamed when complete. The embedded store's KBs are archived as their Edge shard's
+files (``"method": "edge-shard"``: about as fast as ``tar``), a Qdrant server's as their points
+(``"logical"``, also what ``--format logical`` gives every KB: portable, ~15x slower). ``--incremental BASE`` leaves out the blobs the archive BASE
 holds (keep BASE beside it: a restore reads them there). The embedded store belongs to one process:
 while ``vlmrag serve`` holds it, back up through the server (``POST /v1/admin/backup``, into
 ``VLMRAG_BACKUP_DIR``).
 
 ``--json`` prints the archive's summary: ``{"name", "path", "bytes", "created_at", "kind", "base",
 "vlmrag_version", "format_version", "embedders", "database", "kbs": {name: {"points", "blobs",
-"blobs_in_base", "embedder_id"}}}``.
+"blobs_in_base", "embedder_id", "method"}}}``.
 """
 
 from __future__ import annotations
