@@ -24,6 +24,7 @@ and every format-1 archive)::
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import io
 import json
@@ -96,9 +97,25 @@ def _ustar_header(name: str, size: int, mtime: int) -> bytes:
     return bytes(header)
 
 
+@functools.lru_cache(maxsize=4)
+def _ustar_parts(mtime: int) -> tuple[bytes, bytes, bytes, int]:
+    """The fixed fields of ``_ustar_header`` (mode..gid, mtime, type..end) and the checksum they add."""
+    template = _ustar_header("", 0, mtime)
+    before, mtime_field, tail = template[100:124], template[136:148], template[156:]
+    return before, mtime_field, tail, sum(before) + sum(mtime_field) + 8 * 32 + sum(tail)
+
+
+def _fast_ustar_header(raw: bytes, size: int, mtime: int) -> bytes:
+    """``_ustar_header`` from cached parts (~2 µs: the header of every blob)."""
+    before, mtime_field, tail, fixed = _ustar_parts(mtime)
+    size_field = b"%011o\0" % size
+    checksum = b"%06o\0 " % (fixed + sum(raw) + sum(size_field))
+    return raw + b"\0" * (100 - len(raw)) + before + size_field + mtime_field + checksum + tail
+
+
 def _header(name: str, size: int, mtime: int) -> bytes:
     if len(name) <= 100 and name.isascii() and size < 8**11:
-        return _ustar_header(name, size, mtime)
+        return _fast_ustar_header(name.encode("ascii"), size, mtime)
     info = tarfile.TarInfo(name)  # a long or non-ASCII name, a huge file: a PAX header first
     info.size, info.mtime, info.mode = size, mtime, 0o644
     return info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
@@ -157,24 +174,30 @@ class ArchiveWriter:
     def add_file(self, name: str, path: Path) -> None:
         """Add the file ``path`` as ``name`` (FileNotFoundError before anything is written when it is gone)."""
         self._check(name)
-        with open(path, "rb") as source:
-            size = os.fstat(source.fileno()).st_size
-            if size <= _WHOLE:
-                data = source.read()
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= _WHOLE:  # a blob: one read, no file object (~5 µs less a member)
+                data = os.read(fd, size + 1)
+                if len(data) != size:
+                    data = _pread(fd, size + 1, 0)
                 if len(data) != size:
                     raise OSError(f"{path} changed size while it was archived")
                 self._write(_header(name, size, self._mtime) + data + _padding(size))
-                digest = hashlib.sha256(data)
-            else:
-                self._write(_header(name, size, self._mtime))
-                digest, done = hashlib.sha256(), 0
-                while done < size and (chunk := source.read(min(_CHUNK, size - done))):
-                    digest.update(chunk)
-                    self._write(chunk)
-                    done += len(chunk)
-                if done != size:
-                    raise OSError(f"{path} changed size while it was archived")
-                self._write(_padding(size))
+                self.members[name] = {"size": size, "sha256": hashlib.sha256(data).hexdigest()}
+                return
+        finally:
+            os.close(fd)
+        with open(path, "rb") as source:  # a shard segment: streamed
+            self._write(_header(name, size, self._mtime))
+            digest, done = hashlib.sha256(), 0
+            while done < size and (chunk := source.read(min(_CHUNK, size - done))):
+                digest.update(chunk)
+                self._write(chunk)
+                done += len(chunk)
+            if done != size:
+                raise OSError(f"{path} changed size while it was archived")
+            self._write(_padding(size))
         self.members[name] = {"size": size, "sha256": digest.hexdigest()}
 
     def add_bytes(self, name: str, data: bytes) -> None:
