@@ -12,7 +12,10 @@ import hashlib
 import os
 import re
 import shutil
+import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -71,6 +74,32 @@ class LocalBlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self.description = f"local:{self.root}"
+        self._holds = 0  # while > 0 (a backup archiving blobs in place), deletes wait in _deferred
+        self._deferred: set[str] = set()
+        self._hold_lock = threading.Lock()
+
+    @contextmanager
+    def deletes_held(self) -> Iterator[None]:
+        """While held, ``delete`` only notes the key; the files go when the last hold ends.
+
+        A backup takes its point-in-time view of the points, then archives their blobs from here: a
+        snippet deleted meanwhile must not take its blobs out from under it. A blob put again while
+        its delete waits is kept.
+        """
+        with self._hold_lock:
+            self._holds += 1
+        try:
+            yield
+        finally:
+            with self._hold_lock:
+                self._holds -= 1
+                doomed, self._deferred = (self._deferred, set()) if not self._holds else (set(), self._deferred)
+            for key in sorted(doomed):
+                self._path(key).unlink(missing_ok=True)
+
+    def key_path(self, key: str) -> Path:
+        """Where blob ``key`` lives (checked by shape only, no file system call: for bulk reads)."""
+        return self.root / validate_key(key)
 
     def _path(self, key: str) -> Path:
         path = (self.root / validate_key(key)).resolve()
@@ -82,6 +111,9 @@ class LocalBlobStore:
     def put(self, data: bytes, suffix: str) -> str:
         key = blob_key(data, suffix)
         path = self._path(key)
+        if self._deferred:
+            with self._hold_lock:
+                self._deferred.discard(key)
         if path.exists():  # content-addressed and written atomically: an existing file is complete
             return key
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +143,12 @@ class LocalBlobStore:
         return self._path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        with self._hold_lock:
+            if self._holds:
+                self._deferred.add(key)
+                return
+        path.unlink(missing_ok=True)
 
     def path_for(self, key: str) -> Path | None:
         path = self._path(key)

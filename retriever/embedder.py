@@ -330,6 +330,30 @@ def _pick_device(device: str) -> str:
     return device
 
 
+def _identity(resolved: _Resolved) -> tuple[str, int, str, dict[str, Any]]:
+    """(identity, dim, arch, model config) of resolved settings: from the config alone, no weights."""
+    import open_clip
+
+    if resolved.model_name.startswith(_LOCAL_DIR):
+        folder = Path(resolved.model_name[len(_LOCAL_DIR):])
+        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+        model_config = dict(config.get("model_cfg", config))
+        arch = folder.name
+    else:
+        found = open_clip.get_model_config(resolved.model_name)
+        if not found:
+            raise ConfigurationError(f"no open_clip config for CLIP model {resolved.model_name!r}", param="clip_model")
+        model_config, arch = dict(found), resolved.model_name
+    dim = int(model_config["embed_dim"])
+    return f"open_clip:{arch}:{resolved.weights_label}:{dim}", dim, arch, model_config
+
+
+def embedder_identity(model: str, pretrained: str) -> tuple[str, int]:
+    """The identity and dimension ``load_embedder`` gives these settings, without building the model."""
+    identity, dim, _, _ = _identity(_resolve(model, pretrained))
+    return identity, dim
+
+
 def load_embedder(
     model: str, pretrained: str, device: str = "auto", threads: int = 0, batch_size: int = 16, *,
     backend: Backend = "torch", onnx_cache_dir: Path | None = None, cache: EmbedCache | None = None,
@@ -365,16 +389,7 @@ def load_embedder(
         raise ConfigurationError(
             f"could not load CLIP model {model!r} with pretrained {pretrained!r}: {exc}"
         ) from exc
-    if resolved.model_name.startswith(_LOCAL_DIR):
-        folder = Path(resolved.model_name[len(_LOCAL_DIR):])
-        config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
-        model_config = dict(config.get("model_cfg", config))
-        arch = folder.name
-    else:
-        model_config = dict(open_clip.get_model_config(resolved.model_name))
-        arch = resolved.model_name
-    dim = int(model_config["embed_dim"])
-    identity = f"open_clip:{arch}:{resolved.weights_label}:{dim}"
+    identity, dim, _arch, model_config = _identity(resolved)
     onnx = None
     if backend == "onnx" and target != "cpu":
         log.warning("VLMRAG_CLIP_BACKEND=onnx runs on CPU only; CLIP device %s uses torch", target)

@@ -465,6 +465,8 @@ class BackupRequest(BaseModel):
     kb: str | None = Field(None, max_length=48, description="Only this knowledge base.")
     incremental: str | None = Field(None, max_length=200, description="Name of an archive in VLMRAG_BACKUP_DIR: "
                                     "its blobs are left out.")
+    format: Literal["auto", "logical"] = Field("auto", description="auto: the embedded store as its shard's files "
+                                               "(fast), a Qdrant server's points; logical: every KB as its points.")
 
 
 class BackupInfo(BaseModel):

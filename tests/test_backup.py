@@ -58,16 +58,67 @@ def test_round_trip_backup_wipe_restore(data: Settings, tmp_path: Path, capsys) 
     with ArchiveReader(out) as reader:
         manifest = reader.manifest
         reader.verify()
-    assert manifest["format_version"] == 1 and manifest["vlmrag_version"]
+    assert manifest["format_version"] == 2 and manifest["vlmrag_version"]
     assert manifest["embedders"] == [{"id": before["kbs"]["default"]["embedder"], "dim": 32}]
     assert set(manifest["kbs"]["default"]["vectors"]) == {"image", "text"}  # by name, as stored
     assert all(len(m["sha256"]) == 64 for m in manifest["members"].values())
 
+    assert {e["method"] for e in manifest["kbs"].values()} == {"edge-shard"}  # the embedded store: its shards
+    assert any(n.startswith("kbs/pumps/shard/segments/") for n in manifest["members"])
+    assert not any(n.endswith("points.jsonl") for n in manifest["members"])
+    assert summary["kbs"]["default"]["blobs"] == len(before["kbs"]["default"]["blobs"])
+
     shutil.rmtree(data.data_dir)
     assert main(["restore", str(out)]) == 0
-    assert_same_content(read_all(data), before)
+    after = read_all(data)
+    assert_same_content(after, before)
+    for name, kb in before["kbs"].items():  # the shard's own files: vectors exactly as stored, not re-rounded
+        assert {pid: p["vectors"] for pid, p in after["kbs"][name]["points"].items()} == \
+            {pid: p["vectors"] for pid, p in kb["points"].items()}
     # restored into a new version, served through the pointer
     assert served_versions(data)["default"][0] == "vlmrag__v2"
+    assert not list((Path(data.data_dir) / "backup-staging").glob("*/*"))
+
+
+def test_format_1_archive_still_restores(data: Settings, tmp_path: Path, capsys) -> None:
+    """An archive of format 1 (logical, no ``method``) as vlmrag wrote them before edge-shard."""
+    before = read_all(data)
+    logical = tmp_path / "logical.vlmrag.tar"
+    assert main(["backup", str(logical), "--format", "logical", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert {k["method"] for k in summary["kbs"].values()} == {"logical"}
+
+    def as_format_1(name: str, data: bytes) -> bytes:
+        if name != "manifest.json":
+            return data
+        manifest = json.loads(data)
+        manifest["format_version"] = 1
+        for entry in manifest["kbs"].values():
+            del entry["method"]
+        return json.dumps(manifest).encode()
+
+    old = tmp_path / "v1.vlmrag.tar"
+    _rewrite(logical, old, as_format_1)
+    with ArchiveReader(old) as reader:
+        assert reader.manifest["format_version"] == 1 and "points.jsonl" in "".join(reader.members)
+    shutil.rmtree(data.data_dir)
+    assert main(["restore", str(old)]) == 0
+    assert_same_content(read_all(data), before)
+
+
+async def test_a_blob_deleted_after_the_freeze_is_still_archived(tmp_path: Path) -> None:
+    """Local blobs are archived from the store after the freeze: deletes wait until they are in."""
+    from retriever.blobs import LocalBlobStore
+
+    blobs = LocalBlobStore(tmp_path / "blobs")
+    key = blobs.put(b"image bytes", ".png")
+    again = blobs.put(b"kept", ".png")
+    with blobs.deletes_held():
+        blobs.delete(key)
+        blobs.delete(again)
+        assert blobs.get(key) == b"image bytes"
+        blobs.put(b"kept", ".png")  # put again while its delete waits: kept
+    assert not blobs.exists(key) and blobs.exists(again)
 
 
 def test_restore_refuses_to_overwrite_without_replace_and_replaces_with_it(data: Settings, tmp_path, capsys) -> None:
@@ -112,7 +163,8 @@ def _rewrite(src: Path, dest: Path, change) -> None:  # type: ignore[no-untyped-
 
 
 def _flip_byte(name: str, data: bytes) -> bytes:
-    if name.endswith("points.jsonl") and "pumps" in name:
+    """One bit of a member of KB pumps: its shard's config (edge-shard) or its points (logical)."""
+    if name in ("kbs/pumps/shard/edge_config.json", "kbs/pumps/points.jsonl"):
         return data[:10] + bytes([data[10] ^ 0x01]) + data[11:]
     return data
 
@@ -125,14 +177,18 @@ def _version_99(name: str, data: bytes) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("damage", ["truncated", "corrupted", "format_version", "not_a_tar", "missing_member"])
+@pytest.mark.parametrize("damage", ["truncated", "corrupted", "corrupted_logical", "format_version", "not_a_tar",
+                                    "missing_member"])
 def test_bad_archives_change_nothing(data: Settings, tmp_path: Path, capsys, damage: str) -> None:
     good = tmp_path / "good.vlmrag.tar"
-    assert main(["backup", str(good)]) == 0
+    assert main(["backup", str(good), *(["--format", "logical"] if damage == "corrupted_logical" else [])]) == 0
+    with ArchiveReader(good) as reader:
+        assert reader.manifest["kbs"]["pumps"]["method"] == ("logical" if damage == "corrupted_logical"
+                                                            else "edge-shard")
     bad = tmp_path / "bad.vlmrag.tar"
     if damage == "truncated":
         bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
-    elif damage == "corrupted":
+    elif damage in ("corrupted", "corrupted_logical"):
         _rewrite(good, bad, _flip_byte)
     elif damage == "format_version":
         _rewrite(good, bad, _version_99)
@@ -148,7 +204,8 @@ def test_bad_archives_change_nothing(data: Settings, tmp_path: Path, capsys, dam
     code = main(["restore", str(bad), "--replace"])
     lines = error_lines(capsys)
     assert code == 2 and len(lines) == 1, lines
-    assert {"truncated": "truncated", "corrupted": "corrupted", "format_version": "format version 99",
+    assert {"truncated": "truncated", "corrupted": "corrupted", "corrupted_logical": "corrupted",
+            "format_version": "format version 99",
             "not_a_tar": "not a", "missing_member": "truncated"}[damage] in lines[0]
     assert "nothing was changed" in lines[0]
     assert served_versions(data) == versions
@@ -167,11 +224,43 @@ def test_wrong_embedder_is_refused(data: Settings, tmp_path: Path, capsys, monke
     assert main(["restore", str(out), "--replace"]) == 1
     lines = error_lines(capsys)
     assert len(lines) == 1 and "other-tiny-clip" in lines[0] and "--reembed" in lines[0], lines
-    assert main(["restore", str(out), "--replace", "--reembed"]) == 2
-    assert "not supported yet" in error_lines(capsys)[0]
     monkeypatch.undo()
     assert served_versions(data) == versions
     assert_same_content(read_all(data), before)
+
+
+@pytest.mark.parametrize("fmt", ["auto", "logical"])
+def test_reembed_restores_an_archive_of_another_model(data: Settings, tmp_path: Path, capsys, monkeypatch,
+                                                      fmt: str) -> None:
+    """--reembed: the points get vectors of the configured (other) tiny CLIP from their text and blobs."""
+    from tests.support.tiny_clip import write_tiny_clip_config
+
+    before = read_all(data)
+    out = tmp_path / "a.vlmrag.tar"
+    assert main(["backup", str(out), "--format", fmt]) == 0
+    other = write_tiny_clip_config(tmp_path / "other", name="other-tiny-clip")
+    monkeypatch.setenv("VLMRAG_CLIP_MODEL", str(other))
+    shutil.rmtree(data.data_dir)
+    capsys.readouterr()
+    assert main(["restore", str(out), "--reembed", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert all(item["reembedded"] for item in result["restored"])
+    after = read_all(bare_settings())
+    assert after["rows"] == before["rows"]
+    for name, kb in before["kbs"].items():
+        got = after["kbs"][name]
+        assert "other-tiny-clip" in got["embedder"] and got["embedder"] != kb["embedder"]
+        assert set(got["points"]) == set(kb["points"]) and got["blobs"] == kb["blobs"]
+        for pid, point in kb["points"].items():
+            mine = got["points"][pid]
+            assert mine["payload"] == point["payload"] and mine["lexical"] == point["lexical"]
+            # an image vector where there is an image, a text vector where there is text (both tiny configs
+            # have the same architecture and seed, so the same weights: only the identity tells them apart)
+            assert set(mine["vectors"]) == set(point["vectors"])
+    # the new model restored with its own id: a plain restore of the same archive is now the mismatch
+    capsys.readouterr()
+    assert main(["restore", str(out), "--replace"]) == 1
+    assert "--reembed" in error_lines(capsys)[0]
 
 
 # --- kill -9 --------------------------------------------------------------------------------------------
@@ -218,16 +307,23 @@ def test_kill_mid_backup_leaves_no_archive_and_the_previous_one_intact(data: Set
     assert_same_content(read_all(data), before)
 
 
-def test_kill_mid_restore_leaves_the_served_kb_and_the_next_restore_works(data: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("kill", ["shard_files", "before_switch", "logical"])
+def test_kill_mid_restore_leaves_the_served_kb_and_the_next_restore_works(data: Settings, tmp_path: Path,
+                                                                          kill: str) -> None:
+    """Killed while the shard files are extracted, after they are a version but before the switch, or
+    (logical format) while points are imported."""
     out = tmp_path / "a.vlmrag.tar"
-    assert main(["backup", str(out)]) == 0
+    assert main(["backup", str(out), *(["--format", "logical"] if kill == "logical" else [])]) == 0
     archived = read_all(data)
     # the served KB changes after the backup: the killed restore must not take this away
     from tests.support.backup_data import read_kb
 
     asyncio.run(_delete_one(data))
     before, versions = read_all(data), served_versions(data)
-    done = _killed_child("retriever.store.edge", "EdgeStore", "import_points", 0, "restore", str(out), "--replace")
+    where = {"shard_files": ("retriever.backup.archive", "ArchiveReader", "extract", 3),
+             "before_switch": ("retriever.reindex", "EdgeVersions", "switch", 0),
+             "logical": ("retriever.store.edge", "EdgeStore", "import_points", 0)}[kill]
+    done = _killed_child(*where, "restore", str(out), "--replace")
     assert done.returncode == -signal.SIGKILL, done.stderr
     assert served_versions(data)["default"][0] == versions["default"][0]
     assert_same_content(read_all(data), before)
@@ -249,9 +345,12 @@ async def _delete_one(settings: Settings) -> None:
 
 
 # --- consistency while ingesting ---------------------------------------------------------------------
-async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowledge_base, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["auto", "logical"])
+async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowledge_base, tmp_path: Path,
+                                                     fmt: str) -> None:
     """Every archived point's blobs are in the archive, and its points are the first N ingested: one moment."""
     from retriever.backup.collection import point_blobs
+    from retriever.backup.shard import archived_points
     from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
     from server.services.backups import BackupService
     from tests.support.fixtures_retriever import make_sample_images
@@ -274,22 +373,25 @@ async def test_backup_during_ingestion_is_one_moment(settings: Settings, knowled
     while len(order) < 10:
         await asyncio.sleep(0.01)
     out = tmp_path / "during.vlmrag.tar"
-    summary = await service.backup(out)
+    summary = await service.backup(out, fmt=fmt)
     during = len(order)
     await writer
     kbs.catalog.close()
+    assert summary["kbs"]["default"]["method"] == ("edge-shard" if fmt == "auto" else "logical")
     assert 10 <= summary["kbs"]["default"]["points"] < len(images), "the backup did not overlap the ingestion"
     with ArchiveReader(out) as reader:
         reader.verify()
-        lines = reader.read("kbs/default/points.jsonl").decode().splitlines()
-        ids = [json.loads(line)["id"] for line in lines]
+        points = [p async for batch in archived_points(reader, "default", tmp_path / "scratch") for p in batch]
         members = set(reader.members)
-        for line in lines:
-            for key in point_blobs(json.loads(line)["payload"]):
-                assert f"kbs/default/blobs/{key}" in members
+    ids = [p.id for p in points]
+    for point in points:
+        assert point.vectors and set(point.vectors) <= {"image", "text"}
+        for key in point_blobs(point.payload.to_dict()):
+            assert f"kbs/default/blobs/{key}" in members
     count = len(ids)
     assert count == summary["kbs"]["default"]["points"] and count <= during
     assert set(ids) == set(order[:count])  # exactly the points stored up to one moment
+    assert not list((tmp_path / "scratch").glob("*"))  # the extracted shard removed
 
 
 # --- incremental, migration, PostgreSQL ----------------------------------------------------------------

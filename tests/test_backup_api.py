@@ -42,6 +42,7 @@ async def test_backup_through_the_api(settings: Settings, knowledge_base, fake_v
         assert r.status_code == 201, r.text
         full = r.json()
         assert full["kind"] == "full" and full["kbs"]["default"]["points"] == len(ids)
+        assert full["kbs"]["default"]["method"] == "edge-shard" and full["format_version"] == 2
         assert Path(full["path"]).parent == folder
         # a new snippet, then an incremental backup: only its blobs are in it
         from tests.support.fixtures_retriever import make_sample_images
@@ -57,9 +58,13 @@ async def test_backup_through_the_api(settings: Settings, knowledge_base, fake_v
         assert incremental["kbs"]["default"]["blobs_in_base"] == full["kbs"]["default"]["blobs"]
         assert (await client.post("/v1/admin/backup", json={"incremental": "missing.vlmrag.tar"},
                                   headers=auth(ADMIN))).status_code == 404
+        r = await client.post("/v1/admin/backup", json={"format": "logical"}, headers=auth(ADMIN))
+        assert r.status_code == 201 and r.json()["kbs"]["default"]["method"] == "logical", r.text
+        logical = r.json()
+        assert (await client.post("/v1/admin/backup", json={"format": "zip"}, headers=auth(ADMIN))).status_code == 400
         r = await client.get("/v1/admin/backups", headers=auth(ADMIN))
         assert r.status_code == 200
-        assert [i["name"] for i in r.json()["items"]] == [incremental["name"], full["name"]]
+        assert [i["name"] for i in r.json()["items"]] == [logical["name"], incremental["name"], full["name"]]
         assert r.json()["schedule"] is None
     with ArchiveReader(Path(incremental["path"])) as reader:
         reader.verify()

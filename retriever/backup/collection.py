@@ -17,7 +17,11 @@ import json
 import logging
 import os
 import shutil
+import time
+import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -25,7 +29,7 @@ from typing import IO, Any
 import numpy as np
 
 from retriever.backup.archive import ArchiveReader, ArchiveWriter, bad_archive
-from retriever.blobs import BlobStore, blob_key, validate_key
+from retriever.blobs import BlobStore, LocalBlobStore, blob_key, validate_key
 from retriever.errors import NotFound, StoreUnavailable
 from retriever.store.base import PASSAGE_VECTOR, VectorStore
 from retriever.types import PassageSpec, PointRecord, SnippetPayload, SparseVector
@@ -37,6 +41,11 @@ VECTOR_DTYPE = np.dtype("<f2")
 BATCH = 512
 #: (phase, done, total)
 Progress = Callable[[str, int, int], None]
+#: the ``method`` of a KB archived as its Edge shard's files (retriever/backup/shard.py); else "logical"
+EDGE_SHARD = "edge-shard"
+LOGICAL = "logical"
+#: edge-shard: the blob keys its points reference, one a line
+BLOB_KEYS = "blob-keys.txt"
 
 
 def member_prefix(kb: str) -> str:
@@ -65,11 +74,13 @@ class StagedCollection:
     blobs_in_base: int = 0
     missing_blobs: list[str] = field(default_factory=list)
     passage: PassageSpec | None = None  # the text embedder of the ``passage`` vector, where it has one
+    method: str = LOGICAL  # or EDGE_SHARD (retriever/backup/shard.py)
+    shard_files: list[str] = field(default_factory=list)  # edge-shard: paths under folder/"shard"
 
     def entry(self) -> dict[str, Any]:
         """The manifest's entry of this collection."""
         return {
-            "collection": self.collection, "embedder_id": self.embedder_id, "dim": self.dim,
+            "method": self.method, "collection": self.collection, "embedder_id": self.embedder_id, "dim": self.dim,
             "points": self.points, "vectors": dict(sorted(self.vectors.items())),
             "vector_rows": dict(sorted(self.vector_rows.items())), "sparse": dict(sorted(self.sparse.items())),
             "blobs": len(self.blobs), "blobs_in_base": self.blobs_in_base,
@@ -199,11 +210,19 @@ def _stage_blobs(staged: StagedCollection, blobs: BlobStore, keys: list[str], sk
 def write_collection(writer: ArchiveWriter, staged: StagedCollection) -> None:
     """Add a staged collection's files to the archive (blocking)."""
     prefix = member_prefix(staged.kb)
-    writer.add_file(prefix + "points.jsonl", staged.folder / "points.jsonl")
-    for name in sorted(staged.vectors):
-        writer.add_file(f"{prefix}vectors/{name}.f16", staged.folder / "vectors" / f"{name}.f16")
+    if staged.method == EDGE_SHARD:  # its shard files were written while frozen (retriever/backup/shard.py)
+        writer.add_file(prefix + BLOB_KEYS, staged.folder / BLOB_KEYS)
+    else:
+        writer.add_file(prefix + "points.jsonl", staged.folder / "points.jsonl")
+        for name in sorted(staged.vectors):
+            writer.add_file(f"{prefix}vectors/{name}.f16", staged.folder / "vectors" / f"{name}.f16")
     for key, path in sorted(staged.blobs.items()):
-        writer.add_file(f"{prefix}blobs/{key}", path)
+        try:
+            writer.add_file(f"{prefix}blobs/{key}", path)
+        except FileNotFoundError:  # archived from the blob store itself: missing there before the backup
+            log.warning("backup of %s: blob %s of a point is missing", staged.kb, key)
+            del staged.blobs[key]
+            staged.missing_blobs.append(key)
 
 
 # --- restore ---------------------------------------------------------------------------------------
@@ -245,23 +264,122 @@ def read_points(reader: ArchiveReader, kb: str) -> Iterator[list[PointRecord]]:
 
 def restore_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wanted: set[str],
                   progress: Progress | None = None) -> int:
-    """Put every ``wanted`` blob from the archive (or its bases, for an incremental one) into ``blobs``."""
+    """Put every ``wanted`` blob from the archive (or its bases, for an incremental one) into ``blobs``.
+
+    Read here in order, written by four threads (creating a file is mostly waiting on the file system);
+    each key is checked against its bytes.
+    """
+    if isinstance(blobs, LocalBlobStore):
+        return _restore_local_blobs(readers, kb, blobs, wanted, progress)
     written = 0
-    for done, key in enumerate(sorted(wanted), 1):
-        name = f"{member_prefix(kb)}blobs/{key}"
-        source = next((r for r in readers if name in r.members), None)
-        if source is None:
-            continue  # reported missing at backup time, or checked by the caller
-        data = source.read(name)
-        suffix = "." + key.rsplit(".", 1)[1] if "." in key.split("/", 1)[1] else ""
-        if blob_key(data, suffix) != key:
-            raise bad_archive(source.path, f"holds blob {key} whose bytes do not match its key (corrupted)")
-        if not blobs.exists(key):
-            blobs.put(data, suffix)
+    pending: deque[tuple[str, ArchiveReader, Future[str]]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            key, source, future = pending.popleft()
+            if future.result() != key:
+                raise bad_archive(source.path, f"holds blob {key} whose bytes do not match its key (corrupted)")
+
+    with ThreadPoolExecutor(4, thread_name_prefix="vlmrag-restore-blobs") as pool:
+        for done, key in enumerate(sorted(wanted), 1):
+            name = f"{member_prefix(kb)}blobs/{key}"
+            source = next((r for r in readers if name in r.members), None)
+            if source is None:
+                continue  # reported missing at backup time, or checked by the caller
+            data = source.read(name)
+            pending.append((key, source, pool.submit(blobs.put, data, _suffix(key))))
             written += 1
-        if progress and done % 1000 == 0:
-            progress(f"{kb}: blobs", done, len(wanted))
+            settle(64)
+            if progress and done % 1000 == 0:
+                progress(f"{kb}: blobs", done, len(wanted))
+        settle(0)
     return written
+
+
+def remove_stale(folder: Path, pattern: str, age_s: float = 3600.0) -> None:
+    """Remove what killed restores left in ``folder`` (``pattern``, untouched for ``age_s``)."""
+    for path in folder.glob(pattern):
+        try:
+            if time.time() - path.stat().st_mtime > age_s:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _suffix(key: str) -> str:
+    return "." + key.rsplit(".", 1)[1] if "." in key.split("/", 1)[1] else ""
+
+
+def _write_new_blob(staging: Path, key: str, data: bytes) -> bool:
+    """``data`` as ``staging/key`` (a new file); False when its bytes do not match the key."""
+    if blob_key(data, _suffix(key)) != key:
+        return False
+    path = staging / key
+    path.parent.mkdir(exist_ok=True)
+    with open(path, "xb") as out:
+        out.write(data)
+    return True
+
+
+def _restore_local_blobs(readers: list[ArchiveReader], kb: str, blobs: LocalBlobStore, wanted: set[str],
+                         progress: Progress | None) -> int:
+    """``restore_blobs`` into local files: one file creation a blob, as ``tar -x`` does.
+
+    The blobs the store lacks are written into ``<root>/.restoring-<hex>/`` (never a key's path: a file
+    cut short by a kill is never taken for a blob), then moved into place, a whole ``<2 hex>/`` folder
+    at once where the store has none yet (a fresh restore), else file by file.
+    """
+    root = blobs.root
+    remove_stale(root, ".restoring-*")
+    staging = root / f".restoring-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    written = 0
+    pending: deque[tuple[str, ArchiveReader, Future[bool]]] = deque()
+
+    def settle(limit: int) -> None:
+        while len(pending) > limit:
+            key, source, future = pending.popleft()
+            if not future.result():
+                raise bad_archive(source.path, f"holds blob {key} whose bytes do not match its key (corrupted)")
+
+    try:
+        with ThreadPoolExecutor(4, thread_name_prefix="vlmrag-restore-blobs") as pool:
+            for done, key in enumerate(sorted(wanted), 1):
+                name = f"{member_prefix(kb)}blobs/{key}"
+                source = next((r for r in readers if name in r.members), None)
+                if source is None or (root / validate_key(key)).is_file():
+                    continue  # missing at backup time (checked by the caller), or already here
+                pending.append((key, source, pool.submit(_write_new_blob, staging, key, source.read(name))))
+                written += 1
+                settle(64)
+                if progress and done % 1000 == 0:
+                    progress(f"{kb}: blobs", done, len(wanted))
+            settle(0)
+        for folder in sorted(staging.iterdir()):
+            dest = root / folder.name
+            try:
+                os.rename(folder, dest)  # the store has no such folder yet (or an empty one)
+            except OSError:
+                for path in sorted(folder.iterdir()):
+                    if not (dest / path.name).exists():
+                        os.rename(path, dest / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return written
+
+
+async def restore_kb_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wanted: set[str],
+                           missing: set[str], progress: Progress | None = None) -> None:
+    """Every ``wanted`` blob of ``kb`` (but the ``missing`` ones) from the archive or its bases into ``blobs``."""
+    for key in sorted(wanted - missing):
+        name = f"{member_prefix(kb)}blobs/{key}"
+        if not any(name in r.members for r in readers):
+            raise bad_archive(readers[0].path, f"lacks blob {key} of KB {kb} and no base archive holds it "
+                              "(an incremental backup needs its base beside it)")
+    if await asyncio.to_thread(restore_blobs, readers, kb, blobs, wanted, progress):
+        # one flush of everything written rather than two fsyncs a blob (the caller may pass a blob store
+        # that skips them: 4x faster at 20k blobs); the blobs are durable before any point names them
+        await asyncio.to_thread(os.sync)
 
 
 async def import_collection(
@@ -275,16 +393,7 @@ async def import_collection(
     reader = readers[0]
     entry = reader.manifest["kbs"][kb]
     wanted: set[str] = await asyncio.to_thread(lambda: {key for refs in _refs(reader, kb) for key in refs})
-    missing = set(entry.get("missing_blobs") or [])
-    for key in sorted(wanted - missing):
-        name = f"{member_prefix(kb)}blobs/{key}"
-        if not any(name in r.members for r in readers):
-            raise bad_archive(reader.path, f"lacks blob {key} of KB {kb} and no base archive holds it "
-                              "(an incremental backup needs its base beside it)")
-    if await asyncio.to_thread(restore_blobs, readers, kb, blobs, wanted, progress):
-        # one flush of everything written rather than two fsyncs a blob (the caller may pass a blob store
-        # that skips them: 4x faster at 20k blobs); the blobs are durable before any point names them
-        await asyncio.to_thread(os.sync)
+    await restore_kb_blobs(readers, kb, blobs, wanted, set(entry.get("missing_blobs") or []), progress)
     total, written = int(entry.get("points", 0)), 0
     points = read_points(reader, kb)
     while True:

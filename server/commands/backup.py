@@ -1,15 +1,17 @@
-"""``vlmrag backup OUT [--kb K] [--incremental BASE] [--json]``: one archive of every knowledge base (or one).
+"""``vlmrag backup OUT [--kb K] [--incremental BASE] [--format auto|logical] [--json]``: one archive of every KB.
 
 Points with their payloads and every vector, their blobs, the KB catalog and the answer/feedback log,
 and a manifest with the sha256 of every member (format: retriever/backup/archive.py), written under a
-temporary name and renamed when complete. ``--incremental BASE`` leaves out the blobs the archive BASE
+temporary name and renamed when complete. The embedded store's KBs are archived as their Edge shard's
+files (``"method": "edge-shard"``: 1.5-2x ``tar`` of the data dir), a Qdrant server's as their points
+(``"logical"``, also what ``--format logical`` gives every KB: portable, ~15x slower). ``--incremental BASE`` leaves out the blobs the archive BASE
 holds (keep BASE beside it: a restore reads them there). The embedded store belongs to one process:
 while ``vlmrag serve`` holds it, back up through the server (``POST /v1/admin/backup``, into
 ``VLMRAG_BACKUP_DIR``).
 
 ``--json`` prints the archive's summary: ``{"name", "path", "bytes", "created_at", "kind", "base",
 "vlmrag_version", "format_version", "embedders", "database", "kbs": {name: {"points", "blobs",
-"blobs_in_base", "embedder_id"}}}``.
+"blobs_in_base", "embedder_id", "method"}}}``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 from retriever.errors import StoreUnavailable
 from server.knowledge_bases import KBCatalog, KnowledgeBases, database_url
-from server.services.backups import BackupService
+from server.services.backups import FORMATS, BackupService
 from server.settings import Settings
 
 
@@ -34,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     parser.add_argument("--kb", dest="backup_kb", metavar="KB", help="Only this knowledge base.")
     parser.add_argument("--incremental", type=Path, metavar="BASE",
                         help="Leave out the blobs the archive BASE already holds.")
+    parser.add_argument("--format", dest="backup_format", choices=FORMATS, default="auto",
+                        help="auto (default): an embedded store as its shard's files (fast), a Qdrant server's "
+                             "collections as their points; logical: every KB as its points (slower, ~15x).")
     parser.add_argument("--json", action="store_true", help="Machine-readable summary (keys above).")
     parser.set_defaults(func=run)
 
@@ -70,9 +75,9 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     settings, scoped = unscoped(settings, args)
     kbs = KnowledgeBases(settings, KBCatalog(database_url(settings)), _opener(settings, False))
     try:
-        service = BackupService(settings, kbs)
+        service = BackupService(settings, kbs, nice=0)  # no server in this process: nothing to yield to
         result = await service.backup(args.out, kb=args.backup_kb or scoped, incremental=args.incremental,
-                                      progress=progress_printer(args.json))
+                                      progress=progress_printer(args.json), fmt=args.backup_format)
     except StoreUnavailable as exc:
         if "locked" in exc.message:
             raise StoreUnavailable(f"{exc.message}. While `vlmrag serve` runs, back up through it: "

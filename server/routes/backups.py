@@ -26,7 +26,8 @@ def _unbound(caller: Principal | None) -> None:
 @router.post("/v1/admin/backup", response_model=BackupInfo, status_code=201)
 async def create_backup(body: BackupRequest, backups: BackupsDep, caller: CallerDep) -> BackupInfo:
     _unbound(caller)
-    return BackupInfo(**await backups.backup_into_dir(kb=body.kb, incremental=body.incremental))
+    return BackupInfo(**await backups.backup_into_dir(kb=body.kb, incremental=body.incremental,
+                                                          fmt=body.format))
 
 
 @router.get("/v1/admin/backups", response_model=BackupList)

@@ -20,6 +20,7 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,17 @@ from retriever.backup import (
     vlmrag_version,
     write_collection,
 )
-from retriever.backup.collection import Progress
+from retriever.backup.archive import run_niced
+from retriever.backup.collection import LOGICAL, Progress
 from retriever.backup.restore import archived_passage, served_count
-from retriever.blobs import LocalBlobStore
+from retriever.backup.shard import stage_edge_collection
+from retriever.blobs import BlobStore, LocalBlobStore
+from retriever.embedder import ClipEmbedder
 from retriever.errors import Conflict, InvalidInput, NotFound, StoreUnavailable
-from retriever.reindex import EdgeVersions, Versions
+from retriever.ingest.rules import IngestRules
+from retriever.reindex import EdgeVersions, Versions, _PointRebuilder
 from retriever.store import VectorStore
+from retriever.store.edge import EdgeStore
 from retriever.text_embedder import configured_passage_spec
 from server.backup_tables import dump_tables, load_tables
 from server.knowledge_bases import DEFAULT_KB, KnowledgeBases, blob_namespace, check_name, collection_for
@@ -50,6 +56,8 @@ from server.wiring import build_blob_store, open_configured_store
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIX = ".vlmrag.tar"
+#: ``vlmrag backup --format``: "auto" (an embedded store as its shard, a Qdrant server logically), "logical"
+FORMATS = ("auto", LOGICAL)
 
 
 def archive_name(at: float | None = None, kb: str | None = None) -> str:
@@ -67,7 +75,8 @@ def summary(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         "format_version": manifest.get("format_version"), "embedders": manifest.get("embedders", []),
         "database": manifest.get("database", {}),
         "kbs": {name: {"points": e.get("points"), "blobs": e.get("blobs"), "blobs_in_base": e.get("blobs_in_base"),
-                       "embedder_id": e.get("embedder_id")} for name, e in manifest.get("kbs", {}).items()},
+                       "embedder_id": e.get("embedder_id"), "method": e.get("method", LOGICAL)}
+                for name, e in manifest.get("kbs", {}).items()},
     }
 
 
@@ -95,9 +104,11 @@ def base_chain(reader: ArchiveReader, explicit: Path | None = None) -> list[Arch
 class BackupService:
     """Archives of the KBs this service holds."""
 
-    def __init__(self, settings: Settings, knowledge_bases: KnowledgeBases) -> None:
+    def __init__(self, settings: Settings, knowledge_bases: KnowledgeBases, *, nice: int = 10) -> None:
         self.settings = settings
         self.kbs = knowledge_bases
+        #: the archive-writing thread's nice increment: 10 in the server (searches first), 0 for the CLI
+        self.nice = nice
         self._lock = asyncio.Lock()  # one backup at a time: each holds every KB's writes for a while
 
     @property
@@ -106,8 +117,15 @@ class BackupService:
 
     async def backup(
         self, out: Path, *, kb: str | None = None, incremental: Path | None = None, progress: Progress | None = None,
+        fmt: str = "auto",
     ) -> dict[str, Any]:
-        """Write the archive ``out`` (see the module doc); returns its ``summary``."""
+        """Write the archive ``out`` (see the module doc); returns its ``summary``.
+
+        ``fmt``: "auto" archives an embedded (Edge) store as its shard's files and a Qdrant server's
+        collection as its points; "logical" archives every KB as its points (portable, ~15x slower).
+        """
+        if fmt not in FORMATS:
+            raise InvalidInput(f"backup format must be one of {', '.join(FORMATS)}, not {fmt!r}", param="format")
         names = [kb] if kb else await self.kbs.names()
         for name in names:
             await self.kbs.spec(name)  # NotFound for an unknown KB, before anything is written
@@ -126,17 +144,22 @@ class BackupService:
             staging_root.mkdir(parents=True, exist_ok=True)
             staging = Path(tempfile.mkdtemp(dir=staging_root))  # beside the blobs: staged by hard link
             writer = await asyncio.to_thread(ArchiveWriter, Path(out))
+            holds = ExitStack()  # blob stores' deletes held until their blobs are in the archive
             try:
                 staged = []
                 for name in names:
                     opened = await self.kbs.get(name)
-                    staged.append(await stage_collection(
-                        name, opened.store, opened.blobs, staging / name, collection=opened.collection,
-                        base_blobs=base_blobs.get(name), progress=progress,
-                    ))
+                    store, folder = opened.store, staging / name
+                    options: dict[str, Any] = {"collection": opened.collection, "base_blobs": base_blobs.get(name),
+                                               "progress": progress}
+                    if fmt != LOGICAL and isinstance(store, EdgeStore) and await store.count():  # its shard's files
+                        staged.append(await stage_edge_collection(name, store, opened.blobs, folder, writer=writer,
+                                                                  holds=holds, **options))
+                    else:
+                        staged.append(await stage_collection(name, store, opened.blobs, folder, **options))
                 database = await asyncio.to_thread(dump_tables, self.settings, writer, [kb] if kb else None)
-                for item in staged:
-                    await asyncio.to_thread(write_collection, writer, item)
+                for item in staged:  # tar and sha256 on a low-priority thread: searches keep their core
+                    await run_niced(write_collection, writer, item, nice=self.nice)
                 embedders = {(s.embedder_id, s.dim) for s in staged if s.embedder_id}
                 manifest = {
                     "format": FORMAT, "format_version": FORMAT_VERSION, "vlmrag_version": vlmrag_version(),
@@ -153,12 +176,14 @@ class BackupService:
                 await asyncio.to_thread(writer.abort)
                 raise
             finally:
+                await asyncio.to_thread(holds.close)
                 await asyncio.to_thread(shutil.rmtree, staging, True)
         log.info("backup %s written in %.1f s: %s", out, time.time() - started,
                  ", ".join(f"{s.kb} {s.points} points" for s in staged))
         return summary(Path(out), manifest)
 
-    async def backup_into_dir(self, *, kb: str | None = None, incremental: str | None = None) -> dict[str, Any]:
+    async def backup_into_dir(self, *, kb: str | None = None, incremental: str | None = None,
+                              fmt: str = "auto") -> dict[str, Any]:
         """A backup named by its time in ``backup_dir`` (the API and the schedule)."""
         directory = self._require_dir()
         base = None
@@ -166,7 +191,7 @@ class BackupService:
             base = directory / Path(incremental).name
             if not base.is_file():
                 raise NotFound(f"no backup {incremental!r} in the backup folder", param="incremental")
-        return await self.backup(directory / archive_name(kb=kb), kb=kb, incremental=base)
+        return await self.backup(directory / archive_name(kb=kb), kb=kb, incremental=base, fmt=fmt)
 
     def _require_dir(self) -> Path:
         if self.directory is None:
@@ -269,12 +294,31 @@ async def open_versions(settings: Settings, collection: str) -> tuple[Versions, 
     return store.versions(), store
 
 
-def configured_embedder(settings: Settings) -> tuple[str, int]:
-    """Identity and dimension of the configured CLIP model (loaded with torch: no ONNX export for this)."""
+def load_configured_embedder(settings: Settings) -> ClipEmbedder:
+    """The configured CLIP model (loaded with torch: no ONNX export for a restore)."""
     from server.wiring import build_embedder
 
-    embedder = build_embedder(settings.model_copy(update={"clip_backend": "torch"}))
-    return embedder.identity, embedder.dim
+    return build_embedder(settings.model_copy(update={"clip_backend": "torch"}))
+
+
+def configured_embedder(settings: Settings) -> tuple[str, int]:
+    """Identity and dimension of the configured CLIP model (from its config: the weights are not loaded)."""
+    from retriever.embedder import embedder_identity
+
+    try:
+        return embedder_identity(settings.clip_model, settings.clip_pretrained)
+    except Exception:  # noqa: BLE001 - what the loader says about odd settings is the clearer error
+        embedder = load_configured_embedder(settings)
+        return embedder.identity, embedder.dim
+
+
+def rebuilder_for(settings: Settings, embedder: ClipEmbedder, blobs: BlobStore) -> _PointRebuilder:
+    """What ``--reembed`` embeds the restored points with: the configured CLIP (and text) model, as reindex does."""
+    from server.wiring import build_text_embedder
+
+    rules = IngestRules(max_image_bytes=max(settings.limit_image_bytes, 50 << 20),
+                        max_image_pixels=settings.limit_image_pixels)
+    return _PointRebuilder(embedder, blobs, rules, build_text_embedder(settings, None), settings.text_embedder_ocr)
 
 
 async def restore(
@@ -309,22 +353,27 @@ async def _restore(
             raise InvalidInput("--as NEW restores one knowledge base: name it with --kb", param="as")
         check_name(as_name)
     plan = RestorePlan({n: as_name or n for n in names})
-    if reembed:
-        raise InvalidInput("--reembed is not supported yet: restore with the embedder the archive was made with "
-                           "(its manifest's embedders), then `vlmrag reindex --to MODEL`", param="reembed")
     identity, dim = await asyncio.to_thread(configured_embedder, settings)
     passage = await asyncio.to_thread(configured_passage_spec, settings.text_embedder)
+    reembedded: set[str] = set()  # --reembed: KBs of another model, re-embedded from their text and blobs
     for name in names:
         entry = archived[name]
-        if entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim:
+        stored = archived_passage(entry)
+        other_clip = entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim
+        other_text = stored is not None and passage is not None and stored != passage
+        if (other_clip or other_text) and reembed:
+            reembedded.add(name)
+        elif other_clip:
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} was embedded with "
                            f"{entry.get('embedder_id')}, this service uses {identity} (VLMRAG_CLIP_MODEL); "
                            "restore with the same model, or --reembed; nothing was changed")
-        stored = archived_passage(entry)
-        if stored is not None and passage is not None and stored != passage:
+        elif other_text and stored is not None and passage is not None:
             raise Conflict(f"backup archive {reader.path}: knowledge base {name!r} has passage vectors of text "
                            f"embedder {stored.embedder_id}, this service uses {passage.embedder_id} "
-                           "(VLMRAG_TEXT_EMBEDDER); restore with the same model; nothing was changed")
+                           "(VLMRAG_TEXT_EMBEDDER); restore with the same model, or --reembed; nothing was changed")
+    embedder = await asyncio.to_thread(load_configured_embedder, settings) if reembedded else None
+    if embedder is not None and (embedder.identity, embedder.dim) != (identity, dim):
+        raise Conflict(f"the configured CLIP model loads as {embedder.identity}, not {identity}; nothing was changed")
     for target in plan.renames.values():  # every target checked before any is touched
         versions, owner = await open_versions(settings, collection_for(settings, target))
         try:
@@ -342,12 +391,16 @@ async def _restore(
             blobs = build_blob_store(settings, blob_namespace(target))
             if isinstance(blobs, LocalBlobStore):  # no fsync per blob: import_collection syncs once after them
                 blobs = LocalBlobStore(blobs.root, fsync=False)
-            result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress)
+            rebuilder = await asyncio.to_thread(rebuilder_for, settings, embedder, blobs) \
+                if source in reembedded and embedder is not None else None
+            result = await restore_collection(readers, source, versions, blobs, replace=replace, progress=progress,
+                                              scratch=Path(settings.data_dir) / "backup-staging", rebuilder=rebuilder)
         finally:
             if owner is not None:
                 await owner.close()
         restored.append({"kb": target, "from": source, "version": result.version, "previous": result.previous,
-                         "points": result.points, "dropped": result.dropped})
+                         "points": result.points, "dropped": result.dropped, "reembedded": source in reembedded,
+                         "skipped": result.skipped})
     rows = await asyncio.to_thread(load_tables, settings, reader, plan.renames, replace=replace)
     await _ensure_catalog_rows(settings, [t for t in plan.renames.values() if t != DEFAULT_KB])
     return {"archive": str(reader.path), "restored": restored, "rows": rows}
