@@ -100,6 +100,7 @@ class RankerScorer:
                                   "the whole pool in one call; relevancy = its probability.")
     threshold: ClassVar[bool] = True
     uses_model: ClassVar[bool] = True
+    requires: ClassVar[str] = "ranker_url"  # the setting it needs (GET /v1/scorers: available or not)
 
     def __init__(self, judge: YesNoJudge) -> None:
         self.judge = judge

@@ -3,7 +3,7 @@
 The scorers (``vlm``, ``rerank``, ``evidence``, ``clip``, ``none``) and their registry live in ``retriever/scorers.py``; the
 logprob arithmetic in ``retriever/logprobs.py``. ``RerankService`` dispatches ``plan.scorer`` through
 the registry, then selects: adaptively (threshold, margin, min_k) for a scorer that applies the
-threshold, else the top k by fused score. It also answers Yes/No questions for the model scorer and
+threshold, else the top k in retrieval order (the fusion's rank). It also answers Yes/No questions for the model scorer and
 the answer check (``yes_probability``). Failures never fail a chat (see the ``vlm`` scorer).
 """
 

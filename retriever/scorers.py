@@ -1,9 +1,11 @@
 """Relevancy scorers behind one protocol, and the registry the API, the CLI and the chat page read.
 
 A scorer is a class with a ``name``, a one-line ``description``, whether the plan's ``threshold``
-applies to its scores (``threshold``; ``False`` keeps the top k by fused score), whether it calls
+applies to its scores (``threshold``; ``False`` keeps the top k in retrieval order), whether it calls
 the relevancy model (``uses_model``) and
 ``async score(query_text, query_images, candidates, load_image, *, image_text="") -> ScoreReport``
+(and, optionally, ``requires``: the name of the ``Settings`` field it cannot work without, such as
+``ranker_url``; ``GET /v1/scorers`` then reports it unavailable while that is empty)
 (``image_text``: what OCR read in the query images, when the search read them). It is built per
 request with the ``RerankService`` (its ``judge``: backend, concurrency, timeout, the Yes/No
 probability). Adding a scorer is one class here (or anywhere) plus one line in ``SCORERS``:
@@ -28,7 +30,7 @@ page builds its options from that, and ``vlmrag eval --scorer`` offers it when i
   identifier match (every identifier of the query, in the candidate's text or OCR text) is
   near-certain, shared words count by coverage, a dense cosine by how far it stands out of its own
   list (a flat list is weak evidence). The degraded ``vlm`` scorer falls back to it.
-* ``none`` — no scoring: the top k by fused score are kept (relevancy is still the clip map).
+* ``none`` — no scoring: the top k in retrieval order (the fusion's rank) are kept (relevancy is still the clip map).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ class RelevancyScorer(Protocol):
 
     name: ClassVar[str]
     description: ClassVar[str]
-    threshold: ClassVar[bool]  # False: keep the top k by fused score, no threshold
+    threshold: ClassVar[bool]  # False: keep the top k in retrieval order, no threshold
     uses_model: ClassVar[bool]  # True: it calls the relevancy model (the judge's backend)
 
     def __init__(self, judge: YesNoJudge) -> None: ...
@@ -181,10 +183,10 @@ class EvidenceScorer:
 
 
 class NoneScorer:
-    """No scoring: the top k by fused score (relevancy still reported as the clip map)."""
+    """No scoring: the top k in retrieval order (relevancy still reported as the clip map)."""
 
     name: ClassVar[str] = "none"
-    description: ClassVar[str] = "No re-ranking: the top k by fused retrieval score, no threshold."
+    description: ClassVar[str] = "No re-ranking: the top k in retrieval order, no threshold."
     threshold: ClassVar[bool] = False
     uses_model: ClassVar[bool] = False
 

@@ -312,7 +312,9 @@ class SearchResponse(BaseModel):
 class ScorerInfo(BaseModel):
     name: str
     description: str
-    threshold: bool = Field(description="Whether the relevancy threshold applies (false: the top k by fused score).")
+    threshold: bool = Field(description="Whether the relevancy threshold applies (false: the top k in retrieval order).")
+    available: bool = Field(True, description="False while a setting it needs is empty (rerank: VLMRAG_RANKER_URL); "
+                            "a request naming it then degrades to the evidence scorer, degraded [\"rerank\"].")
 
 
 class ScorerList(BaseModel):

@@ -88,6 +88,9 @@ async def test_scorers_route_lists_the_registry_and_the_default(client, inverse)
     assert {s["name"]: s["threshold"] for s in body["scorers"]} == {
         "vlm": True, "rerank": True, "evidence": True, "clip": True, "none": False, "inverse": True}
     assert all(s["description"] for s in body["scorers"])
+    # rerank needs VLMRAG_RANKER_URL, unset in the test settings; the others need nothing
+    assert {s["name"]: s["available"] for s in body["scorers"]} == {
+        "vlm": True, "rerank": False, "evidence": True, "clip": True, "none": True, "inverse": True}
     spec = (await client.get("/openapi.json")).json()
     assert "inverse" in spec["components"]["schemas"]["SearchRequest"]["properties"]["scorer"]["anyOf"][0]["enum"]
 
@@ -115,3 +118,9 @@ async def test_scorers_route_needs_a_chat_key(make_client) -> None:
         assert (await c.get("/v1/scorers")).status_code == 401
         r = await c.get("/v1/scorers", headers={"Authorization": "Bearer chat-key-0123456789abcdef"})
         assert r.status_code == 200 and r.json()["default"] == "clip"
+
+
+async def test_rerank_is_available_once_a_ranker_url_is_set(make_client) -> None:
+    async with make_client(ranker_url=["http://127.0.0.1:9"]) as c:  # nothing listens: availability is the setting
+        body = (await c.get("/v1/scorers")).json()
+        assert {s["name"]: s["available"] for s in body["scorers"]}["rerank"] is True

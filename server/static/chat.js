@@ -102,8 +102,10 @@ async function loadScorers(select, saved) {
   }
   const scorers = (body && Array.isArray(body.scorers)) ? body.scorers.filter((s) => s && typeof s.name === "string") : [];
   if (scorers.length === 0) return select.value;
-  select.replaceChildren(...scorers.map((s) => el("option", { value: s.name, title: s.description || "" }, s.name)));
-  const names = scorers.map((s) => s.name);
+  // a scorer whose setting is empty (rerank without VLMRAG_RANKER_URL) is listed, marked, not offered
+  select.replaceChildren(...scorers.map((s) => el("option", { value: s.name, title: s.description || "",
+    disabled: s.available === false }, s.available === false ? `${s.name} (not configured)` : s.name)));
+  const names = scorers.filter((s) => s.available !== false).map((s) => s.name);
   select.value = names.includes(saved) ? saved : names.includes(body.default) ? body.default : names[0];
   select.dataset.source = "server"; // built from the registry (the page's own options are the fallback)
   return select.value;

@@ -202,6 +202,9 @@ def test_second_turn_sends_history_and_retrieval_options(live_server: LiveServer
     page.fill("#opt-threshold", "0")
     page.wait_for_selector("#opt-scorer[data-source='server']", state="attached")
     assert page.locator("#opt-scorer option").evaluate_all("os => os.map(o => o.value)") == ["vlm", "rerank", "evidence", "clip", "none"]
+    # no VLMRAG_RANKER_URL in the test settings: rerank is listed, marked, and cannot be picked
+    rerank = page.locator("#opt-scorer option[value='rerank']")
+    assert rerank.evaluate("o => o.disabled") is True and rerank.inner_text() == "rerank (not configured)"
     page.select_option("#opt-scorer", "none")
 
     page.fill("#question", "How long is the warranty?")
