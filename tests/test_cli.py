@@ -119,7 +119,7 @@ def test_ingest_goes_through_the_running_service(cli_env: Path, sample_images, t
     paths[0].with_suffix(".txt").write_text("caption through the API")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
 
-    settings = bare_settings(auth_disabled=True)
+    settings = bare_settings(auth_disabled=True, backup_dir=str(tmp_path / "server-backups"))
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -145,6 +145,11 @@ def test_ingest_goes_through_the_running_service(cli_env: Path, sample_images, t
         code, built = run_json(capsys, "optimize", "--force", "--json")
         assert code == 0 and built["via"] == f"http://127.0.0.1:{port}", built
         assert built["built"] and built["points"] == 3 and built["indexed_vectors"] > 0  # 0 before
+        # and backup: the server writes it into its backup folder, the CLI moves it to OUT
+        code, archive = run_json(capsys, "backup", str(tmp_path / "out" / "kb.vlmrag.tar"), "--json")
+        assert code == 0 and archive["via"] == f"http://127.0.0.1:{port}", archive
+        assert archive["path"] == str(tmp_path / "out" / "kb.vlmrag.tar") and Path(archive["path"]).is_file()
+        assert archive["kbs"]["default"]["points"] == 3 and not list((tmp_path / "server-backups").iterdir())
     finally:
         server.should_exit = True
         thread.join(30)
