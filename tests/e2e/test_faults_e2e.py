@@ -51,6 +51,7 @@ class FaultRig:
     vllm: VLLMServer
     url: str  # vlmrag under uvicorn
     settings: Settings
+    tripwire: TripwireTransport  # under vlmrag's vLLM client: fires on the first chunk of an armed stream
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +72,53 @@ def fault_vllm(tiny_vlm_dir: Path) -> Iterator[VLLMServer]:
         server.stop()
 
 
+class TripwireTransport(httpx.AsyncBaseTransport):
+    """The real transport to vLLM; once ``arm``ed, the next streamed chat calls its trigger as vlmrag
+    receives the first chunk from vLLM, so a kill lands at a known point of the stream (a kill timed
+    from the test's client lands wherever the relay happens to be: it once found vLLM done)."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport(limits=httpx.Limits(max_connections=64))
+        self.trigger: Any = None
+
+    def arm(self, trigger: Any) -> None:
+        self.trigger = trigger
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        trigger, self.trigger = self.trigger, None
+        if trigger is None:
+            return response
+        upstream = response.stream
+        assert isinstance(upstream, httpx.AsyncByteStream)
+
+        class Tripped(httpx.AsyncByteStream):
+            async def __aiter__(self):  # type: ignore[no-untyped-def]
+                fired = False
+                async for chunk in upstream:
+                    if not fired:
+                        fired = True
+                        trigger()
+                    yield chunk
+
+            async def aclose(self) -> None:
+                await upstream.aclose()
+
+        return httpx.Response(response.status_code, headers=response.headers, stream=Tripped(),
+                              extensions=response.extensions, request=request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @pytest.fixture(scope="module")
 def rig(fault_vllm: VLLMServer, tmp_path_factory: pytest.TempPathFactory, tiny_clip_config: Path) -> Iterator[FaultRig]:
     settings = _fault_settings(tmp_path_factory.mktemp("faults"), tiny_clip_config, fault_vllm.url)
-    server = UvicornThread(create_app(settings), free_port())
+    tripwire = TripwireTransport()
+    server = UvicornThread(create_app(settings, vllm_transport=tripwire), free_port())
     server.start()
     try:
-        yield FaultRig(fault_vllm, f"http://127.0.0.1:{server.server.config.port}", settings)
+        yield FaultRig(fault_vllm, f"http://127.0.0.1:{server.server.config.port}", settings, tripwire)
     finally:
         server.stop()
 
@@ -160,25 +201,30 @@ def test_vllm_killed_mid_stream_ends_with_one_error_event_and_done(rig: FaultRig
     # top logprobs make every token cost vLLM more (20 detokenised alternatives): the stream must still be
     # running when the kill lands, and the tiny model alone can stream 2000 tokens in well under a second
     # ignore_eos: random weights at temperature 1 may sample EOS early, which would end the stream first.
-    # The kill lands on the first event: vLLM runs ahead of what the client has read (the relay buffers),
-    # and on a busy box it once finished 2000 tokens before the client saw the second event.
+    # The kill lands when vlmrag receives vLLM's first chunk (the tripwire under its client): killed from
+    # the test's client instead, it landed wherever the relay was, and on a busy box vLLM was done by then.
     body = {**CHAT, "max_tokens": 2000, "stream": True, "temperature": 1.0, "seed": 7,
             "logprobs": True, "top_logprobs": 20, "ignore_eos": True}
     events: list[str] = []
-    killed_at = 0.0
+    killed: list[float] = []
+
+    def kill_now() -> None:  # on vlmrag's event loop: SIGKILL only (reaped below), never a wait
+        rig.vllm.kill_now()
+        killed.append(time.monotonic())
+
+    rig.tripwire.arm(kill_now)
     try:
         with httpx.Client(base_url=rig.url, timeout=60) as client:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 assert response.status_code == 200
                 for line in response.iter_lines():
-                    if not line.startswith("data: "):
-                        continue
-                    events.append(line[6:])
-                    if len(events) == 1 and not killed_at:  # the stream has begun: kill the model
-                        rig.vllm.kill()
-                        killed_at = time.monotonic()
-        ended_after = time.monotonic() - killed_at
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+        assert killed, "the tripwire never fired: vlmrag streamed nothing from vLLM"
+        ended_after = time.monotonic() - killed[0]
     finally:
+        rig.tripwire.arm(None)
+        rig.vllm.kill()  # reaps the killed group
         rig.vllm.start()
     assert events[-1] == "[DONE]"
     payloads = [json.loads(e) for e in events[:-1]]

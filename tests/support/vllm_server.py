@@ -240,6 +240,10 @@ class VLLMServer:
         self._close_log()
         return self.proc.returncode
 
+    def kill_now(self) -> bool:
+        """SIGKILL the process group and return at once (``kill`` reaps it); False if none runs."""
+        return self.proc is not None and self._signal_group(signal.SIGKILL)
+
     def kill(self) -> int | None:
         """SIGKILL the whole process group immediately (simulates a crash)."""
         if self.proc is None:
