@@ -90,27 +90,30 @@ def _candidates(lists: Lists, fused: dict[str, float], scale: float, limit: int)
     ]
 
 
-def _best_field(lists: Lists, rrf_k: int, limit: int, weights: dict[str, float]) -> list[Candidate]:
+def _best_field_scores(lists: Lists, rrf_k: int, weights: dict[str, float]) -> dict[str, float]:
+    """Per id: per query part its best weighted reciprocal rank, parts summed, scaled (1.0: first everywhere)."""
     best: dict[str, dict[str, float]] = {}  # id -> query part -> best weighted reciprocal rank
     for name, hits in lists.items():
         part, weight = _part(name), weights.get(name, 1.0)
         for rank, hit in enumerate(hits, start=1):
             parts = best.setdefault(hit.id, {})
             parts[part] = max(parts.get(part, 0.0), weight / (rrf_k + rank))
-    fused = {pid: sum(parts.values()) for pid, parts in best.items()}
-    n_parts = max(1, len({_part(name) for name in lists}))
-    return _candidates(lists, fused, (rrf_k + 1) / n_parts, limit)
+    scale = (rrf_k + 1) / max(1, len({_part(name) for name in lists}))
+    return {pid: sum(parts.values()) * scale for pid, parts in best.items()}
+
+
+def _list_weights(lists: Lists) -> dict[str, float]:
+    return {name: list_weight([h.score for h in hits]) for name, hits in lists.items()}
 
 
 def rrf(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Best-field RRF: per query part the best reciprocal rank over its lists, parts summed."""
-    return _best_field(lists, rrf_k, limit, {})
+    return _candidates(lists, _best_field_scores(lists, rrf_k, {}), 1.0, limit)
 
 
 def weighted_rrf(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Best-field RRF with each list's reciprocal ranks times its informativeness (``list_weight``)."""
-    weights = {name: list_weight([h.score for h in hits]) for name, hits in lists.items()}
-    return _best_field(lists, rrf_k, limit, weights)
+    return _candidates(lists, _best_field_scores(lists, rrf_k, _list_weights(lists)), 1.0, limit)
 
 
 def _normalised(hits: list[ScoredPoint]) -> dict[str, float]:
@@ -149,15 +152,15 @@ def dbsf_best(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_tex
 def evidence(lists: Lists, rrf_k: int, limit: int, *, text: str = "", image_text: str = "") -> list[Candidate]:
     """Every hit of ``lists`` by its evidence relevancy for the query ``text`` and the text OCR read from
     its images (``image_text``), ``weighted_rrf`` order breaking ties; the first ``limit``."""
-    every = sum(len(hits) for hits in lists.values())
-    everything = weighted_rrf(lists, rrf_k, every)
-    plain = {c.id: c.clip_score for c in rrf(lists, rrf_k, every)}
+    weighted = _best_field_scores(lists, rrf_k, _list_weights(lists))
+    everything = _candidates(lists, weighted, 1.0, len(weighted))
+    plain = _best_field_scores(lists, rrf_k, {})
     relevancy = evidence_relevancy(text, image_text, everything)
     ordered = sorted(everything, key=lambda c: (-relevancy[c.id], c.rank))[:limit]
     for position, cand in enumerate(ordered, start=1):
         # clip_score: the best-field RRF score (1.0: first in a list of every query part), the
         # selection's tie-break between equal relevancies (consensus among the lists)
-        cand.rank, cand.clip_score = position, plain[cand.id]
+        cand.rank, cand.clip_score = position, min(1.0, plain[cand.id])
     return ordered
 
 
