@@ -80,7 +80,7 @@ class Settings(BaseSettings):
     )
     text_embedder_ocr: bool = Field(
         False, description="The `passage` vector of a photo also reads its OCR text (a scanned page's always "
-        "does). Off: measured to cost paraphrase recall (benchmarks/README.md, bench_support --no-passage-ocr).",
+        "does). Off: measured to cost paraphrase recall (benchmarks/README.md; bench_support --passage-ocr turns it on).",
     )
 
     # --- query path (ONNX backend, embedding cache, HNSW) --------------------------------------

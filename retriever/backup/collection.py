@@ -271,23 +271,30 @@ def restore_blobs(readers: list[ArchiveReader], kb: str, blobs: BlobStore, wante
     """
     if isinstance(blobs, LocalBlobStore):
         return _restore_local_blobs(readers, kb, blobs, wanted, progress)
+    return _write_blobs(readers, kb, wanted, lambda key, data: blobs.put(data, _suffix(key)) == key,
+                        lambda key: False, progress)
+
+
+def _write_blobs(readers: list[ArchiveReader], kb: str, wanted: set[str], write: Callable[[str, bytes], bool],
+                 present: Callable[[str], bool], progress: Progress | None) -> int:
+    """Each ``wanted`` blob the archives hold and ``present`` denies, read in order and ``write``-n by four
+    threads (False: its bytes do not match its key, the archive is corrupted); returns how many."""
     written = 0
-    pending: deque[tuple[str, ArchiveReader, Future[str]]] = deque()
+    pending: deque[tuple[str, ArchiveReader, Future[bool]]] = deque()
 
     def settle(limit: int) -> None:
         while len(pending) > limit:
             key, source, future = pending.popleft()
-            if future.result() != key:
+            if not future.result():
                 raise bad_archive(source.path, f"holds blob {key} whose bytes do not match its key (corrupted)")
 
     with ThreadPoolExecutor(4, thread_name_prefix="vlmrag-restore-blobs") as pool:
         for done, key in enumerate(sorted(wanted), 1):
             name = f"{member_prefix(kb)}blobs/{key}"
             source = next((r for r in readers if name in r.members), None)
-            if source is None:
-                continue  # reported missing at backup time, or checked by the caller
-            data = source.read(name)
-            pending.append((key, source, pool.submit(blobs.put, data, _suffix(key))))
+            if source is None or present(key):
+                continue  # missing at backup time (checked by the caller), or already here
+            pending.append((key, source, pool.submit(write, key, source.read(name))))
             written += 1
             settle(64)
             if progress and done % 1000 == 0:
@@ -333,28 +340,9 @@ def _restore_local_blobs(readers: list[ArchiveReader], kb: str, blobs: LocalBlob
     remove_stale(root, ".restoring-*")
     staging = root / f".restoring-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
-    written = 0
-    pending: deque[tuple[str, ArchiveReader, Future[bool]]] = deque()
-
-    def settle(limit: int) -> None:
-        while len(pending) > limit:
-            key, source, future = pending.popleft()
-            if not future.result():
-                raise bad_archive(source.path, f"holds blob {key} whose bytes do not match its key (corrupted)")
-
     try:
-        with ThreadPoolExecutor(4, thread_name_prefix="vlmrag-restore-blobs") as pool:
-            for done, key in enumerate(sorted(wanted), 1):
-                name = f"{member_prefix(kb)}blobs/{key}"
-                source = next((r for r in readers if name in r.members), None)
-                if source is None or (root / validate_key(key)).is_file():
-                    continue  # missing at backup time (checked by the caller), or already here
-                pending.append((key, source, pool.submit(_write_new_blob, staging, key, source.read(name))))
-                written += 1
-                settle(64)
-                if progress and done % 1000 == 0:
-                    progress(f"{kb}: blobs", done, len(wanted))
-            settle(0)
+        written = _write_blobs(readers, kb, wanted, lambda key, data: _write_new_blob(staging, key, data),
+                               lambda key: (root / validate_key(key)).is_file(), progress)
         for folder in sorted(staging.iterdir()):
             dest = root / folder.name
             try:
