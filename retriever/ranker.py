@@ -115,11 +115,12 @@ class RankerScorer:
         if not candidates:
             return ScoreReport({}, {}, self.name)
         evidence = evidence_relevancy(query_text, image_text, candidates)
+        degraded = ScoreReport(evidence, {c.id: PATH_EVIDENCE for c in candidates}, "evidence", ["rerank"])
         ranker: Ranker | None = getattr(self.judge, "ranker", None)
         if ranker is None:
             log.warning("scorer 'rerank' asked for but no ranker is configured (VLMRAG_RANKER_URL): "
                         "evidence relevancy instead")
-            return ScoreReport(evidence, {c.id: PATH_EVIDENCE for c in candidates}, "evidence", ["rerank"])
+            return degraded
         try:
             async with asyncio.timeout(self.judge.timeout_s):
                 scored = await self._rank(ranker, query_text, query_images, candidates, load_image)
@@ -127,11 +128,10 @@ class RankerScorer:
             log.warning("re-rank by the ranker failed: %s: %s", type(exc).__name__, getattr(exc, "message", exc))
             scored = {}
         if not scored:
-            return ScoreReport(evidence, {c.id: PATH_EVIDENCE for c in candidates}, "evidence", ["rerank"])
+            return degraded
         scores = {c.id: scored.get(c.id, evidence[c.id]) for c in candidates}
         paths = {c.id: PATH_RANKER if c.id in scored else PATH_EVIDENCE_FALLBACK for c in candidates}
-        degraded = ["rerank_partial"] if len(scored) < len(candidates) else []
-        return ScoreReport(scores, paths, self.name, degraded)
+        return ScoreReport(scores, paths, self.name, ["rerank_partial"] if len(scored) < len(candidates) else [])
 
     async def _rank(
         self, ranker: Ranker, query_text: str, query_images: list[bytes], candidates: Sequence[Candidate],
