@@ -101,7 +101,7 @@ def bench_settings(data_dir: Path, clip_config: Path, *, ocr: bool) -> Settings:
         auth_disabled=True, embed_cache_entries=0, rerank_scorer=SCORER, retrieval_fusion=FUSION, retrieval_k=5,
         ocr_enabled=ocr, ocr_query_enabled=ocr,
         text_embedder=str(TEXT_EMBEDDER.folder) if TEXT_EMBEDDER is not None else "none",
-        text_embedder_ocr=PASSAGE_OCR,
+        text_embedder_ocr=PASSAGE_OCR, text_embedder_sections=TEXT_EMBEDDER.sections if TEXT_EMBEDDER else False,
     )
 
 
@@ -616,13 +616,16 @@ def main() -> int:
                              "ratio against a real CLIP's cost (default: the tiny CLIP, ~free)")
     parser.add_argument("--passage-ocr", action="store_true",
                         help="VLMRAG_TEXT_EMBEDDER_OCR=true: photos' passage vectors read their OCR text too")
+    parser.add_argument("--sections", action="store_true",
+                        help="VLMRAG_TEXT_EMBEDDER_SECTIONS=true: a passage multi-vector, one row per section of a text")
     parser.add_argument("--quick", action="store_true", help="4 devices (a smoke run for `make bench`)")
     args = parser.parse_args()
     global SCORER, FUSION, TEXT_EMBEDDER, INGEST_CLIP, PASSAGE_OCR
     SCORER, FUSION, INGEST_CLIP, PASSAGE_OCR = args.scorer, args.fusion, args.ingest_clip, args.passage_ocr
     if args.text_embedder.lower() != "none":
         TEXT_EMBEDDER = load_text_embedder(str(resolve_folder(args.text_embedder)),
-                                           onnx_cache_dir=Path(tempfile.gettempdir()) / "vlmrag-bench-onnx")
+                                           onnx_cache_dir=Path(tempfile.gettempdir()) / "vlmrag-bench-onnx",
+                                           sections=args.sections)
     return asyncio.run(bench(4 if args.quick else args.devices, args.seed))
 
 

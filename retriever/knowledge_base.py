@@ -138,7 +138,8 @@ class KnowledgeBase:
             "lexical": lexical,
             # the text embedder of the ``passage`` vector; null: a collection made without it (CLIP text
             # and BM25 only) until `vlmrag backfill-passage`
-            "passage": {"embedder": passage.embedder_id, "dim": passage.dim} if passage else None,
+            "passage": {"embedder": passage.embedder_id, "dim": passage.dim, "sections": passage.sections}
+            if passage else None,
             "text_embedder": self.text_embedder.identity if self.text_embedder else None,
         }
 

@@ -43,7 +43,7 @@ from retriever.lexical import snippet_lexical
 from retriever.store.base import PASSAGE_VECTOR, VERSION_SEP, VectorStore, version_name, version_number
 from retriever.store.edge import _SHARD_MARKER, CURRENT_POINTER_SUFFIX, EdgeStore, point_current_at
 from retriever.store.remote import META_DIM, META_EMBEDDER, META_PASSAGE_EMBEDDER, RemoteStore
-from retriever.types import PassageSpec, PointRecord, StoredPoint
+from retriever.types import PassageSpec, PointRecord, StoredPoint, VectorValue
 
 if TYPE_CHECKING:
     from retriever.text_embedder import TextEmbedder
@@ -175,8 +175,8 @@ class AliasVersions:
             raise Conflict(f"collection {legacy!r} has no vlmrag embedder metadata; cannot retire it safely")
         vectors = info.config.params.vectors
         passage_params = vectors.get(PASSAGE_VECTOR) if isinstance(vectors, dict) else None
-        passage = PassageSpec(int(passage_params.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown")
-                              ) if passage_params is not None else None
+        passage = PassageSpec(int(passage_params.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown"),
+                              passage_params.multivector_config is not None) if passage_params is not None else None
         target = await self.open(clone)
         await target.ensure_collection(int(dim), identity, passage)
         offset: Any = None
@@ -261,7 +261,7 @@ class _PointRebuilder:
             if has_text(payload.text):
                 texts.append(payload.text)
                 text_ids.append(point.id)
-        vectors: dict[str, dict[str, list[float]]] = {}
+        vectors: dict[str, dict[str, VectorValue]] = {}
         if images:
             for pid, vec in zip(image_ids, self.embedder.embed_images(images)):
                 vectors.setdefault(pid, {})["image"] = vec.tolist()
@@ -270,11 +270,12 @@ class _PointRebuilder:
                 vectors.setdefault(pid, {})["text"] = vec.tolist()
         if self.text_embedder is not None:  # the `passage` vector, from the stored text and OCR text
             kept = [p for p in page if p.id in vectors]
-            passages = self.text_embedder.embed_passages(
+            passages = self.text_embedder.embed_for(  # the target was made with this spec (its layout)
+                self.text_embedder.spec,
                 [passage_text(p.payload.text, p.payload.ocr_text, self.passage_ocr, p.payload.kind) for p in kept])
             for p, vec in zip(kept, passages):
                 if vec is not None:
-                    vectors[p.id]["passage"] = vec.tolist()
+                    vectors[p.id]["passage"] = vec
         # BM25 vectors are not copied over: recomputed from the stored text and OCR text, which is how a
         # collection made before `lexical` gets it (Edge cannot add a vector to an existing shard)
         return [PointRecord(p.id, vectors[p.id], p.payload, snippet_lexical(p.payload))

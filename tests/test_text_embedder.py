@@ -23,6 +23,7 @@ from retriever.errors import ConfigurationError, Conflict, InvalidInput
 from retriever.ingest.readers import IngestItem
 from retriever.plan import RetrievalPlan
 from retriever.search import Retriever
+from retriever.sections import passage_sections
 from retriever.store.base import PASSAGE_VECTOR
 from retriever.text_embedder import TextEmbedder, load_text_embedder, resolve_folder
 from retriever.types import PassageSpec, PointRecord, SnippetPayload
@@ -143,26 +144,35 @@ def test_unloadable_embedder_is_one_clear_line(tmp_path: Path, monkeypatch: pyte
 
 # --- stores -------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("sections", [True, False], ids=["sections", "single"])
 @pytest.mark.parametrize("kind", ["edge", "local"])
 async def test_store_keeps_passage_vectors_and_refuses_another_text_embedder(
-    kind: str, make_store: MakeStore, embedder: ClipEmbedder, text_embedder: TextEmbedder, tmp_path: Path,
+    kind: str, sections: bool, make_store: MakeStore, embedder: ClipEmbedder, text_embedder: TextEmbedder,
 ) -> None:
-    store = await make_store(kind, passage=text_embedder.spec)
-    assert await store.passage_spec() == text_embedder.spec
-    vectors = text_embedder.embed_passages(MANUAL)
+    spec = PassageSpec(text_embedder.dim, text_embedder.identity, sections)
+    store = await make_store(kind, passage=spec)
+    assert await store.passage_spec() == spec
+    vectors = text_embedder.embed_for(spec, MANUAL)
     points = [PointRecord(str(uuid.uuid4()), {"text": embedder.embed_texts([t])[0].tolist(),
-                                              PASSAGE_VECTOR: v.tolist()}, SnippetPayload(kind="text", text=t))
+                                              PASSAGE_VECTOR: v}, SnippetPayload(kind="text", text=t))
               for t, v in zip(MANUAL, vectors) if v is not None]
     await store.upsert(points)
     query = text_embedder.embed_query(QUESTION)
     assert query is not None
     hits = await store.search(PASSAGE_VECTOR, query.tolist(), 3)
     assert hits[0].payload.text == MANUAL[0]
+    # the score is the best row's cosine (max_sim) with sections, the one vector's without
+    rows = np.atleast_2d(np.asarray(vectors[0], dtype=np.float32))
+    assert rows.shape[0] == (len(passage_sections(MANUAL[0])) if sections else 1)
+    assert hits[0].score == pytest.approx(float((rows @ query).max()), abs=2e-3)
     with pytest.raises(InvalidInput, match="passage"):
         await store.upsert([PointRecord(str(uuid.uuid4()), {PASSAGE_VECTOR: [0.1] * 12},
                                         SnippetPayload(kind="text", text="x"))])
     with pytest.raises(Conflict, match="VLMRAG_TEXT_EMBEDDER"):
         await store.ensure_collection(embedder.dim, embedder.identity, PassageSpec(384, "text:other"))
+    # the other layout of the same embedder is no conflict: the collection keeps its own
+    await store.ensure_collection(embedder.dim, embedder.identity, PassageSpec(spec.dim, spec.embedder_id, not sections))
+    assert await store.passage_spec() == spec
     await store.ensure_collection(embedder.dim, embedder.identity, None)  # opened without it: fine
 
 
@@ -198,7 +208,8 @@ async def test_ingested_paraphrase_is_found_by_passage(
         report = await kb.ingest([IngestItem(source=f"manual#{i}", key=f"m{i}", text=t) for i, t in enumerate(MANUAL)])
         assert report.ingested == len(MANUAL)
         exported = [p for batch in [b async for b in kb.store.export_points()] for p in batch]
-        assert all(PASSAGE_VECTOR in p.vectors and len(p.vectors[PASSAGE_VECTOR]) == 384 for p in exported)
+        # the default layout: one 384-d vector per text (VLMRAG_TEXT_EMBEDDER_SECTIONS=false)
+        assert all(np.asarray(p.vectors[PASSAGE_VECTOR]).shape == (384,) for p in exported)
         found = await kb.search(QUESTION, plan=RetrievalPlan(pool=5, mode="dense"))
         best = max(found.candidates, key=lambda c: c.vector_scores.get("text->passage", -1.0))
         assert best.payload.text == MANUAL[0]
@@ -206,7 +217,7 @@ async def test_ingested_paraphrase_is_found_by_passage(
         # text-to-text goes through the text embedder, not CLIP's text tower; CLIP keeps text->image
         assert not any("text->text" in c.vector_scores for c in found.candidates)
         stats = await kb.stats()
-        assert stats["passage"] == {"embedder": text_embedder.identity, "dim": 384}
+        assert stats["passage"] == {"embedder": text_embedder.identity, "dim": 384, "sections": False}
         sid, created = await kb.add_snippet(None, "Unplug the unit before cleaning the grill.", source="api")
         assert created
         again = await kb.search("switch it off at the wall before you wash it", plan=RetrievalPlan(pool=6, mode="dense"))
@@ -249,7 +260,7 @@ def test_backfill_passage_adds_the_vector_to_an_old_collection(
     assert cli_main(["backup", str(archive), "--json"]) == 0
     with ArchiveReader(archive) as reader:
         entry = reader.manifest["kbs"]["default"]
-    assert entry["passage"] == {"embedder_id": after["passage"]["embedder"], "dim": 384}
+    assert entry["passage"] == {"embedder_id": after["passage"]["embedder"], "dim": 384, "sections": False}
     assert entry["dim"] == entry["vectors"]["text"] == 32 and entry["vectors"]["passage"] == 384  # dim: CLIP's
     shutil.rmtree(data)
     capsys.readouterr()
@@ -258,6 +269,14 @@ def test_backfill_passage_adds_the_vector_to_an_old_collection(
     assert cli_main(["stats", "--json"]) == 0
     restored = _last_json(capsys.readouterr().out)
     assert restored["passage"] == after["passage"] and restored["count"] == after["count"]
+
+    # the sections layout is a backfill away: the same embedder, one row per section, scored by the best
+    monkeypatch.setenv("VLMRAG_TEXT_EMBEDDER_SECTIONS", "true")
+    assert cli_main(["backfill-passage", "--json"]) == 0
+    capsys.readouterr()
+    assert cli_main(["stats", "--json"]) == 0
+    sections = _last_json(capsys.readouterr().out)
+    assert sections["passage"] == {**after["passage"], "sections": True} and sections["count"] == after["count"]
 
 
 def _last_json(out: str) -> dict[str, Any]:
@@ -274,3 +293,49 @@ def test_passage_text_takes_a_pages_ocr_text_and_a_photos_only_when_asked() -> N
     assert passage_text("a caption", "ERROR E-417", kind="image_text") == "a caption"
     assert passage_text("", "ERROR E-417", kind="image") == ""  # no passage vector for a photo's code alone
     assert passage_text("a caption", "ERROR E-417", with_ocr=True, kind="image_text") == "a caption\nERROR E-417"
+
+
+def test_section_vectors_survive_the_migration_to_a_qdrant_server_and_back(
+    tmp_path: Path, tiny_clip_config: Path, text_embedder_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Edge (sections) -> qdrant-client local mode (the stand-in for a server) -> Edge: every row comes back."""
+    from server.wiring import open_configured_store
+
+    data = tmp_path / "data"
+    for key in [k for k in os.environ if k.startswith("VLMRAG_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+    for key, value in {"VLMRAG_DATA_DIR": str(data), "VLMRAG_CLIP_MODEL": str(tiny_clip_config),
+                       "VLMRAG_CLIP_PRETRAINED": "none", "VLMRAG_CLIP_DEVICE": "cpu", "VLMRAG_OCR_ENABLED": "false",
+                       "VLMRAG_TEXT_EMBEDDER": str(text_embedder_dir), "VLMRAG_TEXT_EMBEDDER_SECTIONS": "true"}.items():
+        monkeypatch.setenv(key, value)
+    manual = tmp_path / "manual.md"
+    manual.write_text("# Pump\n\n" + " ".join(MANUAL), encoding="utf-8")  # one passage of several sections
+    assert cli_main(["ingest", str(manual)]) == 0
+
+    async def passages() -> dict[str, np.ndarray]:
+        store = await open_configured_store(make_settings(data, tiny_clip_config, text_embedder=str(text_embedder_dir)))
+        try:
+            assert (await store.passage_spec()).sections  # type: ignore[union-attr]
+            return {p.id: np.asarray(p.vectors[PASSAGE_VECTOR]) async for batch in store.export_points() for p in batch}
+        finally:
+            await store.close()
+
+    import asyncio
+
+    before = asyncio.run(passages())
+    assert {v.shape for v in before.values()} == {(len(passage_sections(manual.read_text())), 384)}
+    archive, again = tmp_path / "edge.vlmrag.tar", tmp_path / "server.vlmrag.tar"
+    assert cli_main(["backup", str(archive)]) == 0
+    monkeypatch.setenv("VLMRAG_QDRANT_URL", f"local:{tmp_path / 'qdrant-server'}")
+    assert cli_main(["restore", str(archive)]) == 0
+    assert cli_main(["backup", str(again)]) == 0  # from the server: the generic path, row by row
+    monkeypatch.delenv("VLMRAG_QDRANT_URL")
+    shutil.rmtree(data)
+    assert cli_main(["restore", str(again)]) == 0
+    capsys.readouterr()
+    after = asyncio.run(passages())
+    assert after.keys() == before.keys()
+    for pid, rows in before.items():
+        assert after[pid].shape == rows.shape and np.allclose(after[pid], rows, atol=2e-3)

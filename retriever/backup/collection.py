@@ -32,7 +32,7 @@ from retriever.backup.archive import ArchiveReader, ArchiveWriter, bad_archive
 from retriever.blobs import BlobStore, LocalBlobStore, blob_key, validate_key
 from retriever.errors import NotFound, StoreUnavailable
 from retriever.store.base import PASSAGE_VECTOR, VectorStore
-from retriever.types import PassageSpec, PointRecord, SnippetPayload, SparseVector
+from retriever.types import PassageSpec, PointRecord, SnippetPayload, SparseVector, VectorValue
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,8 @@ class StagedCollection:
             "vector_rows": dict(sorted(self.vector_rows.items())), "sparse": dict(sorted(self.sparse.items())),
             "blobs": len(self.blobs), "blobs_in_base": self.blobs_in_base,
             "missing_blobs": sorted(self.missing_blobs),
-            "passage": {"embedder_id": self.passage.embedder_id, "dim": self.passage.dim} if self.passage else None,
+            "passage": {"embedder_id": self.passage.embedder_id, "dim": self.passage.dim,
+                        "sections": self.passage.sections} if self.passage else None,
         }
 
 
@@ -124,19 +125,27 @@ class _PointsWriter:
     def write(self, batch: list[PointRecord]) -> list[str]:
         """Append a batch; returns the blob keys its points reference."""
         staged, refs = self.staged, []
-        rows: dict[str, list[list[float]]] = {}
+        rows: dict[str, list[Any]] = {}
         out: list[str] = []
         for point in batch:
             payload = point.payload.to_dict()
             names = sorted(point.vectors)
+            multi: dict[str, int] = {}  # a multi-vector's row count (``passage`` with sections)
             for name in names:
-                rows.setdefault(name, []).append(point.vectors[name])
+                value = point.vectors[name]
+                if value and isinstance(value[0], (list, tuple)):
+                    rows.setdefault(name, []).extend(value)
+                    multi[name] = len(value)
+                else:
+                    rows.setdefault(name, []).append(value)
             sparse = {}
             if point.lexical:
                 sparse["lexical"] = [list(point.lexical.indices), list(point.lexical.values)]
                 staged.sparse["lexical"] = staged.sparse.get("lexical", 0) + 1
-            out.append(json.dumps({"id": point.id, "payload": payload, "vectors": names, "sparse": sparse},
-                                  ensure_ascii=False, separators=(",", ":")))
+            line = {"id": point.id, "payload": payload, "vectors": names, "sparse": sparse}
+            if multi:
+                line["rows"] = multi
+            out.append(json.dumps(line, ensure_ascii=False, separators=(",", ":")))
             refs.extend(point_blobs(payload))
         self.lines.write("\n".join(out) + "\n")
         for name, values in rows.items():
@@ -244,12 +253,15 @@ def read_points(reader: ArchiveReader, kb: str) -> Iterator[list[PointRecord]]:
                 continue
             try:
                 item = json.loads(raw)
-                vectors = {}
+                vectors: dict[str, VectorValue] = {}
+                multi = item.get("rows") or {}  # a multi-vector's row count
                 for name in item["vectors"]:
-                    data = streams[name].read(dims[name] * VECTOR_DTYPE.itemsize)
-                    if len(data) != dims[name] * VECTOR_DTYPE.itemsize:
+                    count = int(multi.get(name, 1))
+                    data = streams[name].read(count * dims[name] * VECTOR_DTYPE.itemsize)
+                    if len(data) != count * dims[name] * VECTOR_DTYPE.itemsize:
                         raise ValueError(f"vector file {name} ends early")
-                    vectors[name] = np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32).tolist()
+                    matrix = np.frombuffer(data, dtype=VECTOR_DTYPE).astype(np.float32)
+                    vectors[name] = matrix.reshape(count, dims[name]).tolist() if name in multi else matrix.tolist()
                 lexical = item.get("sparse", {}).get("lexical")
                 sparse = SparseVector([int(i) for i in lexical[0]], [float(v) for v in lexical[1]]) if lexical else None
                 batch.append(PointRecord(str(item["id"]), vectors, SnippetPayload.from_dict(item["payload"]), sparse))

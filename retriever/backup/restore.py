@@ -93,7 +93,7 @@ async def next_version(versions: Versions) -> str:
 def archived_passage(entry: dict[str, Any]) -> PassageSpec | None:
     """The text embedder of an archived collection's ``passage`` vector (None: it had none)."""
     passage = entry.get("passage")
-    return PassageSpec(int(passage["dim"]), str(passage["embedder_id"])) if passage else None
+    return PassageSpec(int(passage["dim"]), str(passage["embedder_id"]), bool(passage.get("sections"))) if passage else None
 
 
 async def restore_collection(

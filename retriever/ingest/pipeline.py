@@ -49,7 +49,7 @@ from retriever.ingest.rules import (
 )
 from retriever.lexical import snippet_lexical
 from retriever.store.base import VectorStore
-from retriever.types import PointRecord, SnippetPayload
+from retriever.types import PassageSpec, PointRecord, SnippetPayload, VectorValue
 
 if TYPE_CHECKING:
     from retriever.ocr import OcrResult
@@ -120,7 +120,7 @@ class _Prepared:
     tensor: torch.Tensor | None = None
     thumbnail: bytes | None = None
     image_info: dict[str, Any] = field(default_factory=dict)
-    vectors: dict[str, list[float]] = field(default_factory=dict)
+    vectors: dict[str, VectorValue] = field(default_factory=dict)
     ocr_text: str = ""
     ocr_lines: list[dict[str, Any]] = field(default_factory=list)
     ocr_s: float = 0.0
@@ -144,6 +144,7 @@ class IngestPipeline:
         self.text_embedder = text_embedder
         self.passage_ocr = passage_ocr
         self._passage_ready: bool | None = None
+        self._passage_layout: PassageSpec | None = None  # the store's ``passage`` spec: one vector or sections
         self.store = store
         self.blobs = blobs
         self.batch_size = max(1, batch_size)
@@ -223,18 +224,20 @@ class IngestPipeline:
         """The ``passage`` vectors of a chunk (after its OCR); an empty text gets none."""
         if self.text_embedder is None:
             return
+        spec = self._passage_layout or self.text_embedder.spec
         texts = [passage_text(p.text, p.ocr_text, self.passage_ocr, p.item.kind or "") for p in batch]
-        for p, vec in zip(batch, self.text_embedder.embed_passages(texts)):
+        for p, vec in zip(batch, self.text_embedder.embed_for(spec, texts)):
             if vec is not None:
-                p.vectors["passage"] = _as_list(vec)
+                p.vectors["passage"] = vec
 
     async def _passages_wanted(self) -> bool:
-        """Whether this store takes ``passage`` vectors from this embedder (checked once per pipeline)."""
+        """Whether this store takes ``passage`` vectors from this embedder, in which layout (checked once)."""
         if self.text_embedder is None:
             return False
         if self._passage_ready is None:
             spec = await self.store.passage_spec()
-            self._passage_ready = spec is not None and spec == self.text_embedder.spec
+            self._passage_ready = spec is not None and spec.same_embedder(self.text_embedder.spec)
+            self._passage_layout = spec if self._passage_ready else None
         return self._passage_ready
 
     def _write_blobs(self, prepared: _Prepared) -> tuple[str, str] | None:

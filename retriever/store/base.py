@@ -164,7 +164,7 @@ def check_passage(collection: str, stored: PassageSpec | None, wanted: PassageSp
     """Conflict when the collection's text embedder differs from the configured one (None on either side: fine)."""
     from retriever.errors import Conflict
 
-    if stored is not None and wanted is not None and stored != wanted:
+    if stored is not None and wanted is not None and not stored.same_embedder(wanted):
         raise Conflict(passage_mismatch(collection, f"{stored.embedder_id} ({stored.dim}-d)",
                                         f"{wanted.embedder_id} ({wanted.dim}-d)"))
 
@@ -212,8 +212,9 @@ def check_vectors(points: list[PointRecord], dim: int | None, passage_dim: int |
             if name == PASSAGE_VECTOR:
                 if passage_dim is None:
                     raise InvalidInput(f"point {point.id}: this collection has no passage vector", param="vectors")
-                if len(vector) != passage_dim:
-                    raise InvalidInput(f"point {point.id}: vector 'passage' has {len(vector)} dimensions, "
+                rows = vector if vector and isinstance(vector[0], (list, tuple)) else [vector]  # multi-vector
+                if any(len(row) != passage_dim for row in rows):
+                    raise InvalidInput(f"point {point.id}: vector 'passage' has {len(rows[0])} dimensions, "
                                        f"expected {passage_dim}", param="vectors")
                 continue
             if name not in VECTOR_NAMES:

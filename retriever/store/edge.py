@@ -159,8 +159,13 @@ def build_filter(filters: SearchFilters | None) -> qe.Filter | None:
     return qe.Filter(must=must)
 
 
-def _vector(values: Any) -> list[float]:
-    return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
+def _vector(values: Any) -> Any:
+    """A dense vector (or a multi-vector's rows) as plain Python floats for Edge."""
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    if values and isinstance(values[0], (list, tuple)):
+        return [[float(v) for v in row] for row in values]
+    return [float(v) for v in values]
 
 
 def point_current_at(path: Path, collection: str, name: str) -> None:
@@ -232,6 +237,7 @@ class EdgeStore:
         self._meta: dict[str, Any] | None = None
         self._lexical = False  # the shard has the ``lexical`` sparse vector (read from its config)
         self._passage_vector = False  # the shard has the ``passage`` dense vector (read from its config)
+        self._passage_sections = False  # ... as a multi-vector of sections (``max_sim``; read from its config)
         self._warned_no_lexical = False
         self._lock = asyncio.Lock()  # serialises create/load/close, not reads
         #: serialises writes; held while the shard is copied or another is swapped in (retriever/store/hnsw.py)
@@ -256,7 +262,7 @@ class EdgeStore:
         if self._shard is None:
             self._shard = await self._call(qe.EdgeShard.load, str(self.shard_dir))
             self._meta = self._read_meta()
-            self._lexical, self._passage_vector = self._read_vector_names()
+            self._read_vector_names()
             self._auto_ef = auto_hnsw_ef(int((await self._call(self._shard.info)).points_count))
 
     def _read_meta(self) -> dict[str, Any] | None:
@@ -268,15 +274,17 @@ class EdgeStore:
         except ValueError as exc:
             raise StoreUnavailable(f"embedded store meta file {meta_path} is corrupt: {exc}") from exc
 
-    def _read_vector_names(self) -> tuple[bool, bool]:
-        """Whether the shard has the ``lexical`` and the ``passage`` vectors."""
+    def _read_vector_names(self) -> None:
+        """Whether the shard has the ``lexical`` and the ``passage`` vectors, and ``passage``'s layout."""
         # Edge has no config getter; the shard persists its config beside the segments.
         try:
             config = json.loads((self.shard_dir / _SHARD_MARKER).read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return False, False
-        return (LEXICAL_VECTOR in (config.get("sparse_vectors") or {}),
-                PASSAGE_VECTOR in (config.get("vectors") or {}))
+            config = {}
+        passage = (config.get("vectors") or {}).get(PASSAGE_VECTOR)
+        self._lexical = LEXICAL_VECTOR in (config.get("sparse_vectors") or {})
+        self._passage_vector = isinstance(passage, dict)
+        self._passage_sections = isinstance(passage, dict) and bool(passage.get("multivector_config"))
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -299,15 +307,16 @@ class EdgeStore:
             if self._shard is None and (self.shard_dir / _SHARD_MARKER).is_file():
                 await self._load()
             if self._shard is None:
-                self._shard = await self._call(self._create, dim, passage.dim if passage else 0)
+                self._shard = await self._call(self._create, dim, passage)
                 self._meta = None
-                self._lexical, self._passage_vector = self._read_vector_names()
+                self._read_vector_names()
             if self._meta is None:
                 if await self.count() > 0:
                     raise Conflict(embedder_mismatch(self.collection, "an unknown embedder", embedder_id))
                 self._meta = {"embedder_id": embedder_id, "dim": dim}
                 if passage is not None and self._passage_vector:
-                    self._meta["passage"] = {"embedder_id": passage.embedder_id, "dim": passage.dim}
+                    self._meta["passage"] = {"embedder_id": passage.embedder_id, "dim": passage.dim,
+                                             "sections": self._passage_sections}
                 _write_json_atomic(self.shard_dir / META_FILE, self._meta)
                 return
             stored = self._meta.get("embedder_id")
@@ -319,20 +328,21 @@ class EdgeStore:
         entry = (self._meta or {}).get("passage")
         if not self._passage_vector or not isinstance(entry, dict):
             return None
-        return PassageSpec(int(entry["dim"]), str(entry["embedder_id"]))
+        return PassageSpec(int(entry["dim"]), str(entry["embedder_id"]), self._passage_sections)
 
     async def passage_spec(self) -> PassageSpec | None:
         return self._stored_passage() if self._shard is not None else None
 
-    def _create(self, dim: int, passage_dim: int = 0) -> qe.EdgeShard:
+    def _create(self, dim: int, passage: PassageSpec | None = None) -> qe.EdgeShard:
         self.shard_dir.mkdir(parents=True, exist_ok=True)
         vectors = {
             name: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine, datatype=VECTOR_DATATYPE)
             for name in VECTOR_NAMES
         }
-        if passage_dim:
-            vectors[PASSAGE_VECTOR] = qe.EdgeVectorParams(size=passage_dim, distance=qe.Distance.Cosine,
-                                                          datatype=VECTOR_DATATYPE)
+        if passage is not None:  # sections: one row per section, a point scores by its best row
+            multi = qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim) if passage.sections else None
+            vectors[PASSAGE_VECTOR] = qe.EdgeVectorParams(size=passage.dim, distance=qe.Distance.Cosine,
+                                                          datatype=VECTOR_DATATYPE, multivector_config=multi)
         # BM25 term weights; the IDF modifier makes the shard weigh each term by its rarity at query time.
         sparse = {LEXICAL_VECTOR: qe.EdgeSparseVectorParams(modifier=qe.Modifier.Idf)}
         shard = qe.EdgeShard.create(str(self.shard_dir), qe.EdgeConfig(vectors=vectors, sparse_vectors=sparse))
@@ -407,7 +417,7 @@ class EdgeStore:
             self._shard, self.shard_dir = new, shard_dir
             self.description = f"qdrant-edge:{shard_dir}"
             self._meta = self._read_meta()
-            self._lexical, self._passage_vector = self._read_vector_names()
+            self._read_vector_names()
             self._auto_ef = auto_hnsw_ef(int((await self._call(new.info)).points_count))
         task = asyncio.create_task(self._retire(old, old_dir, retire_after_s))
         self._retiring.add(task)

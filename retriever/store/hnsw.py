@@ -78,7 +78,9 @@ def hnsw_shard_config(shard_dir: Path, hnsw: HnswParams) -> qe.EdgeConfig:
     persisted = json.loads((shard_dir / SHARD_CONFIG_FILE).read_text(encoding="utf-8"))
     vectors = {
         name: qe.EdgeVectorParams(size=int(v["size"]), distance=_DISTANCES[v.get("distance", "Cosine")],
-                                  datatype=_DATATYPES.get(str(v.get("datatype", "float32")).lower()))
+                                  datatype=_DATATYPES.get(str(v.get("datatype", "float32")).lower()),
+                                  multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim)
+                                  if v.get("multivector_config") else None)  # ``passage`` sections: max_sim is the only one
         for name, v in (persisted.get("vectors") or {}).items()
     }
     sparse = {

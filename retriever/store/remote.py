@@ -89,8 +89,13 @@ def _consistency(value: str | int) -> models.ReadConsistencyType | int:
     return models.ReadConsistencyType(str(value))
 
 
-def _vector(values: Any) -> list[float]:
-    return values.tolist() if hasattr(values, "tolist") else [float(v) for v in values]
+def _vector(values: Any) -> Any:
+    """A dense vector (or a multi-vector's rows) as plain Python floats."""
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    if values and isinstance(values[0], (list, tuple)):
+        return [[float(v) for v in row] for row in values]
+    return [float(v) for v in values]
 
 
 def _sparse(vector: SparseVector) -> models.SparseVector:
@@ -199,8 +204,8 @@ class RemoteStore:
         self._dim = int(metadata.get(META_DIM) or (vectors["text"].size if isinstance(vectors, dict) else 0))
         self._lexical = LEXICAL_VECTOR in (info.config.params.sparse_vectors or {})
         passage = vectors.get(PASSAGE_VECTOR) if isinstance(vectors, dict) else None
-        self._passage = PassageSpec(int(passage.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown")
-                                    ) if passage is not None else None
+        self._passage = PassageSpec(int(passage.size), str(metadata.get(META_PASSAGE_EMBEDDER) or "unknown"),
+                                    passage.multivector_config is not None) if passage is not None else None
 
     async def ensure_collection(self, dim: int, embedder_id: str, passage: PassageSpec | None = None) -> None:
         """Create the collection with payload indexes, or refuse a different embedder."""
@@ -209,7 +214,10 @@ class RemoteStore:
             vectors = {name: models.VectorParams(size=dim, distance=models.Distance.COSINE) for name in VECTOR_NAMES}
             metadata: dict[str, Any] = {META_EMBEDDER: embedder_id, META_DIM: dim}
             if passage is not None:
-                vectors[PASSAGE_VECTOR] = models.VectorParams(size=passage.dim, distance=models.Distance.COSINE)
+                multi = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM) if passage.sections \
+                    else None  # sections: one row per section, a point scores by its best row
+                vectors[PASSAGE_VECTOR] = models.VectorParams(size=passage.dim, distance=models.Distance.COSINE,
+                                                              multivector_config=multi)
                 metadata[META_PASSAGE_EMBEDDER] = passage.embedder_id
             await self._call(self.client.create_collection(
                 self.collection,
@@ -359,8 +367,11 @@ class RemoteStore:
         # The server builds HNSW on its own; ``exact`` asks it for a full scan instead (local mode
         # always scans, and warns about search params).
         params = models.SearchParams(exact=True) if exact and self._read_kwargs else None
+        query: Any = _vector(vector)
+        if vector_name == PASSAGE_VECTOR and self._passage is not None and self._passage.sections:
+            query = [query]  # a multi-vector field takes a multi-vector query: max_sim of one row
         response = await self._call(self.client.query_points(
-            self.collection, query=_vector(vector), using=vector_name, query_filter=build_filter(filters),
+            self.collection, query=query, using=vector_name, query_filter=build_filter(filters),
             limit=limit, with_payload=True, with_vectors=False, search_params=params, **self._read_kwargs,
         ))
         return [

@@ -360,7 +360,7 @@ async def _restore(
         entry = archived[name]
         stored = archived_passage(entry)
         other_clip = entry.get("embedder_id") != identity or int(entry.get("dim") or 0) != dim
-        other_text = stored is not None and passage is not None and stored != passage
+        other_text = stored is not None and passage is not None and not stored.same_embedder(passage)
         if (other_clip or other_text) and reembed:
             reembedded.add(name)
         elif other_clip:
