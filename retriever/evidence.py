@@ -65,7 +65,18 @@ def text_features(text: str) -> tuple[frozenset[int], frozenset[str]]:
 
 
 def _features(text: str) -> tuple[frozenset[int], frozenset[str]]:
-    return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+    """``(frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text)))`` in one
+    pass over the text's identifiers: BM25's expansion and the identifier keys find the same ones."""
+    from retriever.verify import _identifiers, match_facts
+
+    if len(text) > lexical.MAX_TEXT_CHARS:  # BM25 reads a cut text, the identifiers the whole: apart
+        return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+    extra: list[str] = []
+    keys: set[str] = set()
+    for match, offset, parts in _identifiers(text):
+        lexical.add_identifier_tokens(extra, match.group(0), parts)
+        keys.update(key for _start, _end, key in match_facts(match, offset, parts))
+    return lexical.document_token_ids(lexical.with_identifier_tokens(text, extra)), frozenset(keys)
 
 
 _cached_features = lru_cache(maxsize=FEATURE_CACHE_ENTRIES)(_features)
