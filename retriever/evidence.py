@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from retriever import lexical
-from retriever.types import Candidate
+from retriever.types import Candidate, SnippetPayload
 
 ALL_IDENTIFIERS = 0.95  # every identifier of the query held: [0.95, 1.0] by word coverage
 SOME_IDENTIFIERS = 0.6  # some held: [0.6, 0.9) by the share held
@@ -50,8 +50,13 @@ def query_identifiers(*texts: str) -> set[str]:
     return {key for text in texts if text for _start, _end, key in identifier_facts(text)}
 
 
+def payload_text(payload: SnippetPayload) -> str:
+    """The text a snippet's evidence is read from: its text and the text read from its image."""
+    return f"{payload.text or ''}\n{payload.ocr_text or ''}"
+
+
 def _candidate_text(candidate: Candidate) -> str:
-    return f"{candidate.payload.text or ''}\n{candidate.payload.ocr_text or ''}"
+    return payload_text(candidate.payload)
 
 
 FEATURE_CACHE_ENTRIES = 4096  # snippet texts whose features are kept (texts up to FEATURE_CACHE_CHARS)
