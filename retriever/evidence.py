@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 from retriever import lexical
-from retriever.types import Candidate
+from retriever.types import Candidate, SnippetPayload
 
 ALL_IDENTIFIERS = 0.95  # every identifier of the query held: [0.95, 1.0] by word coverage
 SOME_IDENTIFIERS = 0.6  # some held: [0.6, 0.9) by the share held
@@ -50,8 +50,13 @@ def query_identifiers(*texts: str) -> set[str]:
     return {key for text in texts if text for _start, _end, key in identifier_facts(text)}
 
 
+def payload_text(payload: SnippetPayload) -> str:
+    """The text a snippet's evidence is read from: its text and the text read from its image."""
+    return f"{payload.text or ''}\n{payload.ocr_text or ''}"
+
+
 def _candidate_text(candidate: Candidate) -> str:
-    return f"{candidate.payload.text or ''}\n{candidate.payload.ocr_text or ''}"
+    return payload_text(candidate.payload)
 
 
 FEATURE_CACHE_ENTRIES = 4096  # snippet texts whose features are kept (texts up to FEATURE_CACHE_CHARS)
@@ -65,7 +70,18 @@ def text_features(text: str) -> tuple[frozenset[int], frozenset[str]]:
 
 
 def _features(text: str) -> tuple[frozenset[int], frozenset[str]]:
-    return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+    """``(frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text)))`` in one
+    pass over the text's identifiers: BM25's expansion and the identifier keys find the same ones."""
+    from retriever.verify import _identifiers, match_facts
+
+    if len(text) > lexical.MAX_TEXT_CHARS:  # BM25 reads a cut text, the identifiers the whole: apart
+        return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+    extra: list[str] = []
+    keys: set[str] = set()
+    for match, offset, parts in _identifiers(text):
+        lexical.add_identifier_tokens(extra, match.group(0), parts)
+        keys.update(key for _start, _end, key in match_facts(match, offset, parts))
+    return lexical.document_token_ids(lexical.with_identifier_tokens(text, extra)), frozenset(keys)
 
 
 _cached_features = lru_cache(maxsize=FEATURE_CACHE_ENTRIES)(_features)

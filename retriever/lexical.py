@@ -69,25 +69,33 @@ def identifier_tokens(text: str) -> list[str]:
     """Extra tokens for the identifiers in ``text`` (lowercase), in order, repeats kept per occurrence."""
     extra: list[str] = []
     for match, parts in identifier_matches(text):
-        candidate = match.group(0)
-        produced = {piece.lower() for piece in _WORD_PIECE.findall(candidate)}
-        if len(parts) > MAX_IDENTIFIER_PARTS:
-            wanted = ["".join(parts)]
-        else:
-            wanted = parts + ["".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 2, len(parts) + 1)]
-        seen: set[str] = set()
-        for token in wanted:
-            if token not in produced and token not in seen:
-                seen.add(token)
-                extra.append(token)
+        add_identifier_tokens(extra, match.group(0), parts)
     return extra
+
+
+def add_identifier_tokens(extra: list[str], candidate: str, parts: list[str]) -> None:
+    """Append the extra tokens of one identifier (``candidate``, its ``parts``) to ``extra``."""
+    produced = {piece.lower() for piece in _WORD_PIECE.findall(candidate)}
+    if len(parts) > MAX_IDENTIFIER_PARTS:
+        wanted = ["".join(parts)]
+    else:
+        wanted = parts + ["".join(parts[i:j]) for i in range(len(parts)) for j in range(i + 2, len(parts) + 1)]
+    seen: set[str] = set()
+    for token in wanted:
+        if token not in produced and token not in seen:
+            seen.add(token)
+            extra.append(token)
+
+
+def with_identifier_tokens(text: str, extra: list[str]) -> str:
+    """``text`` followed by the identifier tokens ``extra``: the string BM25 embeds."""
+    return f"{text}\n{' '.join(extra)}" if extra else text
 
 
 def expand_identifiers(text: str) -> str:
     """``text`` followed by its identifier tokens (see module docstring); what BM25 embeds."""
     text = text[:MAX_TEXT_CHARS]
-    extra = identifier_tokens(text)
-    return f"{text}\n{' '.join(extra)}" if extra else text
+    return with_identifier_tokens(text, identifier_tokens(text))
 
 
 @lru_cache(maxsize=1)
@@ -106,6 +114,13 @@ def document_vector(text: str) -> SparseVector:
     if not text or not text.strip():
         return SparseVector([], [])
     return _convert(_bm25().embed_document(expand_identifiers(text)))
+
+
+def document_token_ids(expanded: str) -> frozenset[int]:
+    """The token ids of ``document_vector`` for a text already through ``expand_identifiers`` (no weights)."""
+    if not expanded or not expanded.strip():
+        return frozenset()
+    return frozenset(_bm25().embed_document(expanded).indices)
 
 
 def query_vector(text: str) -> SparseVector:

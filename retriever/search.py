@@ -46,10 +46,11 @@ from PIL import Image
 from retriever import lexical
 from retriever.embedder import ClipEmbedder
 from retriever.errors import InvalidInput
+from retriever.evidence import payload_text, text_features
 from retriever.fusion import fuse, rrf
 from retriever.plan import RetrievalPlan
 from retriever.store.base import LEXICAL_VECTOR, PASSAGE_VECTOR, VECTOR_NAMES, VectorStore
-from retriever.types import Candidate
+from retriever.types import Candidate, ScoredPoint
 
 if TYPE_CHECKING:
     from retriever.text_embedder import TextEmbedder
@@ -91,6 +92,10 @@ class CandidatePool:
 rrf_fuse = rrf  # best-field RRF (retriever/fusion.py), the name tests and callers know
 
 
+async def _done(hits: list[ScoredPoint]) -> list[ScoredPoint]:
+    return hits
+
+
 class Retriever:
     """Query embedding + multi-vector search + RRF fusion over one VectorStore."""
 
@@ -125,13 +130,15 @@ class Retriever:
     async def search_vectors(
         self, query: QueryVectors, plan: RetrievalPlan | None = None, *,
         text: str | None = None, image_text: str | None = None,
+        text_lexical: list[ScoredPoint] | None = None,
     ) -> list[Candidate]:
         """Run every (query part x vector) search of ``plan`` concurrently and fuse them.
 
         Dense lists (``image``, ``text``; ``passage`` in place of ``text->text`` where the collection and
         the retriever have the text embedder) unless ``plan.mode`` is ``lexical``; BM25 lists (``text->lexical``
         for the query text, ``image->lexical`` for the text read from the query images) unless it is
-        ``dense``; ``plan.pool`` candidates, ``plan.filters``, ``plan.exact`` (no HNSW).
+        ``dense``; ``plan.pool`` candidates, ``plan.filters``, ``plan.exact`` (no HNSW). ``text_lexical``:
+        the ``text->lexical`` list already searched (``lexical_list``, run by ``search`` during the encode).
         """
         plan = plan or RetrievalPlan()
         pool, filters, mode, exact = plan.pool, plan.filters, plan.mode, plan.exact
@@ -160,12 +167,32 @@ class Retriever:
                             "`vlmrag backfill-lexical` adds it", self.store.description)
         if mode != "dense":
             for kind, words in (("text", text), ("image", image_text)):
+                if kind == "text" and text_lexical is not None:
+                    if text_lexical:
+                        names.append(list_name(kind, LEXICAL_VECTOR))
+                        tasks.append(_done(text_lexical))
+                    continue
                 sparse = lexical.query_vector(words or "")
                 if sparse:
                     names.append(list_name(kind, LEXICAL_VECTOR))
                     tasks.append(self.store.search_lexical(sparse, pool, filters))
         return fuse(dict(zip(names, await asyncio.gather(*tasks))), self.rrf_k, pool, plan.fusion,
                     text=text or "", image_text=image_text or "")
+
+    async def lexical_list(self, text: str | None, plan: RetrievalPlan) -> list[ScoredPoint] | None:
+        """The ``text->lexical`` list of ``search_vectors`` (None where ``plan`` has none; [] for a text
+        without tokens, as there), its hits' evidence features worked out (the ``evidence`` fusion reads
+        them). ``search`` runs it while the query is encoded: it needs the text only."""
+        if plan.mode == "dense" or plan.pool < 1:
+            return None
+        sparse = lexical.query_vector(text or "")
+        if not sparse:
+            return []
+        hits = await self.store.search_lexical(sparse, plan.pool, plan.filters)
+        if plan.fusion == "evidence":
+            for hit in hits:
+                text_features(payload_text(hit.payload))  # into its cache, while the encode runs
+        return hits
 
     async def _has_passage(self) -> bool:
         """Whether the collection has the ``passage`` vector (logged once when it lacks it)."""
@@ -218,9 +245,12 @@ class Retriever:
             timings["embed"] = (time.perf_counter() - t) * 1000
             return vectors
 
-        query, image_text = await asyncio.gather(embed(), read_images())
+        # The text's BM25 list needs no embedding: it is searched (and its hits' evidence features
+        # worked out) on the loop while CLIP encodes in its thread, off the time after the encode.
+        query, image_text, text_lexical = await asyncio.gather(embed(), read_images(), self.lexical_list(text, plan))
         searched = time.perf_counter()
-        candidates = await self.search_vectors(query, plan, text=text, image_text=image_text)
+        candidates = await self.search_vectors(query, plan, text=text, image_text=image_text,
+                                               text_lexical=text_lexical)
         done = time.perf_counter()
         timings.setdefault("embed", 0.0)
         timings.update({"search": (done - searched) * 1000, "total": (done - started) * 1000})

@@ -282,14 +282,23 @@ def _identifier_keys(key: str) -> tuple[str, ...]:
 
 def identifier_facts(text: str) -> Iterable[tuple[int, int, str]]:
     """(start, end, key) of each identifier in ``text``; ``E-417/E-418`` gives both."""
-    for match, offset, _parts in _identifiers(text):
-        pieces = match.group(0).split("/") if "/" in match.group(0) else [match.group(0)]
-        at = offset + match.start()
-        for piece in pieces:
-            for sub, parts in identifier_matches(piece):
-                if not _ORDINAL.fullmatch(sub.group(0)):
-                    yield at + sub.start(), at + sub.end(), identifier_key(parts)
-            at += len(piece) + 1
+    for match, offset, parts in _identifiers(text):
+        yield from match_facts(match, offset, parts)
+
+
+def match_facts(match: re.Match[str], offset: int, parts: list[str]) -> Iterable[tuple[int, int, str]]:
+    """``identifier_facts`` of one identifier of ``_identifiers`` (match, offset, parts)."""
+    whole = match.group(0)
+    at = offset + match.start()
+    if "/" not in whole:  # one piece, the match itself: identifier_matches(whole) gives it back with these parts
+        if not _ORDINAL.fullmatch(whole):
+            yield at, at + len(whole), identifier_key(parts)
+        return
+    for piece in whole.split("/"):
+        for sub, sub_parts in identifier_matches(piece):
+            if not _ORDINAL.fullmatch(sub.group(0)):
+                yield at + sub.start(), at + sub.end(), identifier_key(sub_parts)
+        at += len(piece) + 1
 
 
 def normalize_text(text: str) -> str:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from retriever.evidence import NO_IDENTIFIER_CAP, PASSAGE_SPAN, evidence_relevancy, query_identifiers
+import random
+
+from retriever import lexical
+from retriever.evidence import (
+    NO_IDENTIFIER_CAP,
+    PASSAGE_SPAN,
+    _features,
+    evidence_relevancy,
+    query_identifiers,
+)
 from retriever.types import Candidate, SnippetPayload
 
 
@@ -75,3 +84,19 @@ def test_the_text_embedders_list_counts_on_its_own_band() -> None:
     clip = [cand("guide", "Hold the ON button for three seconds.", text_image=0.15 + PASSAGE_SPAN * 0.75),
             *(cand(f"p{i}", f"unrelated page {i}", text_image=c) for i, c in enumerate(others))]
     assert evidence_relevancy("the electricity went out and now nothing happens", "", clip)["guide"] < 0.5
+
+
+def test_the_one_pass_text_features_equal_bm25_and_the_identifier_keys_apart() -> None:
+    """``_features`` walks a text's identifiers once for BM25's expansion and the identifier keys; it must
+    give exactly the two computations it replaces, on tricky texts (slashes, ordinals, non-ASCII digits,
+    underscores, stop-word parts, long part lists) and random ones."""
+    def apart(text: str) -> tuple[frozenset[int], frozenset[str]]:
+        return frozenset(lexical.document_vector(text).indices), frozenset(query_identifiers(text))
+
+    texts = ["", "  \n ", "pump P-100-A error E-417/E-418 on the 2nd try, v2.3.1 and/or x_E-9 A1-B2-C3-D4-E5-F6-G7",
+             "E 417 E417 e-417. 1st 22nd 3rd-4 ٣-٤ x²y ß-12 ﬁ-3 Σ1 İ-2 a—1 b–2 H2O/CO2 well-known 10/20/30"]
+    rng = random.Random(0)
+    alphabet = [*"aAbE-._/ 0123456789xzVv²½٣Σİ_—\n,;:()'st", "1st", "E-417/E-418", "v2.3.1", "P-100-A"]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(3000)]
+    for text in texts:
+        assert _features(text) == apart(text), text
