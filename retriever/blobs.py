@@ -23,6 +23,7 @@ from retriever.errors import InvalidInput, NotFound
 
 _KEY = re.compile(r"^[0-9a-f]{2}/[0-9a-f]{62}(\.[a-z0-9]{1,10})?$")
 _SUFFIX = re.compile(r"^(\.[a-z0-9]{1,10})?$")
+_HEX2 = re.compile(r"^[0-9a-f]{2}$")
 
 
 def blob_key(data: bytes, suffix: str) -> str:
@@ -96,6 +97,25 @@ class LocalBlobStore:
                 doomed, self._deferred = (self._deferred, set()) if not self._holds else (set(), self._deferred)
             for key in sorted(doomed):
                 self._path(key).unlink(missing_ok=True)
+
+    def keys(self) -> list[str]:
+        """Every blob key this store holds, sorted (one ``scandir`` a ``<2 hex>/`` folder: ~1 µs a blob).
+
+        Other knowledge bases' namespaces (``kbs/<name>/``) and files being written (``.*.tmp``) are not
+        keys and are left out.
+        """
+        found: list[str] = []
+        try:
+            folders = sorted(e.name for e in os.scandir(self.root) if len(e.name) == 2 and e.is_dir())
+        except FileNotFoundError:
+            return found
+        for folder in folders:
+            if not _HEX2.match(folder):
+                continue
+            with os.scandir(self.root / folder) as entries:
+                names = sorted(e.name for e in entries if not e.name.startswith("."))
+            found.extend(key for name in names if _KEY.match(key := f"{folder}/{name}"))
+        return found
 
     def key_path(self, key: str) -> Path:
         """Where blob ``key`` lives (checked by shape only, no file system call: for bulk reads)."""

@@ -294,7 +294,7 @@ def test_kill_mid_backup_leaves_no_archive_and_the_previous_one_intact(data: Set
     old_bytes = previous.read_bytes()
     new = tmp_path / "other.vlmrag.tar"
     for target in (previous, new):  # over the previous archive's name, and under a new name
-        done = _killed_child("retriever.backup.archive", "ArchiveWriter", "add_file", 5, "backup", str(target))
+        done = _killed_child("retriever.backup.archive", "ArchiveWriter", "record", 5, "backup", str(target))
         assert done.returncode == -signal.SIGKILL, done.stderr
     assert not new.exists()
     assert previous.read_bytes() == old_bytes

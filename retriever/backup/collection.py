@@ -76,6 +76,8 @@ class StagedCollection:
     passage: PassageSpec | None = None  # the text embedder of the ``passage`` vector, where it has one
     method: str = LOGICAL  # or EDGE_SHARD (retriever/backup/shard.py)
     shard_files: list[str] = field(default_factory=list)  # edge-shard: paths under folder/"shard"
+    blob_keys: list[str] = field(default_factory=list)  # edge-shard: what blob-keys.txt lists
+    blobs_archived: int | None = None  # edge-shard, local blobs: written beside the shard (``blobs`` empty)
 
     def entry(self) -> dict[str, Any]:
         """The manifest's entry of this collection."""
@@ -83,7 +85,8 @@ class StagedCollection:
             "method": self.method, "collection": self.collection, "embedder_id": self.embedder_id, "dim": self.dim,
             "points": self.points, "vectors": dict(sorted(self.vectors.items())),
             "vector_rows": dict(sorted(self.vector_rows.items())), "sparse": dict(sorted(self.sparse.items())),
-            "blobs": len(self.blobs), "blobs_in_base": self.blobs_in_base,
+            "blobs": len(self.blobs) if self.blobs_archived is None else self.blobs_archived,
+            "blobs_in_base": self.blobs_in_base,
             "missing_blobs": sorted(self.missing_blobs),
             "passage": {"embedder_id": self.passage.embedder_id, "dim": self.passage.dim,
                         "sections": self.passage.sections} if self.passage else None,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 
 import qdrant_edge as qe
 
-from retriever.backup.archive import ArchiveReader, ArchiveWriter, bad_archive
+from retriever.backup.archive import ArchiveReader, ArchiveWriter, bad_archive, run_niced
 from retriever.backup.collection import (
     BATCH,
     BLOB_KEYS,
@@ -52,6 +53,7 @@ from retriever.backup.collection import (
     remove_stale,
     restore_kb_blobs,
 )
+from retriever.backup.members import ReservedFiles, add_blob_files
 from retriever.blobs import BlobStore, LocalBlobStore, validate_key
 from retriever.errors import InvalidInput, StoreUnavailable
 from retriever.store.base import PASSAGE_VECTOR, VectorStore
@@ -59,6 +61,7 @@ from retriever.store.edge import EdgeStore
 from retriever.store.hnsw import SHARD_CONFIG_FILE
 from retriever.types import PointRecord
 
+log = logging.getLogger(__name__)
 SHARD = "shard"
 _REFS = ["image_ref", "thumb_ref"]
 
@@ -86,7 +89,7 @@ def _blob_refs(shard: qe.EdgeShard) -> tuple[int, set[str]]:
     points = 0
     offset: Any = None
     while True:
-        request = qe.ScrollRequest(offset=offset, limit=2048, with_payload=qe.PayloadSelector.Include(_REFS),
+        request = qe.ScrollRequest(offset=offset, limit=10_000, with_payload=qe.PayloadSelector.Include(_REFS),
                                    with_vector=False)
         records, offset = shard.scroll(request)
         points += len(records)
@@ -102,55 +105,78 @@ def _vector_dims(shard_dir: Path) -> dict[str, int]:
     return {name: int(v["size"]) for name, v in (config.get("vectors") or {}).items()}
 
 
-def _add_shard(writer: ArchiveWriter, kb: str, shard_dir: Path, files: list[str]) -> None:
-    for rel in files:
-        writer.add_file(shard_prefix(kb) + rel, shard_dir / rel)
-
-
 async def stage_edge_collection(
     kb: str, store: EdgeStore, blobs: BlobStore, folder: Path, *, writer: ArchiveWriter, holds: ExitStack,
-    collection: str = "", base_blobs: set[str] | None = None, progress: Progress | None = None,
+    collection: str = "", base_blobs: set[str] | None = None, progress: Progress | None = None, nice: int = 10,
 ) -> StagedCollection:
-    """``store``'s shard into ``writer`` and its blobs staged, at one moment (see the module doc).
+    """``store``'s shard into ``writer`` and its blobs archived or staged, at one moment (see the module doc).
 
-    Local blobs are archived later from where they are: ``holds`` gets the blob store's hold on deletes
-    (the caller leaves it once they are written). Other blob stores are copied into ``folder`` now.
+    Local blobs: ``holds`` gets the blob store's hold on deletes (the caller leaves it once the archive is
+    written); every blob the store holds while the shard is frozen is archived, on a thread at ``nice``,
+    beside the shard's copy. Other blob stores: the keys the points reference are read and copied into
+    ``folder`` while frozen, and archived by ``write_collection``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     skip = base_blobs or set()
+    local = blobs if isinstance(blobs, LocalBlobStore) else None
+    if local is not None:
+        holds.enter_context(local.deletes_held())  # before the freeze: no blob of a frozen point goes away
+    blob_writes: asyncio.Future[list[str]] | None = None
     async with store.frozen():
-        shard = store._require()
-        await store._call(shard.flush)
+        await store.flush()
         count = await store.count()
         staged = StagedCollection(kb, collection, await store.embedder_id(), None, folder,
                                   passage=await store.passage_spec(), method=EDGE_SHARD)
         shard_dir = store.shard_dir
         staged.shard_files = await asyncio.to_thread(_shard_files, shard_dir)
         staged.vectors = _vector_dims(shard_dir)
-        write = asyncio.ensure_future(asyncio.to_thread(_add_shard, writer, kb, shard_dir, staged.shard_files))
+        region = await asyncio.to_thread(
+            ReservedFiles, writer, [(shard_prefix(kb) + rel, shard_dir / rel) for rel in staged.shard_files])
+        if local is not None:
+            # a frozen point's blobs were put before it: they are here now (and stay: deletes are held)
+            keys = await asyncio.to_thread(local.keys)
+            todo = [k for k in keys if k not in skip]
+            staged.blob_keys, staged.blobs_in_base = keys, len(keys) - len(todo)
+            blob_writes = asyncio.ensure_future(run_niced(
+                add_blob_files, writer, f"{member_prefix(kb)}blobs/", str(local.root), todo, nice=nice))
+        copy = asyncio.ensure_future(asyncio.to_thread(region.copy))
         try:
-            await asyncio.shield(write)
-        except asyncio.CancelledError:  # the thread writes on: wait for it (the caller aborts the archive)
-            await asyncio.gather(write, return_exceptions=True)
+            if local is None:  # the keys the points reference, read beside the copy
+                scanned, refs = await store.run_on_shard(_blob_refs)
+                if scanned != count:
+                    raise StoreUnavailable(f"{collection or kb} changed during the backup ({scanned} of {count} "
+                                           "points read); try again")
+                staged.blob_keys = sorted(refs)
+                await asyncio.to_thread(_stage_blobs, staged, blobs, staged.blob_keys, skip, progress)
+            await asyncio.shield(copy)
+        except BaseException:  # the threads write on: wait for them (the caller aborts the archive)
+            await asyncio.gather(copy, *([blob_writes] if blob_writes else []), return_exceptions=True)
             raise
-        scanned, refs = await store._call(_blob_refs, shard)
-        if scanned != count:
-            raise StoreUnavailable(f"{collection or kb} changed during the backup ({scanned} of {count} points "
-                                   "read); try again")
-        if isinstance(blobs, LocalBlobStore):
-            holds.enter_context(blobs.deletes_held())
-            staged.blobs_in_base = len(refs & skip)
-            root = blobs.root
-            staged.blobs = {key: root / validate_key(key) for key in refs - skip}
-        else:
-            await asyncio.to_thread(_stage_blobs, staged, blobs, sorted(refs), skip, progress)
+    if blob_writes is not None:  # writes go on meanwhile
+        try:
+            missing = await asyncio.shield(blob_writes)
+        except asyncio.CancelledError:
+            await asyncio.gather(blob_writes, return_exceptions=True)
+            raise
+        _note_missing(staged, todo, missing)
     if progress:
         progress(f"{kb}: points", count, count)
     staged.points = count
-    await asyncio.to_thread((folder / BLOB_KEYS).write_text, "".join(f"{k}\n" for k in sorted(refs)), "utf-8")
+    await asyncio.to_thread((folder / BLOB_KEYS).write_text, "".join(f"{k}\n" for k in staged.blob_keys), "utf-8")
     dims = {dim for name, dim in staged.vectors.items() if name != PASSAGE_VECTOR}
     staged.dim = dims.pop() if len(dims) == 1 else (max(dims) if dims else None)
     return staged
+
+
+def _note_missing(staged: StagedCollection, written: list[str], missing: list[str]) -> None:
+    """The archived blobs in ``staged`` (their count is the manifest's); the vanished ones noted."""
+    staged.blobs_archived = len(written) - len(missing)
+    if missing:  # removed by something other than this process's blob store: cannot be held
+        log.warning("backup of %s: %d blobs vanished while they were archived (first %s)", staged.kb,
+                    len(missing), missing[0])
+        staged.missing_blobs.extend(missing)
+        gone = set(missing)
+        staged.blob_keys = [k for k in staged.blob_keys if k not in gone]
 
 
 # --- restore -----------------------------------------------------------------------------------------

@@ -492,6 +492,14 @@ class EdgeStore:
         async with self._writes:  # what snapshot_to holds while it copies the shard
             yield
 
+    async def flush(self) -> None:
+        """Make the shard's files hold every write so far (inside ``frozen``: a copy of them is then whole)."""
+        await self._call(self._require().flush)
+
+    async def run_on_shard(self, fn: Callable[[qe.EdgeShard], T]) -> T:
+        """``fn(shard)`` on a worker thread: a read the store has no method for (a backup's payload scan)."""
+        return await self._call(fn, self._require())
+
     # --- writes --------------------------------------------------------------------------------
     def _require(self) -> qe.EdgeShard:
         if self._shard is None:

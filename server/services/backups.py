@@ -154,7 +154,7 @@ class BackupService:
                                                "progress": progress}
                     if fmt != LOGICAL and isinstance(store, EdgeStore) and await store.count():  # its shard's files
                         staged.append(await stage_edge_collection(name, store, opened.blobs, folder, writer=writer,
-                                                                  holds=holds, **options))
+                                                                  holds=holds, nice=self.nice, **options))
                     else:
                         staged.append(await stage_collection(name, store, opened.blobs, folder, **options))
                 database = await asyncio.to_thread(dump_tables, self.settings, writer, [kb] if kb else None)
