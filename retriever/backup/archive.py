@@ -13,7 +13,8 @@ store: its shard's files as they are on disk) or ``"logical"`` (a Qdrant server,
 and every format-1 archive)::
 
     kbs/<kb>/shard/<path>            edge-shard: a file of the Edge shard directory (segments, WAL, config, meta)
-    kbs/<kb>/blob-keys.txt           edge-shard: the blob keys the shard's points reference, one a line
+    kbs/<kb>/blob-keys.txt           edge-shard: the blob keys of the KB at the backup (every one its points
+                                     reference; with local blobs all the KB's blob store held), one a line
     kbs/<kb>/points.jsonl            logical: one point a line: {"id", "payload", "vectors": [names], "sparse"}
     kbs/<kb>/vectors/<name>.f16      logical: that vector's rows, float16 little-endian, in points.jsonl order
     kbs/<kb>/blobs/<key>             a blob's bytes under its content-addressed key
@@ -24,6 +25,7 @@ and every format-1 archive)::
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import hashlib
 import io
@@ -130,6 +132,17 @@ def _padding(size: int) -> bytes:
 
 #: the write-back of the partial archive is started every this many bytes (``ArchiveWriter._write``)
 _WRITEBACK_EVERY = 32 << 20
+_SYNC_WRITE = ctypes.c_uint(2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _load_sync_file_range() -> Callable[..., int] | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True).sync_file_range  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not Linux: the final fsync does it all
+        return None
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 #: files up to this size are read in one piece (blobs); larger ones (shard segments) are streamed
@@ -178,11 +191,9 @@ class ArchiveWriter:
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Start writing ``length`` bytes at ``offset`` to disk, not waiting: the fsync of ``finish`` then has
-        little left (``POSIX_FADV_DONTNEED`` starts the write-back of dirty pages and drops clean ones)."""
-        try:
-            os.posix_fadvise(self._file.fileno(), offset, length, os.POSIX_FADV_DONTNEED)
-        except (OSError, AttributeError):
-            pass
+        little left (Linux ``sync_file_range(SYNC_FILE_RANGE_WRITE)``; the pages stay cached)."""
+        if _sync_file_range is not None:
+            _sync_file_range(self._file.fileno(), ctypes.c_int64(offset), ctypes.c_int64(length), _SYNC_WRITE)
 
     def record(self, name: str, size: int, sha256: str) -> None:
         """Note member ``name``, written by the caller, for the manifest."""

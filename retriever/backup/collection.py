@@ -44,7 +44,7 @@ Progress = Callable[[str, int, int], None]
 #: the ``method`` of a KB archived as its Edge shard's files (retriever/backup/shard.py); else "logical"
 EDGE_SHARD = "edge-shard"
 LOGICAL = "logical"
-#: edge-shard: the blob keys its points reference, one a line
+#: edge-shard: the blob keys of the KB at the backup (a superset of its points' with local blobs), one a line
 BLOB_KEYS = "blob-keys.txt"
 
 

@@ -4,12 +4,15 @@ Qdrant Edge 0.9.0 cannot write a snapshot, and exporting points through it turns
 Python floats (~70 µs a point at 512-d, most of a logical backup). So a backup of an ``EdgeStore``
 takes the shard itself, the way an HNSW build beside the server does (retriever/store/hnsw.py):
 
-* **Backup** (``stage_edge_collection``): inside ``store.frozen()`` (writes wait, reads go on) flush
-  the shard, write its files into the archive (with their sha256; ~0.5 s at 100k points, no staging
-  copy), read the blob keys its points reference (payload fields only, no vectors: ~0.3 s at 100k)
-  and hold the blob store's deletes. Then writes go on; the blobs are archived from where they are
-  afterwards, on a low-priority thread (``archive.run_niced``) so searches keep their core, and the
-  held deletes happen once they are in. (A blob store other than local files is copied while frozen.)
+* **Backup** (``stage_edge_collection``): the blob store's deletes held, then inside ``store.frozen()``
+  (writes wait, reads go on) flush the shard, reserve a region of the archive for its files and copy
+  them into it on one thread (``members.ReservedFiles``: ``copy_file_range``, sha256 from an mmap;
+  ~0.5 s at 100k points), while a second thread (``archive.run_niced``: low priority inside the server)
+  archives every blob the local blob store holds at that moment (``LocalBlobStore.keys``: a frozen
+  point's blobs were put before it, so they are all there; a blob no point references is archived too,
+  harmless). Writes go on once the shard is copied; the held deletes happen when the archive is done.
+  A blob store other than local files: the blob keys the points reference are read from two payload
+  fields (no vectors) and the blobs copied while frozen.
 * **Restore into the embedded store** (``place_edge_shard``): after every checksum was verified, the
   blobs are written, the shard files extracted into ``.<collection>__vN.restoring-<hex>``, synced and
   renamed to ``<collection>__vN``; the caller then opens it, checks its count and switches

@@ -3,7 +3,7 @@
 Points with their payloads and every vector, their blobs, the KB catalog and the answer/feedback log,
 and a manifest with the sha256 of every member (format: retriever/backup/archive.py), written under a
 temporary name and renamed when complete. The embedded store's KBs are archived as their Edge shard's
-files (``"method": "edge-shard"``: 1.5-2x ``tar`` of the data dir), a Qdrant server's as their points
+files (``"method": "edge-shard"``: about ``tar`` of the data dir), a Qdrant server's as their points
 (``"logical"``, also what ``--format logical`` gives every KB: portable, ~15x slower). ``--incremental
 BASE`` leaves out the blobs the archive BASE holds (keep BASE beside it: a restore reads them there).
 The embedded store belongs to one process: while ``vlmrag serve`` holds it (found from
