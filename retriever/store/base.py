@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from retriever.types import PassageSpec, PointRecord, ScoredPoint, SearchFilters, SparseVector, StoredPoint
 
@@ -191,6 +191,15 @@ def check_sparse(points: list[PointRecord]) -> None:
         if min(sparse.indices) < 0 or max(sparse.indices) >= 2**32 or len(set(sparse.indices)) != len(sparse):
             raise InvalidInput(f"point {point.id}: lexical vector indices must be distinct uint32",
                                param="lexical")
+
+
+def plain_vector(values: Any) -> Any:
+    """A dense vector (or a multi-vector's rows) as plain Python floats, as both adapters' clients take them."""
+    if hasattr(values, "tolist"):
+        return values.tolist()
+    if values and isinstance(values[0], (list, tuple)):
+        return [[float(v) for v in row] for row in values]
+    return [float(v) for v in values]
 
 
 def lexical_order(hits: list[ScoredPoint]) -> list[ScoredPoint]:

@@ -57,6 +57,7 @@ from retriever.store.base import (
     embedder_mismatch,
     lexical_order,
     normalize_id,
+    plain_vector,
 )
 from retriever.store.hnsw import (
     SHARD_CONFIG_FILE,
@@ -159,13 +160,7 @@ def build_filter(filters: SearchFilters | None) -> qe.Filter | None:
     return qe.Filter(must=must)
 
 
-def _vector(values: Any) -> Any:
-    """A dense vector (or a multi-vector's rows) as plain Python floats for Edge."""
-    if hasattr(values, "tolist"):
-        return values.tolist()
-    if values and isinstance(values[0], (list, tuple)):
-        return [[float(v) for v in row] for row in values]
-    return [float(v) for v in values]
+_vector = plain_vector  # retriever/store/base.py
 
 
 def point_current_at(path: Path, collection: str, name: str) -> None:

@@ -42,6 +42,7 @@ from retriever.store.base import (
     embedder_mismatch,
     lexical_order,
     normalize_id,
+    plain_vector,
 )
 from retriever.types import (
     PassageSpec,
@@ -89,13 +90,7 @@ def _consistency(value: str | int) -> models.ReadConsistencyType | int:
     return models.ReadConsistencyType(str(value))
 
 
-def _vector(values: Any) -> Any:
-    """A dense vector (or a multi-vector's rows) as plain Python floats."""
-    if hasattr(values, "tolist"):
-        return values.tolist()
-    if values and isinstance(values[0], (list, tuple)):
-        return [[float(v) for v in row] for row in values]
-    return [float(v) for v in values]
+_vector = plain_vector  # retriever/store/base.py
 
 
 def _sparse(vector: SparseVector) -> models.SparseVector:
