@@ -22,7 +22,7 @@ from retriever.images import MEDIA_TYPES, SUFFIXES, THUMBNAIL_MEDIA_TYPE
 from retriever.ingest.pipeline import IngestPipeline, IngestReport, ProgressFn
 from retriever.ingest.readers import IngestItem
 from retriever.plan import RetrievalPlan
-from retriever.search import CandidatePool, OcrFn, Retriever
+from retriever.search import CandidatePool, OcrFn, QueryVectors, Retriever
 from retriever.store.base import VectorStore, normalize_id
 from retriever.types import Candidate, SearchFilters, StoredPoint
 
@@ -55,6 +55,11 @@ class KnowledgeBase:
         self.collection = collection
 
     @property
+    def has_retriever(self) -> bool:
+        """Whether it was opened with a CLIP model (``retriever`` raises otherwise)."""
+        return self._retriever is not None
+
+    @property
     def retriever(self) -> Retriever:
         if self._retriever is None:
             raise ConfigurationError("this knowledge base was opened without a CLIP model (read/delete only)")
@@ -69,10 +74,10 @@ class KnowledgeBase:
     # --- read --------------------------------------------------------------------------------------
     async def search(
         self, text: str | None = None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,
-        *, ocr: OcrFn | None = None,
+        *, ocr: OcrFn | None = None, embedded: asyncio.Future[tuple[QueryVectors, float]] | None = None,
     ) -> CandidatePool:
         """CLIP (both vectors) and BM25 retrieval as ``plan`` says, fused; see ``retriever.search.Retriever``."""
-        return await self.retriever.search(text, images, plan, ocr=ocr)
+        return await self.retriever.search(text, images, plan, ocr=ocr, embedded=embedded)
 
     async def get(self, point_id: str) -> StoredPoint:
         """One snippet by id; ``NotFound`` if absent (or not even a valid id)."""

@@ -96,6 +96,11 @@ async def _done(hits: list[ScoredPoint]) -> list[ScoredPoint]:
     return hits
 
 
+def _drop_unread(task: asyncio.Task[tuple[QueryVectors, float]]) -> None:
+    if not task.cancelled():
+        task.exception()  # marks it read; whoever awaits the task still gets it
+
+
 class Retriever:
     """Query embedding + multi-vector search + RRF fusion over one VectorStore."""
 
@@ -203,16 +208,29 @@ class Retriever:
                         "`vlmrag backfill-passage` adds it", self.store.description)
         return has
 
+    def start_embed(self, text: str) -> asyncio.Task[tuple[QueryVectors, float]]:
+        """``embed_query(text)`` started now, with its milliseconds: a caller that knows the text before the
+        plan (``/v1/search`` while it reads the KB's defaults) hands it to ``search`` as ``embedded``."""
+        async def run() -> tuple[QueryVectors, float]:
+            t = time.perf_counter()
+            vectors = await self.embed_query(text)
+            return vectors, (time.perf_counter() - t) * 1000
+
+        task = asyncio.ensure_future(run())
+        task.add_done_callback(_drop_unread)  # a dropped one (the plan needed none) never warns
+        return task
+
     async def search(
         self, text: str | None, images: list[Image.Image] | None = None, plan: RetrievalPlan | None = None,
-        *, ocr: OcrFn | None = None,
+        *, ocr: OcrFn | None = None, embedded: asyncio.Future[tuple[QueryVectors, float]] | None = None,
     ) -> CandidatePool:
         """Embed (and OCR the images, concurrently), search and fuse as ``plan`` says; best first.
 
         ``plan`` (default: ``RetrievalPlan()``) gives the pool size, filters, mode and ``exact``. ``ocr``
         reads the text in one query image (blocking; run in a thread beside CLIP). It is only used when
         the mode is not ``dense``; its failure costs the ``image->lexical`` list, never the search, and
-        is reported in ``CandidatePool.degraded``.
+        is reported in ``CandidatePool.degraded``. ``embedded``: ``start_embed(text)`` of this text, no
+        images (used where the mode embeds).
         """
         plan = plan or RetrievalPlan()
         mode = plan.mode
@@ -240,6 +258,9 @@ class Retriever:
                 if not (text or "").strip() and not images:
                     raise InvalidInput("a search needs text, at least one image, or both", param="query")
                 return QueryVectors()
+            if embedded is not None and not images:
+                vectors, timings["embed"] = await embedded
+                return vectors
             t = time.perf_counter()
             vectors = await self.embed_query(text, images)
             timings["embed"] = (time.perf_counter() - t) * 1000

@@ -178,6 +178,33 @@ async def test_kb_system_prompt_and_defaults_apply(tenants: dict[str, Any], fake
     assert "Only pumps." in fake_vllm.answer_bodies[-1]["messages"][0]["content"]
 
 
+async def test_a_search_reads_the_kbs_defaults_of_now_though_its_encode_starts_before(tenants: dict[str, Any]) -> None:
+    """/v1/search starts the text's encode before it reads the KB's defaults, guessing from the last ones
+    it read: a change of mode (here by this replica; by another one the same) counts at the next search."""
+    client = tenants["client"]
+
+    async def search() -> dict[str, Any]:
+        r = await client.post("/v1/search", params={"kb": "pumps"}, headers=auth(PUMPS_CHAT),
+                              json={"text": "pump seal", "scorer": "clip"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def lists(body: dict[str, Any]) -> set[str]:
+        return {name for c in body["candidates"] for name in c["vector_scores"]}
+
+    first = await search()  # no defaults yet: hybrid, the encode started early
+    assert first["timings"]["embed"] > 0 and "text->image" in lists(first)
+    for mode, embeds in (("lexical", False), ("dense", True), ("lexical", False)):
+        r = await client.patch("/v1/knowledge-bases/pumps", headers=auth(ADMIN), json={"retrieval": {"mode": mode}})
+        assert r.status_code == 200, r.text
+        body = await search()
+        assert (body["timings"]["embed"] > 0) is embeds, (mode, body["timings"])
+        assert all(name.endswith("->lexical") for name in lists(body)) is not embeds, (mode, lists(body))
+        again = await search()  # now the guess is right: the same answer
+        assert [(c["id"], c["clip_score"], c["vector_scores"]) for c in again["candidates"]] == \
+            [(c["id"], c["clip_score"], c["vector_scores"]) for c in body["candidates"]]
+
+
 async def test_crud_and_delete_removes_points_and_blobs(tenants: dict[str, Any], settings: Settings) -> None:
     client, ids = tenants["client"], tenants["ids"]
     listed = (await client.get("/v1/knowledge-bases", headers=auth(ADMIN))).json()["items"]

@@ -28,7 +28,7 @@ from retriever.images import DecodedImage, data_url, decode_image
 from retriever.knowledge_base import KnowledgeBase
 from retriever.plan import RetrievalPlan, Scorer
 from retriever.rerank import RerankService
-from retriever.search import OcrFn
+from retriever.search import OcrFn, QueryVectors
 from retriever.types import Candidate
 from server.api_models import (
     RetrievalOptions,
@@ -147,6 +147,9 @@ class ChatService:
         self.ocr = ocr  # reads the text in the caller's images (query-time OCR); None when turned off
         self.answer_log = answer_log  # where answers are recorded for feedback; None: not recorded
         self.verifier = verifier or Verifier(settings, reranker=reranker, metrics=metrics)
+        # Per KB, the retrieval defaults its last /v1/search read: whether to start the encode before
+        # reading them again (a hint only; every search reads the catalog).
+        self._search_defaults: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ images
     async def load_image_url(self, url: str, param: str) -> QueryImage:
@@ -189,8 +192,25 @@ class ChatService:
         """The opened KB ``name`` and its spec (defaults, system-prompt addition); the caller checked access."""
         return await self.kbs.get(name), await self.kbs.spec(name)
 
+    def _early_embed(self, request: SearchRequest, kb: KnowledgeBase,
+                     kb_name: str) -> asyncio.Task[tuple[QueryVectors, float]] | None:
+        """The query text's encode, started before the KB's defaults are read (the catalog's round trip
+        then runs beside it) where the plan they gave last time embeds it: a text without an image."""
+        text = (request.text or "").strip()
+        if not text or request.image or not kb.has_retriever:
+            return None
+        try:
+            plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="",
+                                defaults=self._search_defaults.get(kb_name, {}))
+        except InvalidInput:
+            return None  # the real plan raises it again, with no encode spent
+        if not (plan.enabled and plan.mode != "lexical"):
+            return None
+        return kb.retriever.start_embed(text)
+
     async def retrieve(
         self, text: str, images: list[QueryImage], plan: RetrievalPlan, kb: KnowledgeBase,
+        *, embedded: asyncio.Future[tuple[QueryVectors, float]] | None = None,
     ) -> SelectedContext:
         """CLIP search for a pool, then relevancy scoring and adaptive selection."""
         if not plan.enabled:
@@ -198,7 +218,8 @@ class ChatService:
         if not text.strip() and not images:
             raise InvalidInput("nothing to search for: the question has no text and no image",
                                param="messages", code="empty_query")
-        found = await kb.search(text or None, [q.decoded.image for q in images], plan, ocr=self.ocr)
+        found = await kb.search(text or None, [q.decoded.image for q in images], plan, ocr=self.ocr,
+                                embedded=embedded)
         timings = {name: round(ms, 3) for name, ms in found.timings.items() if name != "total"}
         # A relevancy request carries the query images plus one candidate image: keep it within the cap.
         rerank_images = [q.data for q in images][: max(0, self.settings.vllm_max_images_per_prompt - 1)]
@@ -484,12 +505,23 @@ class ChatService:
         """Retrieval and selection only, with every score."""
         started = time.perf_counter()
         check_text_chars(self.settings, request.text, "text")
-        kb, spec = await self.knowledge_base(kb_name)
-        plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="", defaults=spec.retrieval)
+        kb = await self.kbs.get(kb_name)
+        embedded = self._early_embed(request, kb, kb_name)
+        try:
+            spec = await self.kbs.spec(kb_name)  # read every time: a replica's change counts at once
+            plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="", defaults=spec.retrieval)
+        except BaseException:
+            if embedded is not None:
+                embedded.cancel()
+            raise
+        self._search_defaults[kb_name] = spec.retrieval
+        if embedded is not None and not (plan.enabled and plan.mode != "lexical"):
+            embedded.cancel()  # the KB's defaults changed since: this plan needs no embedding
+            embedded = None
         t = time.perf_counter()
         images = [await self.load_image_url(request.image, "image")] if request.image else []
         decode_ms = _ms(t)
-        context = await self.retrieve(request.text or "", images, plan, kb)
+        context = await self.retrieve(request.text or "", images, plan, kb, embedded=embedded)
         timings = {"decode": decode_ms, **context.timings, "total": _ms(started)}
         if self.metrics is not None:
             self.metrics.observe_timings(timings)
