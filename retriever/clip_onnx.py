@@ -36,12 +36,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from retriever.clip_text import TrimmedTextTower, trimmable, used_length
 from retriever.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
 #: bump when the exported graph changes (wrapper, opset, names): old cache entries are then ignored
-EXPORT_FORMAT = 1
+#: (2: the text tower takes the used token columns only, ``retriever/clip_text.py``)
+EXPORT_FORMAT = 2
 OPSET = 17
 #: max |onnx - torch| over the normalised vectors an export may show (float32 rounding is ~1e-6)
 PARITY_TOLERANCE = 1e-4
@@ -84,6 +86,7 @@ class OnnxClip:
     text_session: Any
     folder: Path
     max_diff: float  # of the parity check that admitted this export
+    text_trim: bool = False  # the text graph takes the used token columns only (retriever/clip_text.py)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
         """Embed a preprocessed (N, C, H, W) float32 batch."""
@@ -91,7 +94,9 @@ class OnnxClip:
         return normalize_rows(out)
 
     def encode_text(self, tokens: np.ndarray) -> np.ndarray:
-        """Embed an (N, context_length) int64 token batch."""
+        """Embed an (N, context_length) int64 token batch (cut to its used columns where the graph allows)."""
+        if self.text_trim:
+            tokens = tokens[:, :used_length(tokens)]
         (out,) = self.text_session.run(None, {"tokens": np.ascontiguousarray(tokens, dtype=np.int64)})
         return normalize_rows(out)
 
@@ -141,9 +146,10 @@ def _session(path: Path, threads: int, spinning: bool = False) -> Any:
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
-def _open(folder: Path, threads: int, max_diff: float = float("nan"), spinning: bool = False) -> OnnxClip:
+def _open(folder: Path, threads: int, max_diff: float = float("nan"), spinning: bool = False,
+          text_trim: bool = False) -> OnnxClip:
     return OnnxClip(_session(folder / IMAGE_FILE, threads, spinning), _session(folder / TEXT_FILE, threads, spinning),
-                    folder, max_diff)
+                    folder, max_diff, text_trim)
 
 
 def _parity_inputs(image_size: tuple[int, int], tokenize: Callable[[list[str]], torch.Tensor]
@@ -155,22 +161,29 @@ def _parity_inputs(image_size: tuple[int, int], tokenize: Callable[[list[str]], 
 
 def parity_diff(model: Any, clip: OnnxClip, image_size: tuple[int, int],
                 tokenize: Callable[[list[str]], torch.Tensor]) -> float:
-    """Max |onnx - torch| of normalised vectors over a few images and texts, at batch 1 and 2."""
+    """Max |onnx - torch| of normalised vectors over a few images and texts, at batch 1 and 2 (texts of
+    one length and of two, so a cut text graph is checked with padding inside its batch)."""
     pixels, tokens = _parity_inputs(image_size, tokenize)
     with torch.inference_mode():
         want_image = normalize_rows(model.encode_image(pixels, normalize=True).float().numpy())
         want_text = normalize_rows(model.encode_text(tokens, normalize=True).float().numpy())
     got_image = np.concatenate([clip.encode_image(pixels[:1].numpy()), clip.encode_image(pixels[1:].numpy())])
     got_text = np.concatenate([clip.encode_text(tokens[:1].numpy()), clip.encode_text(tokens[1:].numpy())])
+    got_pair = clip.encode_text(tokens[:2].numpy())  # two short texts of different lengths
     if got_image.shape != want_image.shape or got_text.shape != want_text.shape:
         return float("inf")
-    diff = max(float(np.abs(got_image - want_image).max()), float(np.abs(got_text - want_text).max()))
+    diff = max(float(np.abs(got_image - want_image).max()), float(np.abs(got_text - want_text).max()),
+               float(np.abs(got_pair - want_text[:2]).max()))
     return diff if np.isfinite(diff) else float("inf")
 
 
 def _export(model: Any, folder: Path, image_size: tuple[int, int],
-            tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+            tokenize: Callable[[list[str]], torch.Tensor]) -> bool:
+    """Both towers into ``folder``; True when the text graph takes the used token columns only."""
     pixels, tokens = _parity_inputs(image_size, tokenize)
+    text_trim = trimmable(model)
+    text_tower = TrimmedTextTower(model) if text_trim else _TextTower(model)
+    text_axes = {0: "batch", 1: "tokens"} if text_trim else {0: "batch"}
     # nn.MultiheadAttention's inference fast path (one fused aten op) has no ONNX symbolic: trace the
     # plain attention ops instead (ORT fuses them again).
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -180,23 +193,25 @@ def _export(model: Any, folder: Path, image_size: tuple[int, int],
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             for tower, example, name, path in (
                 (_ImageTower(model), pixels[:2], "pixels", folder / IMAGE_FILE),
-                (_TextTower(model), tokens[:2], "tokens", folder / TEXT_FILE),
+                (text_tower, tokens[:2, :used_length(tokens[:2])] if text_trim else tokens[:2], "tokens",
+                 folder / TEXT_FILE),
             ):
                 torch.onnx.export(
                     tower.eval(), (example,), str(path), input_names=[name], output_names=["embedding"],
-                    dynamic_axes={name: {0: "batch"}, "embedding": {0: "batch"}}, opset_version=OPSET,
-                    dynamo=False, do_constant_folding=True,
+                    dynamic_axes={name: text_axes if name == "tokens" else {0: "batch"}, "embedding": {0: "batch"}},
+                    opset_version=OPSET, dynamo=False, do_constant_folding=True,
                 )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+    return text_trim
 
 
-def _write_manifest(folder: Path, identity: str, max_diff: float, seconds: float) -> None:
+def _write_manifest(folder: Path, identity: str, max_diff: float, seconds: float, text_trim: bool) -> None:
     import onnx
     import onnxruntime as ort
 
     manifest = {
-        "identity": identity, "format": EXPORT_FORMAT, "opset": OPSET, "max_abs_diff": max_diff,
+        "identity": identity, "format": EXPORT_FORMAT, "opset": OPSET, "max_abs_diff": max_diff, "text_trim": text_trim,
         "export_seconds": round(seconds, 2), "torch": torch.__version__, "onnx": onnx.__version__,
         "onnxruntime": ort.__version__, "files": {f: (folder / f).stat().st_size for f in (IMAGE_FILE, TEXT_FILE)},
     }
@@ -211,7 +226,7 @@ def _admit_cached(folder: Path, model: Any, identity: str, image_size: tuple[int
         manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
         if manifest.get("identity") != identity:
             raise ValueError(f"it was made for {manifest.get('identity')!r}")
-        clip = _open(folder, threads, spinning=spinning)
+        clip = _open(folder, threads, spinning=spinning, text_trim=bool(manifest.get("text_trim")))
         clip.max_diff = parity_diff(model, clip, image_size, tokenize)
     except Exception as exc:  # noqa: BLE001 - any unreadable export is simply made again
         log.warning("cached ONNX export %s is unusable (%s: %s): exporting again", folder, type(exc).__name__, exc)
@@ -242,14 +257,14 @@ def load_onnx_clip(
     try:
         started = time.perf_counter()
         try:
-            _export(model, tmp, image_size, tokenize)
+            text_trim = _export(model, tmp, image_size, tokenize)
         except Exception as exc:  # the exporter raises many types for models it cannot trace
             raise ConfigurationError(
                 f"could not export CLIP model {identity} to ONNX ({type(exc).__name__}: {exc}); "
                 "set VLMRAG_CLIP_BACKEND=torch", param="clip_backend",
             ) from exc
         try:
-            clip = _open(tmp, threads, spinning=spinning)
+            clip = _open(tmp, threads, spinning=spinning, text_trim=text_trim)
             clip.max_diff = parity_diff(model, clip, image_size, tokenize)
         except Exception as exc:  # ORT refusing the graph it was just given
             raise ConfigurationError(
@@ -265,7 +280,7 @@ def load_onnx_clip(
                 f"{clip.max_diff:.2e} > {tolerance:.0e}); refusing it: set VLMRAG_CLIP_BACKEND=torch",
                 param="clip_backend",
             )
-        _write_manifest(tmp, identity, clip.max_diff, seconds)
+        _write_manifest(tmp, identity, clip.max_diff, seconds, text_trim)
         try:
             os.rename(tmp, folder)  # atomic; fails when another process put its export there first
         except OSError:

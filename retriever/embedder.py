@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from retriever.clip_text import encode_text as encode_trimmed
+from retriever.clip_text import trimmable
 from retriever.embed_cache import EmbedCache, array_key, text_key
 from retriever.errors import ConfigurationError
 
@@ -89,6 +91,9 @@ class ClipEmbedder:
         self.dim = dim
         self.device = device
         self.batch_size = max(1, batch_size)
+        # torch: the text tower runs on the token columns a batch uses where that gives the same vectors
+        # (retriever/clip_text.py); the ONNX export decides the same for its own graph
+        self.text_trim = model is not None and trimmable(model)
 
     @property
     def backend(self) -> Backend:
@@ -128,7 +133,9 @@ class ClipEmbedder:
                 out.append(self.onnx.encode_text(tokens.numpy()))
                 continue
             with torch.inference_mode():
-                features = self.model.encode_text(tokens.to(self.device), normalize=True)
+                tokens = tokens.to(self.device)
+                features = encode_trimmed(self.model, tokens) if self.text_trim else \
+                    self.model.encode_text(tokens, normalize=True)
             out.append(_to_numpy(features))
         return np.concatenate(out, axis=0)
 
