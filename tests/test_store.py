@@ -588,3 +588,18 @@ async def test_versions_name_the_served_collection(kind: str, make_store) -> Non
     versions = store.versions()
     assert await versions.current() == TEST_COLLECTION
     assert await versions.versions() == [TEST_COLLECTION]
+
+
+def test_a_bad_passage_row_is_named_with_its_own_length() -> None:
+    """A sections multi-vector with one wrong row: the error names that row and its length."""
+    from retriever.store.base import check_vectors
+
+    rows = [[0.1] * 4, [0.1] * 4, [0.1] * 3]
+    point = PointRecord("p1", {"image": [0.0] * 8, "passage": rows}, SnippetPayload(kind="text"))
+    with pytest.raises(InvalidInput, match=r"vector 'passage' row 2 has 3 dimensions, expected 4"):
+        check_vectors([point], 8, passage_dim=4)
+    single = PointRecord("p2", {"image": [0.0] * 8, "passage": [0.1] * 5}, SnippetPayload(kind="text"))
+    with pytest.raises(InvalidInput, match=r"vector 'passage' has 5 dimensions, expected 4"):
+        check_vectors([single], 8, passage_dim=4)
+    check_vectors([PointRecord("p3", {"image": [0.0] * 8, "passage": rows[:2]}, SnippetPayload(kind="text"))],
+                  8, passage_dim=4)

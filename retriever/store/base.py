@@ -222,8 +222,10 @@ def check_vectors(points: list[PointRecord], dim: int | None, passage_dim: int |
                 if passage_dim is None:
                     raise InvalidInput(f"point {point.id}: this collection has no passage vector", param="vectors")
                 rows = vector if vector and isinstance(vector[0], (list, tuple)) else [vector]  # multi-vector
-                if any(len(row) != passage_dim for row in rows):
-                    raise InvalidInput(f"point {point.id}: vector 'passage' has {len(rows[0])} dimensions, "
+                bad = next((i for i, row in enumerate(rows) if len(row) != passage_dim), None)
+                if bad is not None:
+                    where = f" row {bad}" if len(rows) > 1 else ""
+                    raise InvalidInput(f"point {point.id}: vector 'passage'{where} has {len(rows[bad])} dimensions, "
                                        f"expected {passage_dim}", param="vectors")
                 continue
             if name not in VECTOR_NAMES:
