@@ -182,8 +182,11 @@ def _export(model: Any, folder: Path, image_size: tuple[int, int],
     """Both towers into ``folder``; True when the text graph takes the used token columns only."""
     pixels, tokens = _parity_inputs(image_size, tokenize)
     text_trim = trimmable(model)
-    text_tower = TrimmedTextTower(model) if text_trim else _TextTower(model)
-    text_axes = {0: "batch", 1: "tokens"} if text_trim else {0: "batch"}
+    text: tuple[torch.nn.Module, torch.Tensor, dict[int, str]]
+    if text_trim:  # the token axis is dynamic: the graph is fed the used columns only
+        text = (TrimmedTextTower(model), tokens[:2, :used_length(tokens[:2])], {0: "batch", 1: "tokens"})
+    else:
+        text = (_TextTower(model), tokens[:2], {0: "batch"})
     # nn.MultiheadAttention's inference fast path (one fused aten op) has no ONNX symbolic: trace the
     # plain attention ops instead (ORT fuses them again).
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -191,15 +194,14 @@ def _export(model: Any, folder: Path, image_size: tuple[int, int],
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            for tower, example, name, path in (
-                (_ImageTower(model), pixels[:2], "pixels", folder / IMAGE_FILE),
-                (text_tower, tokens[:2, :used_length(tokens[:2])] if text_trim else tokens[:2], "tokens",
-                 folder / TEXT_FILE),
+            for tower, example, axes, name, path in (
+                (_ImageTower(model), pixels[:2], {0: "batch"}, "pixels", folder / IMAGE_FILE),
+                (*text, "tokens", folder / TEXT_FILE),
             ):
                 torch.onnx.export(
                     tower.eval(), (example,), str(path), input_names=[name], output_names=["embedding"],
-                    dynamic_axes={name: text_axes if name == "tokens" else {0: "batch"}, "embedding": {0: "batch"}},
-                    opset_version=OPSET, dynamo=False, do_constant_folding=True,
+                    dynamic_axes={name: axes, "embedding": {0: "batch"}}, opset_version=OPSET,
+                    dynamo=False, do_constant_folding=True,
                 )
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

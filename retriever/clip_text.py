@@ -40,7 +40,7 @@ def trimmable(model: Any) -> bool:
     blocks_ok = all(
         isinstance(r, ResidualAttentionBlock) and not hasattr(r, "ln_1_kv")
         and isinstance(r.attn, torch.nn.MultiheadAttention) and r.attn._qkv_same_embed_dim
-        and r.attn.batch_first in (True, transformer.batch_first)
+        and r.attn.batch_first
         for r in transformer.resblocks
     )
     return bool(causal and blocks_ok)
