@@ -603,3 +603,40 @@ def test_a_bad_passage_row_is_named_with_its_own_length() -> None:
         check_vectors([single], 8, passage_dim=4)
     check_vectors([PointRecord("p3", {"image": [0.0] * 8, "passage": rows[:2]}, SnippetPayload(kind="text"))],
                   8, passage_dim=4)
+
+
+async def test_edge_hits_carry_their_own_payloads_and_skip_a_point_gone_before_the_read(tmp_path: Path,
+                                                                                        embedder) -> None:
+    """Edge scans without payloads and reads the hits' payloads by id: each hit gets its own point's, in
+    dense and BM25 search alike; a point deleted between the scan and that read is left out."""
+    from retriever.store.edge import EdgeStore
+
+    store = EdgeStore(tmp_path, "payloads")
+    await store.ensure_collection(embedder.dim, embedder.identity)
+    points = make_lexical_points()
+    await store.upsert(points)
+    by_id = {p.id: p.payload for p in points}
+    try:
+        first = points[0]
+        dense = await store.search("text", first.vectors["text"], len(points))
+        lexical = await store.search_lexical(query_vector("E-417"), len(points))
+        assert dense[0].id == first.id and lexical
+        for hit in [*dense, *lexical]:
+            assert hit.payload == by_id[hit.id]
+        shard, gone = store._shard, dense[0].id
+
+        class DeletedBetween:  # the shard as a writer thread leaves it: the top hit gone before the read
+            def query(self, request):
+                return shard.query(request)
+
+            def retrieve(self, ids, with_payload, with_vector):
+                return [r for r in shard.retrieve(ids, with_payload, with_vector) if str(r.id) != gone]
+
+        store._shard = DeletedBetween()
+        try:
+            again = await store.search("text", first.vectors["text"], len(points))
+        finally:
+            store._shard = shard
+        assert [h.id for h in again] == [h.id for h in dense[1:]]
+    finally:
+        await store.close()
