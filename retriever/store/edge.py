@@ -6,8 +6,7 @@ synchronous; most run in a worker thread (``asyncio.to_thread``) so Python-side 
 building points for an upsert interleaves with the event loop. ``query`` does not: 0.9.0 holds the
 GIL for the whole search (~10 ms at 100k x 512; a thread ticking every 0.5 ms stalls that long, and
 two threads querying together take as long as one after the other), so a worker thread cannot free
-the loop and only added ~0.5 ms: ``search`` calls it inline. It asks for no payloads and reads the
-hits' payloads with one ``retrieve`` (``_hits``): a top-20 scan with payloads costs ~0.4 ms more.
+the loop and only added ~0.5 ms: ``search`` calls it inline.
 
 Edge raises plain ``Exception``; ``_translate`` maps them onto ``retriever.errors``. One process
 per path: a second opener fails on the WAL lock, reported as ``StoreUnavailable`` naming the path.
@@ -551,9 +550,10 @@ class EdgeStore:
             qe.SearchParams(hnsw_ef=max(self.hnsw_ef or self._auto_ef, limit)))
         request = qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(_vector(vector), using=vector_name),
-            filter=build_filter(filters), with_payload=False, with_vector=False, params=params,
+            filter=build_filter(filters), with_payload=True, with_vector=False, params=params,
         )
-        return self._hits(request)
+        hits = self._call_inline(self._shard.query, request)
+        return [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
 
     async def search_lexical(
         self, query: SparseVector, limit: int, filters: SearchFilters | None = None
@@ -564,27 +564,12 @@ class EdgeStore:
         request = qe.QueryRequest(
             limit=limit, query=qe.Query.Nearest(qe.SparseVector(list(query.indices), list(query.values)),
                                                 using=LEXICAL_VECTOR),
-            filter=build_filter(filters), with_payload=False, with_vector=False,
+            filter=build_filter(filters), with_payload=True, with_vector=False,
         )
-        return lexical_order(self._hits(request))
-
-    def _hits(self, request: qe.QueryRequest) -> list[ScoredPoint]:
-        """``request`` (asked without payloads) run inline, then its hits' payloads in one ``retrieve``.
-
-        Edge 0.9.0's ``query`` reads payloads slowly: at 10k points a top-20 dense scan takes ~0.86 ms
-        with them and ~0.47 without, while ``retrieve`` of the same 20 ids takes ~0.07 ms
-        (benchmarks/README.md, issue 21). Both calls hold the GIL and run back to back on the loop, so
-        no other search or write of this process comes between them; a point a concurrent writer
-        thread deleted in between is left out, as if the search had come after the delete.
-        """
-        shard = self._require()
-        hits = self._call_inline(shard.query, request)
-        if not hits:
-            return []
-        records = self._call_inline(shard.retrieve, [h.id for h in hits], True, False)
-        payloads = {str(r.id): r.payload for r in records}
-        return [ScoredPoint(pid, float(h.score), SnippetPayload.from_dict(payloads[pid] or {}))
-                for h in hits if (pid := str(h.id)) in payloads]
+        hits = self._call_inline(self._shard.query, request)
+        return lexical_order(
+            [ScoredPoint(str(h.id), float(h.score), SnippetPayload.from_dict(h.payload or {})) for h in hits]
+        )
 
     async def has_lexical(self) -> bool:
         return self._shard is not None and self._lexical
