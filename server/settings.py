@@ -234,11 +234,6 @@ class Settings(BaseSettings):
         "file data_dir/vlmrag.sqlite3. Several replicas share one, e.g. postgresql+psycopg://…",
     )
     limit_knowledge_bases: int = Field(100, ge=1, description="Knowledge bases one service may hold.")
-    kb_spec_ttl_s: float = Field(
-        1.0, ge=0, description="How long a KB's catalog row (retrieval defaults, prompt addition) read by this "
-        "replica is used before it is read again: a change made through another replica counts within this "
-        "time, one made through this replica at once. 0 = read on every request (~0.5-1.5 ms of a search).",
-    )
     blob_namespace: str = Field(
         "", description="Blob sub-folder (S3: sub-prefix) of the collection's KB; set by the CLI's --kb, not by hand.",
     )

@@ -332,38 +332,3 @@ async def test_two_kbs_ingest_at_once_on_the_qdrant_client_adapter(settings: Set
             assert all(src.startswith(kb) for src in stats["by_source"])
         r = await client.delete("/v1/knowledge-bases/valves")
         assert r.status_code == 200 and r.json()["snippets"] == 5
-
-
-async def test_a_replica_uses_a_spec_it_read_for_the_ttl_and_its_own_changes_at_once(settings: Settings) -> None:
-    """Two registries over one catalog (two replicas): a change through one reaches the other once its
-    ``kb_spec_ttl_s`` is over (at once with 0), and the changing one sees it at once; callers get copies."""
-    from retriever.errors import NotFound
-    from server.knowledge_bases import KnowledgeBases
-    from server.knowledge_bases.catalog import KBCatalog, KBSpec, database_url
-
-    async def never(collection: str, namespace: str):
-        raise AssertionError("no store is opened to read a spec")
-
-    url = database_url(settings)
-    a = KnowledgeBases(settings.model_copy(update={"kb_spec_ttl_s": 0.3}), KBCatalog(url), never)
-    b = KnowledgeBases(settings.model_copy(update={"kb_spec_ttl_s": 0.3}), KBCatalog(url), never)
-    fresh = KnowledgeBases(settings.model_copy(update={"kb_spec_ttl_s": 0.0}), KBCatalog(url), never)
-    try:
-        await a.catalog.insert(KBSpec("pumps", display_name="Pumps", retrieval={"mode": "lexical"}, created_at=1.0))
-        assert (await b.spec("pumps")).retrieval == {"mode": "lexical"}
-        copy = await b.spec("pumps")
-        copy.retrieval["mode"] = "dense"  # a caller's change to its copy is not the cache's
-        assert (await b.spec("pumps")).retrieval == {"mode": "lexical"}
-        await a.update("pumps", {"retrieval": {"mode": "dense"}})
-        assert (await a.spec("pumps")).retrieval == {"mode": "dense"}  # this replica's change: at once
-        assert (await fresh.spec("pumps")).retrieval == {"mode": "dense"}  # TTL 0: every read is the catalog's
-        assert (await b.spec("pumps")).retrieval == {"mode": "lexical"}  # the other: its read, within the TTL
-        await asyncio.sleep(0.35)
-        assert (await b.spec("pumps")).retrieval == {"mode": "dense"}
-        await a.catalog.remove("pumps")
-        await asyncio.sleep(0.35)
-        with pytest.raises(NotFound):
-            await b.spec("pumps")
-    finally:
-        for registry in (a, b, fresh):
-            registry.catalog.close()

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Any
 
 from retriever.errors import Conflict, InvalidInput, NotFound
@@ -43,31 +42,9 @@ class KnowledgeBases:
         self._opened: dict[str, KnowledgeBase] = {DEFAULT_KB: default} if default is not None else {}
         self._owned: set[str] = set()  # opened here (closed here); a given default belongs to the caller
         self._lock = asyncio.Lock()
-        self._specs: dict[str, tuple[float, KBSpec]] = {}  # name -> (monotonic time read, spec): ``spec``
 
     async def spec(self, name: str) -> KBSpec:
-        """The KB's spec, a copy the caller may change; ``NotFound`` for an unknown name (the same answer a
-        key not bound to it gets).
-
-        A spec read from the catalog serves for ``kb_spec_ttl_s`` (every search reads it: a catalog round
-        trip, GIL-bound SQLAlchemy work beside the query's encode); this registry's own writes drop it at once.
-        """
-        ttl = self.settings.kb_spec_ttl_s
-        cached = self._specs.get(name)
-        if cached is not None and time.monotonic() - cached[0] < ttl:
-            return _copy(cached[1])
-        read_at = time.monotonic()
-        try:
-            spec = await self._read_spec(name)
-        except NotFound:
-            self._specs.pop(name, None)
-            raise
-        if ttl > 0:
-            self._specs[name] = (read_at, spec)
-        return _copy(spec)
-
-    async def _read_spec(self, name: str) -> KBSpec:
-        """The KB's spec as the catalog holds it now."""
+        """The KB's spec; ``NotFound`` for an unknown name (the same answer a key not bound to it gets)."""
         if name == DEFAULT_KB:
             return await self.catalog.get(DEFAULT_KB) or KBSpec(DEFAULT_KB, display_name="Default")
         if not NAME_RE.match(name or ""):
@@ -105,18 +82,15 @@ class KnowledgeBases:
         spec.retrieval = check_defaults(spec.retrieval)
         spec.created_at = spec.created_at or time.time()
         await self.catalog.insert(spec)
-        self._specs.pop(spec.name, None)
         try:
             await self.get(spec.name)  # creates the collection now: a broken store fails the create, not a chat
         except BaseException:
             await self.catalog.remove(spec.name)
-            self._specs.pop(spec.name, None)
             raise
         log.info("knowledge base %s created (collection %s)", spec.name, collection_for(self.settings, spec.name))
         return spec
 
     async def update(self, name: str, changes: dict[str, Any]) -> KBSpec:
-        self._specs.pop(name, None)  # changed from the row of now, not from a copy up to the TTL old
         spec = await self.spec(name)
         for key, value in changes.items():
             if key == "retrieval":
@@ -128,7 +102,6 @@ class KnowledgeBases:
             await self.catalog.insert(spec)
         else:
             await self.catalog.replace(spec)
-        self._specs.pop(name, None)
         return spec
 
     async def delete(self, name: str) -> dict[str, Any]:
@@ -144,7 +117,6 @@ class KnowledgeBases:
             await drop_collection(kb)
             await asyncio.to_thread(drop_blobs, kb)
         await self.catalog.remove(name)
-        self._specs.pop(name, None)
         log.warning("knowledge base %s deleted: %d snippets and their blobs removed", name, count)
         return {"name": name, "deleted": True, "snippets": count}
 
@@ -155,10 +127,6 @@ class KnowledgeBases:
                 await kb.close()
         self._owned.clear()
         self.catalog.close()
-
-
-def _copy(spec: KBSpec) -> KBSpec:
-    return replace(spec, retrieval=dict(spec.retrieval))
 
 
 def check_defaults(values: dict[str, Any]) -> dict[str, Any]:

@@ -148,7 +148,7 @@ class ChatService:
         self.answer_log = answer_log  # where answers are recorded for feedback; None: not recorded
         self.verifier = verifier or Verifier(settings, reranker=reranker, metrics=metrics)
         # Per KB, the retrieval defaults its last /v1/search read: whether to start the encode before
-        # reading them again (a hint only; every search reads the KB's spec).
+        # reading them again (a hint only; every search reads the catalog).
         self._search_defaults: dict[str, dict[str, Any]] = {}
 
     # ------------------------------------------------------------------ images
@@ -508,7 +508,7 @@ class ChatService:
         kb = await self.kbs.get(kb_name)
         embedded = self._early_embed(request, kb, kb_name)
         try:
-            spec = await self.kbs.spec(kb_name)  # another replica's change counts within kb_spec_ttl_s
+            spec = await self.kbs.spec(kb_name)  # read every time: a replica's change counts at once
             plan = resolve_plan(self.settings, request.retrieval_options(), param_prefix="", defaults=spec.retrieval)
         except BaseException:
             if embedded is not None:
