@@ -22,21 +22,19 @@ import asyncio
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
-import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_search_scale import fill, questions
+from benchmarks.bench_search_scale import SERVER_SETTINGS, fill, questions
 from server.app import create_app
 from server.wiring import build_embedder
-from tests.support.fixtures_server import make_settings
+from tests.support.fixtures_server import UvicornThread, make_settings
 from tests.support.vllm_server import free_port
 
 UVICORN_KEYS = {"uvicorn_http": "http", "uvicorn_loop": "loop"}
@@ -56,28 +54,6 @@ def parse_arm(spec: str) -> tuple[str, dict[str, Any], dict[str, str]]:
     return name, settings, server
 
 
-class ArmServer:
-    """One arm's app under uvicorn in a thread of this process."""
-
-    def __init__(self, app: Any, overrides: dict[str, str]) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on",
-                                **overrides)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{config.port}"
-
-    def start(self) -> None:
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("an arm's server exited during startup (see the log above)")
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(15)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arm", action="append", required=True, help="NAME[:key=value,...]; give two or more")
@@ -95,19 +71,19 @@ def main() -> int:
         (data := tmp / f"data-{name}").mkdir()
         (data / "onnx").symlink_to(tmp / "onnx")
         return make_settings(data, Path("ViT-B-32"), clip_model="ViT-B-32", clip_backend="onnx",
-                             embed_cache_entries=0, retrieval_pool=20, retrieval_k=5, rate_limit_rps=1e6,
-                             rate_limit_burst=1_000_000, **overrides)
+                             **{**SERVER_SETTINGS, **overrides})
 
     embedder = build_embedder(settings_for("fill", {}))
-    servers: dict[str, ArmServer] = {}
+    servers: dict[str, UvicornThread] = {}
     for name, overrides, server_overrides in arms:
         settings = settings_for(name, overrides)
         asyncio.run(fill(settings, embedder, args.points, np.random.default_rng(1)))  # the same points per arm
-        servers[name] = ArmServer(create_app(settings), server_overrides)
+        servers[name] = UvicornThread(create_app(settings), free_port(), **server_overrides)
     queries = questions(args.queries, np.random.default_rng(0))
     for server in servers.values():
         server.start()
-    clients = {name: httpx.Client(base_url=server.url, timeout=60) for name, server in servers.items()}
+    clients = {name: httpx.Client(base_url=f"http://127.0.0.1:{server.server.config.port}", timeout=60)
+               for name, server in servers.items()}
     print(f"/v1/search A/B, interleaved: {args.points} points, {args.queries} questions (+5 warm-up), arms "
           + "; ".join(args.arm))
     try:

@@ -68,6 +68,11 @@ QUESTIONS = ["What does {code} mean on the {dev} {model}?", "My {dev} {model} {s
              "How do I clear {code} on a {model} {dev}?", "Why does the {dev} {model} keep showing {code}?"]
 
 
+#: what both search benchmarks serve with: query cache off (every request encodes), pool 20, k 5, limits away
+SERVER_SETTINGS = {"embed_cache_entries": 0, "retrieval_pool": 20, "retrieval_k": 5, "rate_limit_rps": 1e6,
+                   "rate_limit_burst": 1_000_000}
+
+
 def ident(rng: np.random.Generator) -> tuple[str, str, str]:
     dev = DEVICES[rng.integers(len(DEVICES))]
     model = f"{dev[0].upper()}-{rng.integers(100, 999)}-{'ABCD'[rng.integers(4)]}"
@@ -205,9 +210,7 @@ def main() -> int:
         (data := tmp / f"data-{size}").mkdir()
         (data / "onnx").symlink_to(onnx_dir)
         return make_settings(data, Path(model), clip_model=model, clip_backend=args.backend,
-                             clip_onnx_spinning=args.ort_spin == "on",
-                             embed_cache_entries=0, retrieval_pool=20, retrieval_k=5,
-                             rate_limit_rps=1e6, rate_limit_burst=1_000_000)
+                             clip_onnx_spinning=args.ort_spin == "on", **SERVER_SETTINGS)
 
     embedder = build_embedder(settings_for(0))  # the floor's embedder; also makes the shared ONNX export
     print(f"{embedder.identity} ({embedder.backend}) loaded in {time.perf_counter() - started:.1f} s")

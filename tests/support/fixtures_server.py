@@ -129,8 +129,10 @@ def make_client(
 class UvicornThread:
     """uvicorn serving an app on loopback in a background thread (its own event loop)."""
 
-    def __init__(self, app: FastAPI, port: int) -> None:
-        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    def __init__(self, app: FastAPI, port: int, **config_overrides: Any) -> None:
+        """``config_overrides``: more ``uvicorn.Config`` arguments (``http``, ``loop``: benchmarks/bench_search_ab.py)."""
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                **config_overrides)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
 
