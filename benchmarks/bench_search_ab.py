@@ -10,6 +10,7 @@ An arm is ``NAME`` or ``NAME:key=value,...``: ``Settings`` fields (``kb_spec_ttl
 ``retrieval_fusion=rrf``) plus ``uvicorn_http`` (``h11`` / ``httptools``) and ``uvicorn_loop``
 (``asyncio`` / ``uvloop``); an arm with no overrides is the default configuration. Like
 bench_search_scale: ViT-B-32 with random weights (a real encode cost), ONNX, query cache off, scorer clip.
+The httptools / uvloop arms need `pip install httptools uvloop` (not project dependencies).
 
     .venv/bin/python benchmarks/bench_search_ab.py --arm h11:uvicorn_http=h11,uvicorn_loop=asyncio \\
         --arm standard:uvicorn_http=httptools,uvicorn_loop=uvloop [--points 10000] [--queries 200]
