@@ -6,7 +6,7 @@ data dirs filled from one seed through ``bench_search_scale.fill``) under uvicor
 question goes to both, in alternating order, so drift hits both alike. Printed per arm and mode: the
 client's p50 and the server's ``embed`` and ``total`` p50.
 
-An arm is ``NAME`` or ``NAME:key=value,...``: ``Settings`` fields (``kb_spec_ttl_s=1``,
+An arm is ``NAME`` or ``NAME:key=value,...``: ``Settings`` fields (``retrieval_pool=40``,
 ``retrieval_fusion=rrf``) plus ``uvicorn_http`` (``h11`` / ``httptools``) and ``uvicorn_loop``
 (``asyncio`` / ``uvloop``); an arm with no overrides is the default configuration. Like
 bench_search_scale: ViT-B-32 with random weights (a real encode cost), ONNX, query cache off, scorer clip.
